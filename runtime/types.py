@@ -1,0 +1,94 @@
+"""Plain request / result types the engine speaks. No protobuf here: the gRPC edge
+(`runtime/server/convert.py`) maps these to and from the wire types."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. The defaults are greedy decoding."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k cut
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks generate exactly max_new_tokens
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One request. Exactly one of `prompt`, `messages`, `prompt_token_ids` is given.
+
+    `adapter` is a registry reference (`name`, `name@3`, `name@alias`); None or ""
+    means the base model alone. `messages` are rendered with the base's chat template;
+    `prompt` is used verbatim.
+    """
+
+    adapter: str | None = None
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] = ()
+    prompt_token_ids: tuple[int, ...] | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+class FinishReason(enum.Enum):
+    EOS = "eos"
+    STOP = "stop"  # a stop string matched
+    LENGTH = "length"  # max_new_tokens reached
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """The concrete version a request was served with."""
+
+    name: str
+    version: int
+    digest: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One step's output for one request, streamed as soon as it is produced."""
+
+    request_id: str
+    token_id: int
+    text: str  # newly completed text (may be "" while a multi-byte character is incomplete)
+    index: int  # 0-based position among the generated tokens
+
+
+@dataclass(frozen=True)
+class Timings:
+    queue_ms: float  # submit -> admitted
+    ttft_ms: float  # submit -> first token
+    total_ms: float  # submit -> finished
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    adapter: ResolvedAdapter | None  # None when served by the base alone
+    prompt_tokens: int
+    completion_tokens: int
+    timings: Timings
