@@ -13,8 +13,10 @@ from .errors import (
 )
 from .names import Ref, parse_ref
 from .registry import Registry
+from .version import AdapterVersion, VerifyResult
 
 __all__ = [
+    "AdapterVersion",
     "AlreadyExistsError",
     "BaseInfo",
     "BaseStore",
@@ -27,5 +29,6 @@ __all__ = [
     "Ref",
     "Registry",
     "RegistryError",
+    "VerifyResult",
     "parse_ref",
 ]

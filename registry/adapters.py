@@ -1,0 +1,406 @@
+"""Adapter versions on disk: publish, resolve, list, alias, delete, verify, gc.
+
+Layout under `<root>/adapters/` (a name may be `org/name`):
+
+    <name>/versions/<N>/        adapter_config.json, adapter_model.safetensors,
+                                README.md (model card), manifest.json; files read-only
+    <name>/aliases/<alias>      text file holding a version number
+    <name>/last_version         highest number ever allocated (numbers are never reused)
+    .staging/<id>/, <id>.lock   work dirs of running publishes (invisible; gc removes stale ones)
+    .locks/<name>.lock          one lock per name, held while a version or alias changes
+    .generation                 change counter (see generation.py)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from . import lock
+from .base_link import check_fits, link_base
+from .bases import BaseStore
+from .digests import DigestCache, file_problems
+from .errors import (
+    DigestMismatchError,
+    InvalidNameError,
+    NotFoundError,
+    RegistryError,
+)
+from .fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, fsync_tree, read_json
+from .generation import Generation
+from .manifest import MANIFEST_FILE, build_manifest, check_metadata, file_entries, files_digest
+from .modelcard import render_model_card
+from .names import parse_ref, validate_alias, validate_name
+from .validate import ADAPTER_FILES, AdapterSpec, check_files, validate_adapter_dir
+from .version import AdapterVersion, VerifyResult
+
+log = logging.getLogger(__name__)
+
+CARD_FILE = "README.md"
+READ_ONLY = 0o444
+STALE_TEMP_S = 60  # an atomic-write temp file older than this belongs to a dead writer
+
+
+class AdapterStore:
+    """The `adapters/` half of a registry root."""
+
+    def __init__(self, root: Path, bases: BaseStore) -> None:
+        self.dir = Path(root) / "adapters"
+        self.bases = bases
+        self.generation = Generation(self.dir / ".generation")
+        self._staging_dir = self.dir / ".staging"
+        self._digests = DigestCache()
+
+    # ----- paths
+
+    def _name_dir(self, name: str) -> Path:
+        return self.dir / validate_name(name)
+
+    def _lock_path(self, name: str) -> Path:
+        return self.dir / ".locks" / (name.replace("/", "~") + ".lock")  # '~' never occurs in names
+
+    def _version_numbers(self, name: str) -> list[int]:
+        vdir = self._name_dir(name) / "versions"
+        if not vdir.is_dir():
+            return []
+        return sorted(int(p.name) for p in vdir.iterdir() if p.name.isdigit() and p.is_dir())
+
+    # ----- reading
+
+    def names(self) -> list[str]:
+        """Names that have at least one version, sorted."""
+        if not self.dir.is_dir():
+            return []
+        found = []
+        for top in sorted(p for p in self.dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            candidates = [top] if (top / "versions").is_dir() else sorted(top.iterdir())
+            for d in candidates:
+                name = d.relative_to(self.dir).as_posix()
+                if (d / "versions").is_dir() and _is_valid_name(name) and self._version_numbers(name):
+                    found.append(name)
+        return found
+
+    def aliases(self, name: str) -> dict[str, int]:
+        """{alias: version} for `name`."""
+        adir = self._name_dir(name) / "aliases"
+        if not adir.is_dir():
+            return {}
+        out = {}
+        for p in sorted(adir.iterdir()):
+            if p.name.startswith("."):
+                continue  # a temp file of an alias being moved
+            text = p.read_text().strip()
+            if text.isdigit():
+                out[p.name] = int(text)
+            else:
+                log.warning("ignoring alias %s@%s: %s does not hold a version number", name, p.name, p)
+        return out
+
+    def _not_found_name(self, name: str) -> NotFoundError:
+        known = ", ".join(self.names()) or "none yet (publish one with `loradock adapters publish`)"
+        return NotFoundError(f"unknown adapter {name!r}; known adapters: {known}")
+
+    def _pick_version(self, ref: str) -> tuple[str, int]:
+        """(name, version number) that `ref` selects; NotFoundError lists what exists."""
+        r = parse_ref(ref)
+        numbers = self._version_numbers(r.name)
+        if not numbers:
+            raise self._not_found_name(r.name)
+        if r.alias is None:
+            number = r.version if r.version is not None else numbers[-1]
+            if number not in numbers:
+                raise NotFoundError(
+                    f"adapter {r.name!r} has no version {number}; {self._choices(r.name, numbers)}"
+                )
+            return r.name, number
+        number = self.aliases(r.name).get(r.alias)
+        if number is None:
+            raise NotFoundError(f"adapter {r.name!r} has no alias {r.alias!r}; {self._choices(r.name, numbers)}")
+        if number not in numbers:
+            raise NotFoundError(f"alias {r.name}@{r.alias} points to version {number}, which no longer exists")
+        return r.name, number
+
+    def _choices(self, name: str, numbers: list[int]) -> str:
+        alias_text = ", ".join(f"{a} -> {v}" for a, v in self.aliases(name).items()) or "none"
+        return f"versions: {', '.join(map(str, numbers))}; aliases: {alias_text}"
+
+    def _load(self, name: str, number: int, verify: bool) -> AdapterVersion:
+        path = self._name_dir(name) / "versions" / str(number)
+        ref = f"{name}@{number}"
+        if not path.is_dir():  # deleted since it was picked
+            raise NotFoundError(f"{ref} was just deleted")
+        try:
+            manifest = read_json(path / MANIFEST_FILE)
+        except (OSError, ValueError) as e:
+            raise DigestMismatchError(f"{ref}: {MANIFEST_FILE} is missing or unreadable ({e})") from e
+        if verify:
+            problems = file_problems(path, manifest["files"], self._digests)
+            if problems:
+                raise DigestMismatchError(
+                    f"{ref} no longer matches its manifest (files changed after publishing): "
+                    + "; ".join(problems)
+                )
+        return AdapterVersion(name, number, files_digest(manifest["files"]), path, manifest)
+
+    def resolve(self, ref: str, *, verify: bool = True) -> AdapterVersion:
+        """The version `ref` (`name`, `name@3`, `name@alias`) means, its files checked unless `verify=False`."""
+        name, number = self._pick_version(ref)
+        return self._load(name, number, verify)
+
+    def versions(self, name: str) -> list[AdapterVersion]:
+        """Every version of `name`, oldest first (not digest-checked; use verify())."""
+        numbers = self._version_numbers(name)
+        if not numbers:
+            raise self._not_found_name(name)
+        return [self._load(name, n, verify=False) for n in numbers]
+
+    def list(self) -> list[AdapterVersion]:
+        """The latest version of every adapter, by name (not digest-checked)."""
+        return [self._load(name, self._version_numbers(name)[-1], verify=False) for name in self.names()]
+
+    # ----- publishing
+
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A private work dir inside the root, locked while in use so gc can tell it is live."""
+        self._staging_dir.mkdir(parents=True, exist_ok=True)
+        ident = f"{os.getpid()}-{secrets.token_hex(6)}"
+        lock_path = self._staging_dir / f"{ident}.lock"
+        with lock.held(lock_path):
+            work = self._staging_dir / ident
+            work.mkdir()
+            try:
+                yield work
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+                lock_path.unlink(missing_ok=True)
+
+    def _check_namespace(self, name: str) -> None:
+        """`org/x` and a plain adapter `org` cannot share a directory."""
+        if "/" in name:
+            org = name.split("/")[0]
+            if (self.dir / org / "versions").exists():
+                raise InvalidNameError(f"{org!r} is an adapter name, so it cannot be used as a namespace")
+        else:
+            d = self.dir / name
+            if d.is_dir() and not (d / "versions").exists() and any(d.iterdir()):
+                raise InvalidNameError(f"{name!r} is a namespace (it holds adapters like {name}/...)")
+
+    def publish(
+        self,
+        src_dir: str | Path,
+        name: str,
+        *,
+        base: str | None = None,
+        aliases: Iterable[str] = (),
+        metadata: dict | None = None,
+    ) -> AdapterVersion:
+        """Store the PEFT adapter in `src_dir` as the next version of `name` and point `aliases` at it."""
+        validate_name(name)
+        aliases = [validate_alias(a) for a in aliases]
+        src = Path(src_dir).expanduser()
+        metadata = check_metadata(metadata)
+        if metadata.get("source") is None:
+            metadata["source"] = {"kind": "import", "path": str(src.resolve())}
+        self._check_namespace(name)
+        check_files(src)
+        with self.staging() as work:
+            staged = work / "version"
+            staged.mkdir()
+            for rel in ADAPTER_FILES:
+                shutil.copyfile(src / rel, staged / rel)
+            upstream_card = _upstream_card(src, metadata["source"])
+            # validate the copy, so what is checked is exactly what is stored
+            spec = validate_adapter_dir(staged, shown_as=src)
+            link = link_base(self.bases, base, spec)
+            check_fits(src, spec, link)
+            weights = file_entries(staged, list(ADAPTER_FILES))  # the slow hashing, outside the lock
+            with lock.held(self._lock_path(name)):
+                number = self._next_number(name)
+                version = self._finish_staged(
+                    staged, name, number, spec, weights, link.record(), metadata, upstream_card
+                )
+                self._install(staged, name, number)
+                for alias in aliases:
+                    self._write_alias(name, alias, number)
+                self.generation.bump()
+        log.info("published %s (%s)", version.ref, version.digest[:12])
+        return version
+
+    def _next_number(self, name: str) -> int:
+        counter = self._name_dir(name) / "last_version"
+        last = int(counter.read_text()) if counter.is_file() else 0
+        return max([last, *self._version_numbers(name)]) + 1
+
+    def _finish_staged(
+        self, staged: Path, name: str, number: int, spec: AdapterSpec,
+        weights: dict, base_record: dict, metadata: dict, upstream_card: str | None,
+    ) -> AdapterVersion:
+        """Add the model card and manifest (they name the version), make files read-only, fsync."""
+        ref = f"{name}@{number}"
+        draft = build_manifest(spec, weights, base_record, metadata)
+        (staged / CARD_FILE).write_text(render_model_card(ref, draft, upstream_card), encoding="utf-8")
+        manifest = {**draft, "files": {**weights, **file_entries(staged, [CARD_FILE])}}
+        atomic_write_json(staged / MANIFEST_FILE, manifest)
+        for f in staged.iterdir():
+            f.chmod(READ_ONLY)
+        fsync_tree(staged)
+        final = self._name_dir(name) / "versions" / str(number)
+        return AdapterVersion(name, number, files_digest(manifest["files"]), final, manifest)
+
+    def _install(self, staged: Path, name: str, number: int) -> None:
+        """The atomic step: rename the finished dir into place, then record the number."""
+        versions = self._name_dir(name) / "versions"
+        versions.mkdir(parents=True, exist_ok=True)
+        staged.rename(versions / str(number))
+        fsync_dir(versions)
+        atomic_write_bytes(self._name_dir(name) / "last_version", f"{number}\n".encode())
+
+    # ----- aliases and deletion
+
+    def _write_alias(self, name: str, alias: str, number: int) -> None:
+        atomic_write_bytes(self._name_dir(name) / "aliases" / alias, f"{number}\n".encode())
+
+    def tag(self, ref: str, alias: str) -> AdapterVersion:
+        """Point `alias` of ref's adapter at the version `ref` means (moving it if it exists)."""
+        validate_alias(alias)
+        name = parse_ref(ref).name
+        with lock.held(self._lock_path(name)):
+            version = self.resolve(ref, verify=False)
+            self._write_alias(name, alias, version.version)
+            self.generation.bump()
+        return version
+
+    def untag(self, name: str, alias: str) -> None:
+        """Remove `alias` from adapter `name`."""
+        validate_name(name)
+        validate_alias(alias)
+        with lock.held(self._lock_path(name)):
+            path = self._name_dir(name) / "aliases" / alias
+            if not path.is_file():
+                known = ", ".join(self.aliases(name)) or "none"
+                raise NotFoundError(f"adapter {name!r} has no alias {alias!r}; aliases: {known}")
+            path.unlink()
+            fsync_dir(path.parent)
+            self.generation.bump()
+
+    def delete(self, ref: str, force: bool = False) -> AdapterVersion:
+        """Delete the version `ref` means. Refused while an alias points at it, unless `force`
+        (which removes those aliases too). Version numbers are never reused."""
+        name = parse_ref(ref).name
+        with self.staging() as work, lock.held(self._lock_path(name)):
+            version = self.resolve(ref, verify=False)
+            pointing = sorted(a for a, v in self.aliases(name).items() if v == version.version)
+            if pointing and not force:
+                raise RegistryError(
+                    f"{version.ref} is what alias(es) {', '.join(pointing)} point to; move them with "
+                    "`tag`, remove them with `untag`, or delete with force"
+                )
+            for alias in pointing:
+                (self._name_dir(name) / "aliases" / alias).unlink()
+            version.path.rename(work / "trash")  # disappears atomically; removed with the work dir
+            fsync_dir(version.path.parent)
+            self.generation.bump()
+        log.info("deleted %s", version.ref)
+        return version
+
+    # ----- checking and cleaning
+
+    def verify(self, ref: str | None = None) -> list[VerifyResult]:
+        """Rehash every file of one version (`ref`) or of all versions; also report dangling aliases."""
+        if ref is not None:
+            name, number = self._pick_version(ref)
+            return [self._verify_one(name, number)]
+        results = []
+        for name in self.names():
+            numbers = self._version_numbers(name)
+            results += [self._verify_one(name, n) for n in numbers]
+            results += [
+                VerifyResult(f"{name}@{alias}", (f"alias points to missing version {v}",))
+                for alias, v in self.aliases(name).items()
+                if v not in numbers
+            ]
+        return results
+
+    def _verify_one(self, name: str, number: int) -> VerifyResult:
+        path = self._name_dir(name) / "versions" / str(number)
+        ref = f"{name}@{number}"
+        try:
+            manifest = read_json(path / MANIFEST_FILE)
+            files = manifest["files"]
+        except (OSError, ValueError, KeyError) as e:
+            return VerifyResult(ref, (f"{MANIFEST_FILE} is missing or unreadable ({e})",))
+        problems = file_problems(path, files, cache=None)
+        extra = sorted(p.name for p in path.iterdir() if p.name not in files and p.name != MANIFEST_FILE)
+        problems += [f"{rel}: not listed in the manifest" for rel in extra]
+        return VerifyResult(ref, tuple(problems))
+
+    def gc(self) -> list[Path]:
+        """Remove staging dirs of publishes that died, and lock files of names that no longer
+        exist. Live publishes hold their staging lock, so they are never touched."""
+        removed: list[Path] = []
+        if self._staging_dir.is_dir():
+            for entry in sorted(self._staging_dir.iterdir()):
+                if entry.suffix == ".lock":
+                    continue
+                lock_path = self._staging_dir / f"{entry.name}.lock"
+                if lock_path.exists() and lock.is_held(lock_path):
+                    continue
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry)
+            for lock_path in sorted(self._staging_dir.glob("*.lock")):
+                if not (self._staging_dir / lock_path.stem).exists() and lock.try_remove(lock_path):
+                    removed.append(lock_path)
+        locks_dir = self.dir / ".locks"
+        if locks_dir.is_dir():
+            for lock_path in sorted(locks_dir.glob("*.lock")):
+                name = lock_path.stem.replace("~", "/")
+                orphaned = not _is_valid_name(name) or not self._name_dir(name).exists()
+                if orphaned and lock.try_remove(lock_path):
+                    removed.append(lock_path)
+        removed += self._remove_stale_temp_files()
+        for path in removed:
+            log.info("gc removed %s", path)
+        return removed
+
+    def _remove_stale_temp_files(self) -> list[Path]:
+        """Temp files of atomic writes (alias, counter) whose writer died; live ones last milliseconds."""
+        cutoff = time.time() - STALE_TEMP_S
+        dirs = [self.dir, *(self._name_dir(n) for n in self.names())]
+        dirs += [d / "aliases" for d in dirs[1:]]
+        removed = []
+        for d in dirs:
+            for tmp in d.glob(".*.tmp") if d.is_dir() else ():
+                try:
+                    stale = tmp.stat().st_mtime < cutoff
+                except FileNotFoundError:
+                    continue  # its writer just finished
+                if stale:
+                    tmp.unlink(missing_ok=True)
+                    removed.append(tmp)
+        return removed
+
+
+def _upstream_card(src: Path, source: dict) -> str | None:
+    """The README a Hub repo came with (kept in our card). PEFT's local boilerplate card is not."""
+    card = src / CARD_FILE
+    if source.get("kind") != "hub" or not card.is_file():
+        return None
+    return card.read_text(encoding="utf-8", errors="replace")
+
+
+def _is_valid_name(name: str) -> bool:
+    try:
+        validate_name(name)
+    except InvalidNameError:
+        return False
+    return True

@@ -1,0 +1,141 @@
+"""Pull adapters from, and push versions to, a Hugging Face Hub (or a server speaking its API).
+
+`HF_ENDPOINT` and `HF_TOKEN` are read at call time, so a process can switch Hubs.
+Downloads go to a staging dir inside the registry root (as local_dir and cache),
+so nothing is written outside it; the download is then published like any adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+from .errors import InvalidAdapterError, NotFoundError, RegistryError
+from .names import validate_name
+from .validate import CONFIG_FILE, CONVERT_HINT, PICKLE_SUFFIXES
+from .version import AdapterVersion
+
+if TYPE_CHECKING:
+    from .registry import Registry
+
+log = logging.getLogger(__name__)
+
+PULL_PATTERNS = [CONFIG_FILE, "*.safetensors", "README.md"]
+DEFAULT_REVISION = "main"
+
+
+def _endpoint() -> str | None:
+    return os.environ.get("HF_ENDPOINT") or None
+
+
+def _api() -> HfApi:
+    return HfApi(endpoint=_endpoint())  # token: HF_TOKEN / saved login, looked up per request
+
+
+class _HubErrors:
+    """Turn huggingface_hub / network failures into registry errors that say what to check."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None:
+            return False
+        where = _endpoint() or "the Hugging Face Hub"
+        if isinstance(exc, RevisionNotFoundError | RepositoryNotFoundError):
+            raise NotFoundError(
+                f"{self.what}: not found on {where} (check the repo id and revision; a private repo "
+                "needs HF_TOKEN)"
+            ) from exc
+        if isinstance(exc, HfHubHTTPError):
+            raise RegistryError(f"{self.what}: the Hub at {where} answered: {exc}") from exc
+        if isinstance(exc, OSError) or type(exc).__module__.startswith(("httpx", "httpcore")):
+            raise RegistryError(f"{self.what}: cannot reach the Hub at {where} ({exc})") from exc
+        return False
+
+
+def _existing_pull(registry: Registry, name: str, repo_id: str, commit: str) -> AdapterVersion | None:
+    try:
+        versions = registry.versions(name)
+    except NotFoundError:
+        return None
+    for v in reversed(versions):
+        source = v.manifest["source"]
+        if source.get("kind") == "hub" and source.get("repo") == repo_id and source.get("commit") == commit:
+            return v
+    return None
+
+
+def _check_repo_files(repo_id: str, commit: str, files: list[str]) -> None:
+    if CONFIG_FILE not in files:
+        raise InvalidAdapterError(
+            f"{repo_id}@{commit[:12]} has no {CONFIG_FILE}: it is not a PEFT adapter repo "
+            f"(files: {', '.join(sorted(files)) or 'none'})"
+        )
+    if not any(f.endswith(".safetensors") for f in files):
+        pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+        what = f"only pickle weights ({', '.join(pickles)})" if pickles else "no safetensors weights"
+        raise InvalidAdapterError(f"{repo_id}@{commit[:12]} has {what}. {CONVERT_HINT}")
+
+
+def pull(
+    registry: Registry,
+    repo_id: str,
+    revision: str | None = None,
+    name: str | None = None,
+    base: str | None = None,
+) -> AdapterVersion:
+    """Publish the adapter in Hub repo `repo_id` at `revision` (default main) as `name` (default repo_id).
+
+    The revision is resolved to a commit first; if that commit of that repo is already a
+    version of `name`, it is returned and nothing is downloaded.
+    """
+    name = validate_name(name or repo_id)
+    revision = revision or DEFAULT_REVISION
+    api = _api()
+    with _HubErrors(f"{repo_id}@{revision}"):
+        info = api.model_info(repo_id, revision=revision)
+    commit = info.sha
+    existing = _existing_pull(registry, name, repo_id, commit)
+    if existing is not None:
+        log.info("%s@%s (commit %s) is already %s; nothing to do", repo_id, revision, commit[:12], existing.ref)
+        return registry.resolve(existing.ref)
+    _check_repo_files(repo_id, commit, [s.rfilename for s in info.siblings or []])
+    with registry.adapters.staging() as work:
+        with _HubErrors(f"{repo_id}@{commit[:12]}"):
+            local = snapshot_download(
+                repo_id,
+                revision=commit,
+                endpoint=_endpoint(),
+                allow_patterns=PULL_PATTERNS,
+                local_dir=work / "download",
+                cache_dir=work / "hf-cache",
+            )
+        source = {"kind": "hub", "repo": repo_id, "revision": revision, "commit": commit}
+        return registry.publish(local, name, base=base, metadata={"source": source})
+
+
+def push(registry: Registry, ref: str, repo_id: str, private: bool = True) -> str:
+    """Upload version `ref` (adapter files, model card, manifest) to `repo_id` in one commit.
+
+    Creates the repo when missing (private by default). Returns the commit sha.
+    """
+    version = registry.resolve(ref)  # never upload files that fail their digests
+    api = _api()
+    with _HubErrors(f"push {version.ref} to {repo_id}"):
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(
+            folder_path=version.path,
+            repo_id=repo_id,
+            repo_type="model",
+            commit_message=f"Upload {version.ref} (digest {version.digest[:12]}) with loradock",
+        )
+    log.info("pushed %s to %s at commit %s", version.ref, repo_id, commit.oid)
+    return commit.oid

@@ -1,0 +1,167 @@
+"""Hub pull through a real olah mirror, and push to the in-test upload server, with the real client."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from loradock.registry import InvalidAdapterError, NotFoundError, Registry, RegistryError
+
+from loradock.cli import main
+from tests.registry.hub_server import HubUploadServer, commit_files, git, init_repo
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def hub_repo(olah, repo_id: str) -> Path:
+    """An empty git repo that olah serves as model `repo_id`."""
+    path = olah.mirrors / "models" / repo_id
+    init_repo(path)
+    return path
+
+
+def adapter_files(adapter: Path) -> dict[str, bytes]:
+    files = {rel: (adapter / rel).read_bytes() for rel in ADAPTER_FILES}
+    files["README.md"] = b"---\nlibrary_name: peft\n---\n# upstream card\n"
+    files["training_args.bin"] = b"not downloaded"
+    return files
+
+
+def no_files_outside_root(tmp_path: Path) -> bool:
+    hf_home = tmp_path / "hf-home"
+    return not hf_home.exists() or not [p for p in hf_home.rglob("*") if p.is_file() and "safetensors" in p.name]
+
+
+def test_pull_pinned_sha_tag_and_noop(registry: Registry, olah, hub_env, lora_dir, lora_dir_2, tmp_path):
+    hub_env(olah.endpoint)
+    repo = hub_repo(olah, "acme/medical")
+    first = commit_files(repo, adapter_files(lora_dir), "v1")
+    git(repo, "tag", "v1")
+    second = commit_files(repo, adapter_files(lora_dir_2), "v2")
+
+    v1 = registry.pull("acme/medical", revision=first)
+    assert (v1.name, v1.version) == ("acme/medical", 1)
+    assert v1.manifest["source"] == {"kind": "hub", "repo": "acme/medical", "revision": first, "commit": first}
+    for rel in ADAPTER_FILES:
+        assert (v1.path / rel).read_bytes() == (lora_dir / rel).read_bytes()
+    assert not (v1.path / "training_args.bin").exists()
+    assert v1.manifest["base"]["name"] == "tiny-llama"
+    card = (v1.path / "README.md").read_text()
+    assert card.startswith("---\nbase_model: tiny-llama\n")
+    assert "pulled from acme/medical at commit " + first in card
+    assert "## Upstream model card\n\n# upstream card" in card
+
+    generation = registry.generation()
+    again = registry.pull("acme/medical", revision="v1")  # the tag names the same commit: no-op
+    assert again == v1 and registry.generation() == generation
+
+    latest = registry.pull("acme/medical")  # main -> the second commit
+    assert latest.version == 2
+    assert latest.manifest["source"] == {"kind": "hub", "repo": "acme/medical", "revision": "main", "commit": second}
+    assert (latest.path / "adapter_model.safetensors").read_bytes() == (
+        lora_dir_2 / "adapter_model.safetensors"
+    ).read_bytes()
+    assert registry.pull("acme/medical", revision="main") == latest
+    assert [v.version for v in registry.versions("acme/medical")] == [1, 2]
+    assert no_files_outside_root(tmp_path)
+    assert not list((registry.root / "adapters" / ".staging").iterdir())
+
+
+def test_pull_into_another_name_with_tag(registry: Registry, olah, hub_env, lora_dir):
+    hub_env(olah.endpoint)
+    repo = hub_repo(olah, "acme/tagged")
+    sha = commit_files(repo, adapter_files(lora_dir), "release")
+    git(repo, "tag", "release-1")
+    commit_files(repo, {"notes.txt": b"later"}, "later")
+    v = registry.pull("acme/tagged", revision="release-1", name="legal")
+    assert v.ref == "legal@1"
+    assert v.manifest["source"]["commit"] == sha and v.manifest["source"]["revision"] == "release-1"
+
+
+def test_pull_refuses_pickle_only_repo(registry: Registry, olah, hub_env, lora_dir):
+    hub_env(olah.endpoint)
+    repo = hub_repo(olah, "acme/pickled")
+    commit_files(repo, {"adapter_config.json": (lora_dir / "adapter_config.json").read_bytes(),
+                        "adapter_model.bin": b"\x80\x04pickle"}, "bin only")
+    with pytest.raises(InvalidAdapterError, match=r"only pickle weights \(adapter_model.bin\)") as info:
+        registry.pull("acme/pickled")
+    assert "safe_serialization=True" in str(info.value)
+    assert registry.list() == []
+
+
+def test_pull_unknown_repo_or_revision(registry: Registry, olah, hub_env, lora_dir):
+    hub_env(olah.endpoint)
+    with pytest.raises(NotFoundError, match=r"acme/nothing@main: not found on http://127\.0\.0\.1"):
+        registry.pull("acme/nothing")
+    repo = hub_repo(olah, "acme/exists")
+    commit_files(repo, adapter_files(lora_dir), "c")
+    with pytest.raises(NotFoundError, match="acme/exists@no-such-branch: not found"):
+        registry.pull("acme/exists", revision="no-such-branch")
+    assert registry.list() == []
+
+
+def test_pull_when_hub_is_down(registry: Registry, hub_env):
+    from tests.registry.conftest import free_port
+
+    hub_env(f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(RegistryError, match=r"cannot reach the Hub at http://127\.0\.0\.1"):
+        registry.pull("acme/medical")
+
+
+def test_push_then_pull_back(registry: Registry, olah, hub_env, lora_dir, lora_dir_2, monkeypatch):
+    with HubUploadServer(olah.mirrors, token="hf_secret") as server:
+        hub_env(server.endpoint)
+        monkeypatch.setenv("HF_TOKEN", "hf_secret")
+        pushed = registry.publish(lora_dir, "medical")
+        commit = registry.push("medical@1", "acme/pushed")
+        repo = server.repo_dir("acme/pushed")
+        assert git(repo, "rev-parse", "HEAD") == commit
+        assert git(repo, "show", "-s", "--format=%s", commit).startswith("Upload medical@1")
+        assert ("POST", "/api/repos/create") in server.requests
+        assert ("POST", "/api/models/acme/pushed/commit/main") in server.requests
+        for rel in (*ADAPTER_FILES, "README.md", "manifest.json"):
+            assert (repo / rel).read_bytes() == (pushed.path / rel).read_bytes()
+
+        # a second push to the existing repo (create_repo answers 409, exist_ok) is a new commit
+        registry.publish(lora_dir_2, "medical")
+        second = registry.push("medical@2", "acme/pushed")
+        assert second != commit and git(repo, "rev-parse", "HEAD~1") == commit
+
+        monkeypatch.setenv("HF_TOKEN", "wrong")
+        with pytest.raises(RegistryError, match="401"):
+            registry.push("medical@1", "acme/other")
+
+    hub_env(olah.endpoint)
+    pulled = registry.pull("acme/pushed", revision=commit, name="medical-copy")
+    assert pulled.ref == "medical-copy@1"
+    assert pulled.manifest["source"]["commit"] == commit
+    for rel in ADAPTER_FILES:
+        assert pulled.manifest["files"][rel] == pushed.manifest["files"][rel]
+        assert (pulled.path / rel).read_bytes() == (pushed.path / rel).read_bytes()
+    assert pulled.manifest["base"] == pushed.manifest["base"]
+
+
+def test_push_refuses_a_tampered_version(registry: Registry, olah, hub_env, lora_dir):
+    with HubUploadServer(olah.mirrors) as server:
+        hub_env(server.endpoint)
+        v = registry.publish(lora_dir, "medical")
+        target = v.path / "adapter_config.json"
+        target.chmod(0o644)
+        target.write_text(target.read_text().replace('"r": 8', '"r": 9'))
+        with pytest.raises(RegistryError, match="no longer matches its manifest"):
+            registry.push("medical", "acme/never")
+        assert server.requests == []
+
+
+def test_cli_pull_and_push(home, olah, hub_env, lora_dir, capsys):
+    hub_env(olah.endpoint)
+    repo = hub_repo(olah, "acme/cli")
+    sha = commit_files(repo, adapter_files(lora_dir), "c")
+    git(repo, "tag", "v1")
+    assert main(["adapters", "pull", "acme/cli", "--revision", "v1", "--name", "cli-med"]) == 0
+    assert capsys.readouterr().out == "cli-med@1\n"
+    with HubUploadServer(olah.mirrors) as server:
+        hub_env(server.endpoint)
+        assert main(["adapters", "push", "cli-med@1", "acme/cli-pushed"]) == 0
+        out = capsys.readouterr().out.strip()
+        assert out == git(server.repo_dir("acme/cli-pushed"), "rev-parse", "HEAD") and out != sha
