@@ -1,0 +1,78 @@
+"""Answers for the non-generation RPCs, as plain views: what the registry holds and what
+the engine has resident, loading and unloading adapters, and the server's description."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from importlib import metadata
+
+from loradock.registry import Registry
+from loradock.runtime.server.views import AdapterVersionView, AdapterView, LoadResult, ServerInfo
+
+
+def _residency(engine) -> tuple[set[tuple[str, int]], set[tuple[str, int]], set[tuple[str, int]]]:
+    """(on device, in host memory, pinned) as sets of (name, version)."""
+    device, host, pinned = set(), set(), set()
+    for entry in engine.resident_adapters():
+        key = (entry.adapter.name, entry.adapter.version)
+        (device if entry.tier == "device" else host).add(key)
+        if entry.pinned:
+            pinned.add(key)
+    return device, host, pinned
+
+
+def list_adapters(registry: Registry, engine, name: str | None = None) -> list[AdapterView]:
+    """Every adapter (or only `name`) with its versions, aliases and cache residency."""
+    names = [name] if name else [v.name for v in registry.list()]
+    device, host, pinned = _residency(engine)
+    views = []
+    for adapter_name in names:
+        versions = registry.versions(adapter_name)  # raises NotFoundError for an unknown name
+        aliases = registry.aliases(adapter_name)
+        by_version: dict[int, list[str]] = {}
+        for alias, number in sorted(aliases.items()):
+            by_version.setdefault(number, []).append(alias)
+        views.append(AdapterView(
+            name=adapter_name,
+            versions=tuple(
+                AdapterVersionView(
+                    version=v.version,
+                    digest=v.digest,
+                    aliases=tuple(by_version.get(v.version, ())),
+                    created_at=str(v.manifest.get("created_at", "")),
+                    rank=int(v.manifest.get("rank") or 0),
+                    on_device=(v.name, v.version) in device,
+                    in_host_memory=(v.name, v.version) in host,
+                    pinned=(v.name, v.version) in pinned,
+                )
+                for v in versions
+            ),
+            aliases=aliases,
+            base_name=str((versions[-1].manifest.get("base") or {}).get("name") or ""),
+        ))
+    return views
+
+
+def load_adapter(engine, ref: str, *, pin: bool) -> LoadResult:
+    """Load `ref` into a device slot (pinned if asked); reports how long the call took."""
+    start = time.perf_counter()
+    resolved = engine.load_adapter(ref, pin=pin)
+    return LoadResult(adapter=resolved, load_ms=(time.perf_counter() - start) * 1000)
+
+
+def unload_adapter(engine, ref: str) -> bool:
+    """Drop `ref`'s version from the caches; False when it was not resident."""
+    return engine.unload_adapter(ref)
+
+
+def loradock_version() -> str:
+    try:
+        return metadata.version("loradock")
+    except metadata.PackageNotFoundError:  # running from a checkout that was never installed
+        return "unknown"
+
+
+def server_info(engine) -> ServerInfo:
+    info = engine.info()
+    return ServerInfo(**dataclasses.asdict(info), loradock_version=loradock_version())

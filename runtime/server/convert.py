@@ -1,0 +1,221 @@
+"""protobuf <-> plain types, both ways. The only module that knows both.
+
+The server uses the `*_from_proto` request and `*_to_proto` response halves; the
+client uses the opposite halves, so both ends agree on one mapping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from loradock.proto.loradock.v1 import runtime_pb2 as pb
+from loradock.runtime.errors import InvalidRequestError
+from loradock.runtime.server.views import (
+    AdapterVersionView,
+    AdapterView,
+    LoadResult,
+    ServerInfo,
+)
+from loradock.runtime.types import (
+    ChatMessage,
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    ResolvedAdapter,
+    SamplingParams,
+    Timings,
+    TokenEvent,
+)
+
+_DEFAULT_SAMPLING = SamplingParams()
+
+FINISH_REASONS: dict[FinishReason, int] = {
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    FinishReason.ERROR: pb.FINISH_REASON_ERROR,
+}
+_FINISH_FROM_PROTO = {v: k for k, v in FINISH_REASONS.items()}
+
+
+# ---- sampling ----
+
+
+def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
+    """Unset optional fields take SamplingParams' defaults; the engine validates ranges."""
+    return SamplingParams(
+        max_new_tokens=msg.max_new_tokens if msg.HasField("max_new_tokens") else _DEFAULT_SAMPLING.max_new_tokens,
+        temperature=msg.temperature,
+        top_p=msg.top_p if msg.HasField("top_p") else _DEFAULT_SAMPLING.top_p,
+        top_k=msg.top_k,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop=tuple(msg.stop),
+        ignore_eos=msg.ignore_eos,
+    )
+
+
+def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
+    _check_unsigned("max_new_tokens", params.max_new_tokens)
+    _check_unsigned("top_k", params.top_k)
+    if params.seed is not None:
+        _check_unsigned("seed", params.seed, bits=64)
+    return pb.SamplingParams(
+        max_new_tokens=params.max_new_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        seed=params.seed,
+        stop=list(params.stop),
+        ignore_eos=params.ignore_eos,
+    )
+
+
+def _check_unsigned(name: str, value: int, bits: int = 32) -> None:
+    # protobuf would raise a bare ValueError; say which field is wrong instead.
+    if not isinstance(value, int) or not 0 <= value < 2**bits:
+        raise InvalidRequestError(f"sampling.{name}={value!r}: expected an integer in [0, 2**{bits})")
+
+
+# ---- generation requests ----
+
+
+def request_from_proto(msg: pb.GenerateRequest) -> GenerationRequest:
+    """A wire request as the engine's GenerationRequest. Raises InvalidRequestError."""
+    which = msg.WhichOneof("input")
+    if which is None:
+        raise InvalidRequestError("the request has no input: set one of prompt, messages or prompt_token_ids")
+    extra = {"request_id": msg.request_id} if msg.request_id else {}
+    return GenerationRequest(
+        adapter=msg.adapter or None,
+        prompt=msg.prompt if which == "prompt" else None,
+        messages=tuple(ChatMessage(m.role, m.content) for m in msg.messages.messages)
+        if which == "messages"
+        else (),
+        prompt_token_ids=tuple(msg.prompt_token_ids.ids) if which == "prompt_token_ids" else None,
+        sampling=sampling_from_proto(msg.sampling),
+        **extra,
+    )
+
+
+def request_to_proto(req: GenerationRequest) -> pb.GenerateRequest:
+    """The engine request on the wire (the client's half). Raises InvalidRequestError."""
+    given = [n for n, v in (("prompt", req.prompt is not None), ("messages", bool(req.messages)),
+                            ("prompt_token_ids", req.prompt_token_ids is not None)) if v]
+    if len(given) != 1:
+        raise InvalidRequestError(
+            f"give exactly one of prompt, messages or prompt_token_ids (got {', '.join(given) or 'none'})"
+        )
+    msg = pb.GenerateRequest(
+        adapter=req.adapter or "",
+        sampling=sampling_to_proto(req.sampling),
+        request_id=req.request_id,
+    )
+    if req.prompt is not None:
+        msg.prompt = req.prompt
+    elif req.messages:
+        msg.messages.messages.extend(pb.ChatMessage(role=m.role, content=m.content) for m in req.messages)
+    else:
+        ids = list(req.prompt_token_ids or ())
+        if any(not isinstance(i, int) or not 0 <= i < 2**32 for i in ids):
+            raise InvalidRequestError("prompt_token_ids must be non-negative integers")
+        msg.prompt_token_ids.ids.extend(ids)
+    return msg
+
+
+# ---- generation results ----
+
+
+def resolved_to_proto(adapter: ResolvedAdapter | None) -> pb.ResolvedAdapter | None:
+    if adapter is None:
+        return None
+    return pb.ResolvedAdapter(name=adapter.name, version=adapter.version, digest=adapter.digest)
+
+
+def resolved_from_proto(msg: pb.ResolvedAdapter) -> ResolvedAdapter:
+    return ResolvedAdapter(name=msg.name, version=msg.version, digest=msg.digest)
+
+
+def result_to_proto(result: GenerationResult) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        request_id=result.request_id,
+        text=result.text,
+        token_ids=list(result.token_ids),
+        finish_reason=FINISH_REASONS[result.finish_reason],
+        adapter=resolved_to_proto(result.adapter),
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        timings=pb.Timings(**dataclasses.asdict(result.timings)),
+    )
+
+
+def result_from_proto(msg: pb.GenerateResponse) -> GenerationResult:
+    return GenerationResult(
+        request_id=msg.request_id,
+        text=msg.text,
+        token_ids=tuple(msg.token_ids),
+        finish_reason=_FINISH_FROM_PROTO.get(msg.finish_reason, FinishReason.ERROR),
+        adapter=resolved_from_proto(msg.adapter) if msg.HasField("adapter") else None,
+        prompt_tokens=msg.prompt_tokens,
+        completion_tokens=msg.completion_tokens,
+        timings=Timings(queue_ms=msg.timings.queue_ms, ttft_ms=msg.timings.ttft_ms,
+                        total_ms=msg.timings.total_ms),
+    )
+
+
+def event_to_proto(event: TokenEvent) -> pb.GenerateStreamResponse:
+    return pb.GenerateStreamResponse(
+        request_id=event.request_id,
+        chunk=pb.TokenChunk(text=event.text, token_id=event.token_id, index=event.index),
+    )
+
+
+def final_to_proto(result: GenerationResult) -> pb.GenerateStreamResponse:
+    return pb.GenerateStreamResponse(request_id=result.request_id, result=result_to_proto(result))
+
+
+def stream_item_from_proto(msg: pb.GenerateStreamResponse) -> TokenEvent | GenerationResult:
+    """One stream message: a TokenEvent, or the final GenerationResult."""
+    if msg.WhichOneof("event") == "result":
+        return result_from_proto(msg.result)
+    chunk = msg.chunk
+    return TokenEvent(request_id=msg.request_id, token_id=chunk.token_id, text=chunk.text, index=chunk.index)
+
+
+# ---- adapters and server info ----
+
+
+def adapter_view_to_proto(view: AdapterView) -> pb.AdapterInfo:
+    return pb.AdapterInfo(
+        name=view.name,
+        versions=[pb.AdapterVersionInfo(**dataclasses.asdict(v)) for v in view.versions],
+        aliases=view.aliases,
+        base_name=view.base_name,
+    )
+
+
+def adapter_view_from_proto(msg: pb.AdapterInfo) -> AdapterView:
+    versions = tuple(
+        AdapterVersionView(
+            version=v.version, digest=v.digest, aliases=tuple(v.aliases), created_at=v.created_at,
+            rank=v.rank, on_device=v.on_device, in_host_memory=v.in_host_memory, pinned=v.pinned,
+        )
+        for v in msg.versions
+    )
+    return AdapterView(name=msg.name, versions=versions, aliases=dict(msg.aliases), base_name=msg.base_name)
+
+
+def load_result_to_proto(result: LoadResult) -> pb.LoadAdapterResponse:
+    return pb.LoadAdapterResponse(adapter=resolved_to_proto(result.adapter), load_ms=result.load_ms)
+
+
+def load_result_from_proto(msg: pb.LoadAdapterResponse) -> LoadResult:
+    return LoadResult(adapter=resolved_from_proto(msg.adapter), load_ms=msg.load_ms)
+
+
+def info_to_proto(info: ServerInfo) -> pb.GetInfoResponse:
+    return pb.GetInfoResponse(**dataclasses.asdict(info))
+
+
+def info_from_proto(msg: pb.GetInfoResponse) -> ServerInfo:
+    return ServerInfo(**{f.name: getattr(msg, f.name) for f in dataclasses.fields(ServerInfo)})
