@@ -92,3 +92,37 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     timings: Timings
+
+
+@dataclass(frozen=True)
+class ResidentAdapter:
+    """An adapter version held by the engine: in a device slot and/or in host memory."""
+
+    adapter: ResolvedAdapter
+    tier: str  # "device" | "host"
+    slot: int | None  # device slot index (None on the host tier)
+    in_use: int  # running sequences using it (device tier)
+    pinned: bool  # kept resident by load_adapter(pin=True)
+    bytes: int  # host-memory size of its weights (0 when only the device copy remains)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What is served and with which capacities."""
+
+    base_name: str
+    base_fingerprint: str
+    quantization: str  # "nf4" | "int8" | "none"
+    device: str
+    dtype: str
+    max_slots: int
+    max_rank: int
+    host_cache_bytes: int
+    max_host_adapters: int
+    max_running: int
+    max_batch_tokens: int
+    max_queue: int
+    max_prompt_tokens: int
+    max_model_len: int
+    kv_cache_tokens: int
+    lora_ops: str

@@ -1,0 +1,74 @@
+"""Batching maths as small pure functions.
+
+One engine step packs the new tokens of every scheduled sequence into a single
+row (`input_ids` [1, T]); these helpers build the per-token bookkeeping that the
+attention function and the LoRA layers read. Sequences are ordered by adapter
+slot before packing, so tokens of one adapter form contiguous segments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def order_by_slot(slots: Sequence[int]) -> list[int]:
+    """Indices that sort sequences by adapter slot, stable (FCFS order kept within a slot)."""
+    return sorted(range(len(slots)), key=lambda i: slots[i])
+
+
+def pack_tokens(chunks: Sequence[Sequence[int]]) -> tuple[torch.Tensor, list[int]]:
+    """Concatenate per-sequence token chunks.
+
+    Returns (input_ids [T], cu_lens [num_seqs + 1]) where sequence i owns
+    input_ids[cu_lens[i]:cu_lens[i + 1]].
+    """
+    cu_lens = [0]
+    flat: list[int] = []
+    for chunk in chunks:
+        if len(chunk) == 0:
+            raise ValueError("every scheduled sequence needs at least one token")
+        flat.extend(chunk)
+        cu_lens.append(len(flat))
+    return torch.tensor(flat, dtype=torch.long), cu_lens
+
+
+def position_ids(past_lens: Sequence[int], chunk_lens: Sequence[int]) -> torch.Tensor:
+    """Positions of the packed tokens: sequence i continues from its cached length.
+
+    past_lens [num_seqs], chunk_lens [num_seqs] -> positions [T]
+    """
+    parts = [torch.arange(p, p + n, dtype=torch.long) for p, n in zip(past_lens, chunk_lens, strict=True)]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+
+
+def token_slots(seq_slots: Sequence[int], chunk_lens: Sequence[int]) -> torch.Tensor:
+    """Adapter slot of every packed token.  seq_slots [num_seqs], chunk_lens [num_seqs] -> [T]"""
+    return torch.repeat_interleave(
+        torch.tensor(list(seq_slots), dtype=torch.long), torch.tensor(list(chunk_lens), dtype=torch.long)
+    )
+
+
+def find_segments(slots: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Runs of equal slots in a token -> slot map: [(start, end, slot), ...], end exclusive.
+
+    >>> find_segments([0, 0, 3, 3, 3, 1])
+    [(0, 2, 0), (2, 5, 3), (5, 6, 1)]
+    """
+    segments: list[tuple[int, int, int]] = []
+    start = 0
+    for i in range(1, len(slots) + 1):
+        if i == len(slots) or slots[i] != slots[start]:
+            segments.append((start, i, int(slots[start])))
+            start = i
+    return segments
+
+
+def sample_indices(cu_lens: Sequence[int], wants_logits: Sequence[bool]) -> list[int]:
+    """Packed positions whose logits are needed: the last token of each sequence that samples.
+
+    A sequence in the middle of a chunked prefill does not sample this step.
+    cu_lens [num_seqs + 1], wants_logits [num_seqs] -> indices [num_sampling]
+    """
+    return [cu_lens[i + 1] - 1 for i, wants in enumerate(wants_logits) if wants]

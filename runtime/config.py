@@ -1,0 +1,132 @@
+"""`EngineConfig`: every knob of the engine, one documented field each (they become server flags)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, fields
+
+QUANTIZATIONS = ("nf4", "int8", "none")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LORA_OPS = ("auto", "reference", "segmented", "gathered")
+
+
+@dataclass
+class EngineConfig:
+    """Configuration of one serving engine (one base model, many adapters)."""
+
+    base: str
+    """Base model: a registry base name (see `loradock bases list`) or a Hugging Face model directory."""
+
+    quantize: str = "nf4"
+    """Weight quantization of the base: "nf4" (bitsandbytes 4-bit), "int8" (LLM.int8) or "none"."""
+
+    device: str = "auto"
+    """Where to run: "cuda" when available with "auto", else "cpu"."""
+
+    dtype: str = "auto"
+    """Compute dtype for activations and LoRA buffers; "auto" = bfloat16 on cuda, float32 on cpu."""
+
+    max_slots: int = 8
+    """Adapters resident on the device at once (stacked LoRA buffers); slot 0 is kept for "no adapter"."""
+
+    max_rank: int = 64
+    """Largest LoRA rank accepted; sets the size of the device buffers (memory ~ max_slots * max_rank)."""
+
+    host_cache_bytes: int = 2 * 1024**3
+    """Bytes of adapter weights kept in host memory (LRU) so a re-used adapter skips the disk."""
+
+    max_host_adapters: int = 256
+    """At most this many adapters in the host-memory cache, whatever their size."""
+
+    max_running: int = 32
+    """Sequences decoded together (continuous batching width)."""
+
+    max_batch_tokens: int = 512
+    """Token budget of one engine step: decode tokens first, then prompt chunks (long prompts are chunked)."""
+
+    max_queue: int = 256
+    """Requests waiting for admission before submit raises QueueFullError."""
+
+    max_prompt_tokens: int = 1536
+    """Longest accepted prompt, in tokens."""
+
+    max_model_len: int = 2048
+    """Longest sequence (prompt + generated tokens); also capped by the model's position limit."""
+
+    kv_cache_tokens: int = 32768
+    """Total KV-cache capacity in tokens; each sequence reserves prompt + max_new_tokens at admission."""
+
+    lora_ops: str = "auto"
+    """LoRA kernels: "reference" (per-adapter loop), "segmented" (one matmul pair per segment),
+    "gathered" (bmm over per-token weights), or "auto" (gathered for decode-only steps, else segmented)."""
+
+    registry_poll_s: float = 1.0
+    """How often (seconds) the engine checks the registry's generation for alias moves / new versions."""
+
+    cpu_threads: int = 0
+    """torch intra-op threads for CPU inference (process-wide); 0 keeps torch's default. On a shared
+    machine 1 is often fastest: small ops stall when a worker thread is descheduled."""
+
+    load_workers: int = 2
+    """Threads that read adapters from the registry off the engine loop."""
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+
+        def choice(name: str, allowed: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in allowed:
+                problems.append(f"{name}={value!r}: expected one of {', '.join(allowed)}")
+
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append(f"{name}={value!r}: expected a positive integer")
+
+        if not isinstance(self.base, str) or not self.base.strip():
+            problems.append("base: give a registry base name or a model directory")
+        choice("quantize", QUANTIZATIONS)
+        choice("device", DEVICES)
+        choice("dtype", DTYPES)
+        choice("lora_ops", LORA_OPS)
+        for name in ("max_slots", "max_rank", "host_cache_bytes", "max_host_adapters", "max_running",
+                     "max_batch_tokens", "max_queue", "max_prompt_tokens", "max_model_len",
+                     "kv_cache_tokens", "load_workers"):
+            positive(name)
+        if not problems:
+            if self.max_batch_tokens < self.max_running:
+                problems.append(
+                    f"max_batch_tokens={self.max_batch_tokens} must be >= max_running={self.max_running} "
+                    "(every running sequence decodes one token per step)"
+                )
+            if self.max_prompt_tokens >= self.max_model_len:
+                problems.append(
+                    f"max_prompt_tokens={self.max_prompt_tokens} must be < max_model_len={self.max_model_len}"
+                )
+            if self.kv_cache_tokens < self.max_model_len:
+                problems.append(
+                    f"kv_cache_tokens={self.kv_cache_tokens} must be >= max_model_len={self.max_model_len}"
+                )
+        if not isinstance(self.cpu_threads, int) or self.cpu_threads < 0:
+            problems.append(f"cpu_threads={self.cpu_threads!r}: expected an integer >= 0")
+        if not isinstance(self.registry_poll_s, (int, float)) or self.registry_poll_s < 0:
+            problems.append(f"registry_poll_s={self.registry_poll_s!r}: expected a number >= 0")
+        if problems:
+            raise ValueError("invalid engine config: " + "; ".join(problems))
+
+    @classmethod
+    def field_docs(cls) -> dict[str, str]:
+        """{field name: its docstring}, for building CLI `--help` text."""
+        import ast
+        import inspect
+        import textwrap
+
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        docs: dict[str, str] = {}
+        for node, nxt in itertools.pairwise(body):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+        return {f.name: docs.get(f.name, "") for f in fields(cls)}

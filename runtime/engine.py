@@ -1,0 +1,527 @@
+"""`Engine`: one quantized base model serving many LoRA adapters with continuous batching.
+
+The step loop (one thread) repeats:
+  1. run queued control work (cancellations, load/unload of adapters);
+  2. ask the scheduler for this step's plan (decode tokens, prompt chunks, admissions
+     within the token budget); admitting pins the adapter into a device slot and
+     reserves the sequence's KV cache;
+  3. run ONE model forward over the packed batch, whatever the adapters;
+  4. sample, detokenize and stream one token per sequence that reached its end;
+     finished / cancelled / failed sequences free their KV cache and slot pin now.
+Errors inside a step fail only the affected requests; the loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TypeVar
+
+import torch
+from loradock.registry import (
+    DigestMismatchError,
+    InvalidAdapterError,
+    InvalidNameError,
+    NotFoundError,
+    Registry,
+    RegistryError,
+)
+from loradock.registry.version import AdapterVersion
+
+from .adapter_cache import AdapterCache, CacheCapacity, LoadState
+from .adapter_weights import LoadedAdapter, ServedModel, read_adapter
+from .config import EngineConfig
+from .detokenize import TextStream
+from .errors import (
+    AdapterNotFoundError,
+    AdapterUnavailableError,
+    EngineError,
+    EngineShutdownError,
+    InvalidRequestError,
+)
+from .handle import RequestHandle
+from .kv_cache import KVAllocator
+from .lora_layer import MultiLoRALinear, wrap_linears
+from .model_loader import load_base_model, load_tokenizer, pick_device, pick_dtype, resolve_base
+from .model_runner import ModelRunner, StepItem
+from .prompts import PromptEncoder
+from .sampling import Sampler
+from .scheduler import Admission, Scheduler
+from .sequence import SeqStatus, Sequence
+from .stats import BASE_KEY, EngineStats
+from .types import (
+    EngineInfo,
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    ResidentAdapter,
+    ResolvedAdapter,
+    Timings,
+    TokenEvent,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _engine_error(e: RegistryError, ref: str) -> EngineError:
+    """Map a registry error to the engine error a caller should see."""
+    if isinstance(e, NotFoundError):
+        return AdapterNotFoundError(str(e))
+    if isinstance(e, InvalidNameError):
+        return InvalidRequestError(f"adapter: {e}")
+    if isinstance(e, (DigestMismatchError, InvalidAdapterError)):
+        return AdapterUnavailableError(f"adapter {ref}: {e}")
+    return AdapterUnavailableError(f"adapter {ref}: {e}")
+
+
+class Engine:
+    """Serve generation requests for many adapters from one base model.
+
+    `start()` loads the model and starts the loop thread; `submit()` queues a request
+    and returns a RequestHandle. Use `start(run_loop=False)` and call `step()` yourself
+    to drive the engine deterministically (tests, benchmarks).
+    """
+
+    def __init__(self, config: EngineConfig, registry: Registry | None = None) -> None:
+        self.config = config
+        self.registry = registry if registry is not None else Registry()
+        self.ready = False
+        self._accepting = False
+        self._stats = EngineStats()
+        self._inbox: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._seqs: dict[str, Sequence] = {}
+        self._resolved: dict[str, AdapterVersion] = {}  # ref -> version, valid for one registry generation
+        self._generation: int | None = None
+        self._last_poll = 0.0
+        self._resolve_lock = threading.Lock()
+        self.steps = 0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self, run_loop: bool = True) -> Engine:
+        """Load the base model, wrap its linears with LoRA slots, warm up, start the loop."""
+        cfg = self.config
+        if cfg.cpu_threads:
+            torch.set_num_threads(cfg.cpu_threads)
+        self.base = resolve_base(cfg.base, self.registry)
+        self.device = pick_device(cfg.device)
+        self.dtype = pick_dtype(cfg.dtype, self.device)
+        model = load_base_model(self.base, cfg, self.device, self.dtype)
+        self.layers: dict[str, MultiLoRALinear] = wrap_linears(
+            model, cfg.max_slots + 1, cfg.max_rank, self.dtype, self.device, cfg.lora_ops)
+        self.tokenizer = load_tokenizer(self.base)
+        mc = model.config
+        self.max_model_len = min(cfg.max_model_len, getattr(mc, "max_position_embeddings", cfg.max_model_len))
+        head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        self.kv = KVAllocator(mc.num_hidden_layers, mc.num_key_value_heads, head_dim,
+                              cfg.kv_cache_tokens, self.dtype, self.device)
+        self.served = ServedModel(
+            fingerprint=self.base.fingerprint,
+            linear_shapes={name: (m.in_features, m.out_features) for name, m in self.layers.items()},
+            max_rank=cfg.max_rank,
+        )
+        self.encoder = PromptEncoder(self.tokenizer, mc.vocab_size,
+                                     min(cfg.max_prompt_tokens, self.max_model_len - 1))
+        self.eos_ids = self._eos_ids(model)
+        self.runner = ModelRunner(model, self.device)
+        self.cache = AdapterCache(
+            CacheCapacity(cfg.max_slots, cfg.host_cache_bytes, cfg.max_host_adapters),
+            load=self._read_adapter, write_slot=self._write_slot, stats=self._stats,
+            workers=cfg.load_workers,
+        )
+        self.scheduler = Scheduler(cfg.max_running, cfg.max_batch_tokens, cfg.max_queue)
+        self._warm_up()
+        self.ready = True
+        self._accepting = True
+        if run_loop:
+            self._thread = threading.Thread(target=self._loop, name="loradock-engine", daemon=True)
+            self._thread.start()
+        log.info("engine ready: %s (%s, %s) with %d LoRA-wrapped linears",
+                 self.base.name, cfg.quantize, self.device, len(self.layers))
+        return self
+
+    def _eos_ids(self, model) -> set[int]:
+        ids: set[int] = set()
+        for source in (getattr(model, "generation_config", None), model.config):
+            eos = getattr(source, "eos_token_id", None)
+            ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def _warm_up(self) -> None:
+        kv = self.kv.try_allocate(4)
+        assert kv is not None
+        try:
+            self.runner.forward([StepItem(kv, [self.tokenizer.eos_token_id or 0] * 2, 0, True)])
+        finally:
+            self.kv.free(kv)
+
+    def shutdown(self, drain: bool = True, timeout: float | None = 30.0) -> None:
+        """Stop accepting requests; with `drain`, let queued and running ones finish first
+        (up to `timeout` s). Whatever remains fails with EngineShutdownError."""
+        self._accepting = False
+        if not self.ready:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if drain and self._thread is not None:
+            while self.scheduler.running or self.scheduler.num_waiting:
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        error = EngineShutdownError("the engine shut down before this request finished")
+        for seq in list(self._seqs.values()):
+            if seq.status is SeqStatus.WAITING:
+                self.scheduler.remove_waiting(seq)
+            self._fail(seq, error)
+        self.cache.shutdown()
+        self.ready = False
+
+    # ---- public API ------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Validate and queue a request; the adapter reference resolves to a version now."""
+        if not self._accepting:
+            raise EngineShutdownError("the engine is not accepting requests (starting or shutting down)")
+        if request.request_id in self._seqs:
+            raise InvalidRequestError(f"request_id: {request.request_id!r} is already in flight")
+        prompt_ids = self.encoder.encode(request)
+        adapter = None
+        if request.adapter:
+            version = self._resolve(request.adapter)
+            adapter = ResolvedAdapter(version.name, version.version, version.digest)
+        max_len = min(len(prompt_ids) + request.sampling.max_new_tokens, self.max_model_len)
+        handle = RequestHandle(request.request_id, self._request_cancel)
+        seq = Sequence(
+            request=request, handle=handle, prompt_ids=prompt_ids, adapter=adapter,
+            sampler=Sampler(request.sampling, self.device),
+            text=TextStream(self.tokenizer, request.sampling.stop), max_len=max_len,
+        )
+        self._seqs[request.request_id] = seq
+        try:
+            self.scheduler.add(seq)
+        except EngineError:
+            del self._seqs[request.request_id]
+            raise
+        key = adapter.ref if adapter else BASE_KEY
+        self._stats.add(key, requests=1, prompt_tokens=len(prompt_ids))
+        if adapter is not None:
+            future = self.cache.prefetch(adapter)
+            if future is not None:
+                future.add_done_callback(lambda _: self._wake.set())
+        self._wake.set()
+        return handle
+
+    def generate(self, request: GenerationRequest, timeout: float | None = None) -> GenerationResult:
+        """Submit and wait for the result (drives the loop itself when no loop thread runs)."""
+        handle = self.submit(request)
+        if self._thread is None:
+            while not handle.done:
+                if not self.step():
+                    time.sleep(0.001)
+        return handle.result(timeout)
+
+    def load_adapter(self, ref: str, pin: bool = False) -> ResolvedAdapter:
+        """Resolve `ref`, read it from the registry and place it in a device slot.
+        With `pin`, keep it resident until `unload_adapter`."""
+        version = self._resolve(ref)
+        key = ResolvedAdapter(version.name, version.version, version.digest)
+        try:
+            self.cache.wait_ready(key)
+        except EngineError:
+            raise
+        except Exception as e:
+            raise AdapterUnavailableError(f"adapter {key.ref}: {e}") from e
+
+        def place() -> ResolvedAdapter:
+            if pin and not self.cache.is_pinned(key) and self._pinned_count() >= self.config.max_slots - 1:
+                raise AdapterUnavailableError(
+                    f"cannot pin {key.ref}: at most max_slots - 1 = {self.config.max_slots - 1} adapters "
+                    "may be pinned, so one slot stays free for the rest")
+            if self.cache.acquire(key) is None:
+                if self.cache.state(key)[0] is not LoadState.READY:  # evicted from host meanwhile
+                    self.cache.wait_ready(key)
+                if self.cache.acquire(key) is None:
+                    raise AdapterUnavailableError(
+                        f"no free device slot for {key.ref}: all {self.config.max_slots} slots are used "
+                        "by running requests or pinned adapters")
+            self.cache.release(key)
+            if pin:
+                self.cache.set_sticky(key, True)
+            return key
+
+        return self._on_loop(place)
+
+    def unload_adapter(self, ref: str) -> bool:
+        """Drop `ref`'s version from the device slots and host memory (and its pin).
+        False when it was not resident; AdapterUnavailableError while requests use it."""
+        version = self._resolve(ref)
+        key = ResolvedAdapter(version.name, version.version, version.digest)
+
+        def drop() -> bool:
+            try:
+                return self.cache.unload(key)
+            except RuntimeError as e:
+                raise AdapterUnavailableError(str(e)) from e
+
+        return self._on_loop(drop)
+
+    def resident_adapters(self) -> list[ResidentAdapter]:
+        """Adapter versions in device slots and in host memory."""
+        snap = self.cache.resident()
+        out = [ResidentAdapter(d["adapter"], "device", d["slot"], d["pins"], d["sticky"], 0)
+               for d in snap["device"]]
+        out += [ResidentAdapter(h["adapter"], "host", None, 0, False, h["bytes"]) for h in snap["host"]]
+        return out
+
+    def info(self) -> EngineInfo:
+        cfg = self.config
+        return EngineInfo(
+            base_name=self.base.name, base_fingerprint=self.base.fingerprint, quantization=cfg.quantize,
+            device=str(self.device), dtype=str(self.dtype).removeprefix("torch."), max_slots=cfg.max_slots,
+            max_rank=cfg.max_rank, host_cache_bytes=cfg.host_cache_bytes,
+            max_host_adapters=cfg.max_host_adapters, max_running=cfg.max_running,
+            max_batch_tokens=cfg.max_batch_tokens, max_queue=cfg.max_queue,
+            max_prompt_tokens=self.encoder.max_prompt_tokens, max_model_len=self.max_model_len,
+            kv_cache_tokens=cfg.kv_cache_tokens, lora_ops=cfg.lora_ops,
+        )
+
+    def stats(self) -> dict:
+        """Counters per adapter ("name@version", "<base>") and current gauges."""
+        return {
+            "adapters": self._stats.snapshot(),
+            "running": len(self.scheduler.running),
+            "waiting": self.scheduler.num_waiting,
+            "kv_tokens_reserved": self.kv.used_tokens,
+            "host_cache_bytes_used": self.cache.host_bytes,
+            "steps": self.steps,
+        }
+
+    # ---- registry --------------------------------------------------------------------------
+
+    def _resolve(self, ref: str) -> AdapterVersion:
+        """`ref` -> version, cached until the registry's generation changes (polled cheaply)."""
+        with self._resolve_lock:
+            now = time.monotonic()
+            if now - self._last_poll >= self.config.registry_poll_s:
+                self._last_poll = now
+                generation = self.registry.generation()
+                if generation != self._generation:
+                    self._generation = generation
+                    self._resolved.clear()
+            version = self._resolved.get(ref)
+        if version is None:
+            try:
+                version = self.registry.resolve(ref)
+            except RegistryError as e:
+                raise _engine_error(e, ref) from e
+            with self._resolve_lock:
+                self._resolved[ref] = version
+        return version
+
+    def _read_adapter(self, key: ResolvedAdapter) -> LoadedAdapter:
+        """Registry -> host memory (runs in the loader pool): re-verify digests, read, validate."""
+        try:
+            version = self.registry.resolve(key.ref)  # re-checks the files against the manifest
+        except RegistryError as e:
+            raise _engine_error(e, key.ref) from e
+        if version.digest != key.digest:
+            raise AdapterUnavailableError(f"adapter {key.ref} changed on disk (digest {version.digest[:12]})")
+        return read_adapter(key, version.path, version.manifest, self.served, self.dtype)
+
+    def _write_slot(self, slot: int, loaded: LoadedAdapter | None) -> None:
+        """Copy an adapter into (or clear) one slot of every wrapped layer."""
+        for name, layer in self.layers.items():
+            m = loaded.modules.get(name) if loaded is not None else None
+            if m is None:
+                layer.set_slot(slot, None, None, 0.0)
+            else:
+                layer.set_slot(slot, m.A.to(self.device), m.B.to(self.device), m.scaling)
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def _on_loop(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the loop thread (it touches slot buffers) and return its result."""
+        if self._thread is None or threading.current_thread() is self._thread:
+            return fn()
+        future: Future = Future()
+        self._inbox.put((fn, future))
+        self._wake.set()
+        return future.result()
+
+    def _request_cancel(self, handle: RequestHandle) -> None:
+        def cancel() -> None:
+            seq = self._seqs.get(handle.request_id)
+            if seq is None:
+                return
+            if seq.status is SeqStatus.WAITING:
+                self.scheduler.remove_waiting(seq)
+            self._complete(seq, FinishReason.CANCELLED)
+
+        if self._thread is None:
+            cancel()
+        else:
+            self._inbox.put((cancel, Future()))
+            self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                worked = self.step()
+            except Exception:  # a bug in the step itself: log it, keep serving
+                log.exception("engine step failed")
+                worked = False
+            if not worked:
+                self._wake.wait(timeout=0.05)
+                self._wake.clear()
+
+    def _run_inbox(self) -> None:
+        while True:
+            try:
+                fn, future = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                future.set_result(fn())
+            except BaseException as e:
+                future.set_exception(e)
+
+    def step(self) -> bool:
+        """Run one engine step; False when there was nothing to do."""
+        self._run_inbox()
+        plan = self.scheduler.schedule(self._admit)
+        if not plan:
+            return False
+        self.steps += 1
+        items = []
+        for seq, n in plan:
+            tokens = seq.pending_tokens(n)
+            items.append(StepItem(seq.kv, tokens, seq.slot, seq.computed + len(tokens) == seq.num_tokens))
+        try:
+            step = self.runner.forward(items)
+        except Exception as e:
+            log.exception("forward pass failed; failing the %d requests of this step", len(plan))
+            for seq, _ in plan:
+                self._fail(seq, EngineError(f"internal error in the forward pass: {e}"))
+            return True
+        greedy = step.logits.argmax(dim=-1).tolist()  # one batched argmax for every greedy request
+        for (seq, _), item, row in zip(plan, items, step.rows, strict=True):
+            seq.computed += len(item.tokens)
+            if row is None:
+                continue
+            try:
+                token = greedy[row] if seq.sampler.greedy else seq.sampler(step.logits[row])
+                self._on_token(seq, token)
+            except Exception as e:
+                log.exception("request %s failed after sampling", seq.request_id)
+                self._fail(seq, EngineError(f"internal error: {e}"))
+        return True
+
+    def _admit(self, seq: Sequence) -> Admission:
+        """Take the resources `seq` needs to run (adapter slot, KV cache), or say why not."""
+        if seq.handle.cancel_requested:
+            self._complete(seq, FinishReason.CANCELLED)
+            return Admission.DROP
+        slot = 0
+        if seq.adapter is not None:
+            state, error = self.cache.state(seq.adapter)
+            if state is LoadState.FAILED:
+                self._fail(seq, error if isinstance(error, EngineError)
+                           else AdapterUnavailableError(f"adapter {seq.adapter.ref}: {error}"))
+                return Admission.DROP
+            if state is LoadState.ABSENT:
+                self.cache.prefetch(seq.adapter)
+                return Admission.WAIT
+            if state is LoadState.LOADING:
+                return Admission.WAIT
+            try:
+                acquired = self.cache.acquire(seq.adapter)
+            except Exception as e:  # writing the slot failed: this adapter cannot be served
+                log.exception("placing adapter %s in a slot failed", seq.adapter.ref)
+                self._fail(seq, AdapterUnavailableError(f"adapter {seq.adapter.ref}: {e}"))
+                return Admission.DROP
+            if acquired is None:
+                return Admission.WAIT
+            slot = acquired
+        kv = self.kv.try_allocate(seq.max_len)
+        if kv is None:
+            if seq.adapter is not None:
+                self.cache.release(seq.adapter)
+            return Admission.WAIT
+        seq.kv, seq.slot, seq.admitted_at = kv, slot, time.monotonic()
+        return Admission.ADMIT
+
+    def _on_token(self, seq: Sequence, token: int) -> None:
+        seq.output_ids.append(token)
+        if seq.first_token_at is None:
+            seq.first_token_at = time.monotonic()
+        text = seq.text.add(token)
+        params = seq.request.sampling
+        finish = None
+        if token in self.eos_ids and not params.ignore_eos:
+            finish = FinishReason.EOS
+        elif seq.text.stopped:
+            finish = FinishReason.STOP
+        elif seq.num_tokens >= seq.max_len:
+            finish = FinishReason.LENGTH
+        if finish is not None:
+            text += seq.text.finish()
+        seq.handle._emit(TokenEvent(seq.request_id, token, text, len(seq.output_ids) - 1))
+        self._stats.add(seq.adapter.ref if seq.adapter else BASE_KEY, generated_tokens=1)
+        if finish is not None:
+            self._complete(seq, finish)
+
+    # ---- finishing -------------------------------------------------------------------------
+
+    def _release(self, seq: Sequence) -> None:
+        """Free the KV cache and the slot pin of `seq` (idempotent)."""
+        if seq.status is SeqStatus.FINISHED:
+            return
+        if seq.kv is not None:
+            self.kv.free(seq.kv)
+            seq.kv = None
+            if seq.adapter is not None:
+                self.cache.release(seq.adapter)
+        self.scheduler.finish(seq)
+        seq.status = SeqStatus.FINISHED
+        self._seqs.pop(seq.request_id, None)
+
+    def _complete(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.status is SeqStatus.FINISHED:
+            return
+        self._release(seq)
+        now = time.monotonic()
+        ms = lambda t: (t - seq.submitted_at) * 1000 if t is not None else 0.0  # noqa: E731
+        seq.handle._finish(GenerationResult(
+            request_id=seq.request_id,
+            text=seq.text.text,
+            token_ids=tuple(seq.output_ids),
+            finish_reason=reason,
+            adapter=seq.adapter,
+            prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=len(seq.output_ids),
+            timings=Timings(queue_ms=ms(seq.admitted_at), ttft_ms=ms(seq.first_token_at), total_ms=ms(now)),
+        ))
+
+    def _fail(self, seq: Sequence, error: BaseException) -> None:
+        if seq.status is SeqStatus.FINISHED:
+            return
+        self._release(seq)
+        self._stats.add(seq.adapter.ref if seq.adapter else BASE_KEY, errors=1)
+        seq.handle._fail(error)
+
+    def _pinned_count(self) -> int:
+        return sum(1 for r in self.resident_adapters() if r.tier == "device" and r.pinned)

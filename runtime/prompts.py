@@ -1,0 +1,65 @@
+"""Request validation and prompt -> token ids (raw prompt, chat messages or ids)."""
+
+from __future__ import annotations
+
+from .errors import InvalidRequestError
+from .sampling import validate_sampling
+from .types import GenerationRequest
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class PromptEncoder:
+    """Turns a GenerationRequest into prompt token ids, or raises InvalidRequestError naming the field."""
+
+    def __init__(self, tokenizer, vocab_size: int, max_prompt_tokens: int) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_prompt_tokens = max_prompt_tokens
+
+    def encode(self, req: GenerationRequest) -> list[int]:
+        validate_sampling(req.sampling)
+        given = [name for name, value in (("prompt", req.prompt), ("messages", req.messages),
+                                          ("prompt_token_ids", req.prompt_token_ids))
+                 if value is not None and value != ()]
+        if len(given) != 1:
+            raise InvalidRequestError(
+                "prompt: give exactly one of prompt, messages, prompt_token_ids"
+                + (f" (got {', '.join(given)})" if given else " (got none)")
+            )
+        if req.prompt is not None:
+            if not req.prompt:
+                raise InvalidRequestError("prompt: must not be empty")
+            ids = list(self.tokenizer.encode(req.prompt))
+        elif req.messages:
+            ids = self._chat_ids(req)
+        else:
+            ids = list(req.prompt_token_ids or ())
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidRequestError(
+                    f"prompt_token_ids: {bad[:5]} not in the vocabulary [0, {self.vocab_size})"
+                )
+        if not ids:
+            raise InvalidRequestError("prompt: encodes to zero tokens")
+        if len(ids) > self.max_prompt_tokens:
+            raise InvalidRequestError(
+                f"prompt: {len(ids)} tokens exceeds max_prompt_tokens={self.max_prompt_tokens}"
+            )
+        return ids
+
+    def _chat_ids(self, req: GenerationRequest) -> list[int]:
+        for i, m in enumerate(req.messages):
+            if m.role not in CHAT_ROLES:
+                raise InvalidRequestError(
+                    f"messages[{i}].role: {m.role!r} is not one of {', '.join(CHAT_ROLES)}"
+                )
+            if not isinstance(m.content, str):
+                raise InvalidRequestError(f"messages[{i}].content: must be a string")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError("messages: the base model has no chat template; send a raw prompt instead")
+        text = self.tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in req.messages],
+            tokenize=False, add_generation_prompt=True,
+        )
+        return list(self.tokenizer.encode(text, add_special_tokens=False))

@@ -1,0 +1,73 @@
+"""Token selection: greedy by default; temperature, top-k, top-p; per-request seeds.
+
+Each sampling request owns a `torch.Generator`, so a seeded request draws the same
+tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+from .errors import InvalidRequestError
+from .types import SamplingParams
+
+
+def validate_sampling(params: SamplingParams) -> None:
+    """Raise InvalidRequestError naming the first bad field."""
+    def bad(field: str, why: str) -> InvalidRequestError:
+        return InvalidRequestError(f"sampling.{field}: {why}")
+
+    if not isinstance(params.max_new_tokens, int) or params.max_new_tokens < 1:
+        raise bad("max_new_tokens", f"must be a positive integer, got {params.max_new_tokens!r}")
+    if not math.isfinite(params.temperature) or params.temperature < 0:
+        raise bad("temperature", f"must be >= 0 (0 = greedy), got {params.temperature!r}")
+    if not math.isfinite(params.top_p) or not 0 < params.top_p <= 1:
+        raise bad("top_p", f"must be in (0, 1], got {params.top_p!r}")
+    if not isinstance(params.top_k, int) or params.top_k < 0:
+        raise bad("top_k", f"must be an integer >= 0 (0 = off), got {params.top_k!r}")
+    if params.seed is not None and (not isinstance(params.seed, int) or not 0 <= params.seed < 2**63):
+        raise bad("seed", f"must be an integer in [0, 2^63), got {params.seed!r}")
+    if any(not isinstance(s, str) or s == "" for s in params.stop):
+        raise bad("stop", "stop strings must be non-empty strings")
+
+
+class Sampler:
+    """Picks the next token of one request from its logits [vocab]."""
+
+    def __init__(self, params: SamplingParams, device: torch.device) -> None:
+        self.params = params
+        self.greedy = params.temperature == 0
+        self.generator: torch.Generator | None = None
+        if not self.greedy:
+            seed = params.seed if params.seed is not None else random.getrandbits(63)
+            self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        if self.greedy:
+            return int(torch.argmax(logits))
+        return int(sample_token(logits, self.params, self.generator))
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set logits outside the top-k / nucleus (top-p) to -inf.  logits [vocab] -> [vocab]"""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens before it already reach top_p (the first always stays).
+        drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """Temperature, then top-k, then top-p, then one multinomial draw."""
+    scaled = logits.float() / params.temperature
+    probs = torch.softmax(filter_logits(scaled, params.top_k, params.top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[0]

@@ -1,0 +1,56 @@
+"""`Sequence`: one admitted request's state inside the engine."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from .detokenize import TextStream
+from .handle import RequestHandle
+from .kv_cache import SequenceKV
+from .sampling import Sampler
+from .types import GenerationRequest, ResolvedAdapter
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: GenerationRequest
+    handle: RequestHandle
+    prompt_ids: list[int]
+    adapter: ResolvedAdapter | None  # None: the base model alone
+    sampler: Sampler
+    text: TextStream
+    max_len: int  # prompt + max_new_tokens, capped by the engine's max_model_len
+    status: SeqStatus = SeqStatus.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    computed: int = 0  # tokens whose K/V are in the cache
+    kv: SequenceKV | None = None
+    slot: int = 0
+    submitted_at: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.computed < len(self.prompt_ids)
+
+    def pending_tokens(self, limit: int) -> list[int]:
+        """The next tokens to run through the model (a prompt chunk, or the last sampled token)."""
+        if self.in_prefill:
+            return self.prompt_ids[self.computed:self.computed + limit]
+        return [self.output_ids[-1]]

@@ -1,0 +1,173 @@
+"""Runtime test fixtures: real PEFT adapters, a registry holding them, engines, and the PEFT oracle."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from loradock.registry import BaseInfo, Registry
+from loradock.runtime import Engine, EngineConfig
+
+from tests.adapters import make_lora_adapter
+
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+ATTN_MLP = (*ATTN, "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    rank: int
+    targets: tuple[str, ...]
+    seed: int
+    use_rslora: bool = False
+
+    @property
+    def alpha(self) -> int:
+        return 2 * self.rank
+
+
+# >= 8 adapters: ranks 4/8/16, attention-only and attention+MLP targets, one rsLoRA.
+SPECS = (
+    Spec("law", 4, ATTN, 1),
+    Spec("med", 8, ATTN_MLP, 2),
+    Spec("code", 16, ATTN, 3),
+    Spec("chem", 16, ATTN_MLP, 4),
+    Spec("poem", 8, ("q_proj", "v_proj"), 5),
+    Spec("math", 4, ATTN_MLP, 6, use_rslora=True),
+    Spec("bio", 8, ATTN, 7),
+    Spec("fin", 16, ("down_proj", "up_proj"), 8),
+)
+
+
+def make_adapters(base: BaseInfo, out: Path, specs=SPECS, scale: float = 0.5) -> dict[str, Path]:
+    """PEFT adapter directories for `specs` on `base`: {name: dir}."""
+    with one_thread():
+        return {
+            s.name: make_lora_adapter(base.path, out / s.name, rank=s.rank, alpha=s.alpha,
+                                      targets=s.targets, seed=s.seed, use_rslora=s.use_rslora, scale=scale)
+            for s in specs
+        }
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Tests here run on a small shared machine, where one intra-op thread is several times
+    faster than two (a descheduled OpenMP worker stalls every small op)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dirs(tiny_base: BaseInfo, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_adapters(tiny_base, tmp_path_factory.mktemp("tiny-adapters"))
+
+
+@pytest.fixture
+def tiny_registry(registry: Registry, tiny_base: BaseInfo, tiny_adapter_dirs: dict[str, Path]) -> Registry:
+    """A fresh registry with every SPECS adapter published (version 1) for the tiny base."""
+    for name, path in tiny_adapter_dirs.items():
+        registry.publish(path, name, base=tiny_base.name)
+    return registry
+
+
+@pytest.fixture
+def engine_factory() -> Iterator[Callable[..., Engine]]:
+    """make(registry, base_name, run_loop=True, **config) -> started Engine (shut down after the test)."""
+    engines: list[Engine] = []
+
+    def make(registry: Registry, base: str, run_loop: bool = True, **overrides) -> Engine:
+        cfg = {"quantize": "none", "max_slots": 8, "max_rank": 16, "max_running": 16,
+               "max_batch_tokens": 256, "max_model_len": 512, "max_prompt_tokens": 256,
+               "kv_cache_tokens": 8192, "registry_poll_s": 0.0, **overrides}
+        engine = Engine(EngineConfig(base=base, **cfg), registry).start(run_loop=run_loop)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.shutdown(drain=False, timeout=5)
+
+
+def load_peft_oracle(base_path: Path, adapters: dict[str, Path], quantize: str):
+    """A PeftModel on a separately loaded base (same quantization, fp32 compute) holding all adapters."""
+    from loradock.runtime.model_loader import quantization_config
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"dtype": torch.float32}
+    qconfig = quantization_config(quantize, torch.float32)
+    if qconfig is not None:
+        kwargs.update(quantization_config=qconfig, device_map={"": "cpu"})
+    base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs).eval()
+    names = list(adapters)
+    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
+    return model.eval()
+
+
+@torch.inference_mode()
+def oracle_logits(model, adapter: str | None, ids: list[int]) -> torch.Tensor:
+    """Logits [len(ids), vocab] of `ids` through one adapter alone (None: the base alone)."""
+    x = torch.tensor([ids])
+    if adapter is None:
+        with model.disable_adapter():
+            return model(input_ids=x).logits[0].float()
+    model.set_adapter(adapter)
+    return model(input_ids=x).logits[0].float()
+
+
+def oracle_greedy(model, adapter: str | None, ids: list[int], n: int) -> list[int]:
+    """n greedy tokens (EOS not special) by recomputing the full sequence each step."""
+    out: list[int] = []
+    for _ in range(n):
+        out.append(int(oracle_logits(model, adapter, ids + out)[-1].argmax()))
+    return out
+
+
+def drive(engine, handles, max_idle_s: float = 60.0) -> None:
+    """Step an engine started with run_loop=False until every handle is done."""
+    import time
+
+    idle_since = time.monotonic()
+    while not all(h.done for h in handles):
+        if engine.step():
+            idle_since = time.monotonic()
+        else:  # waiting for an adapter load in the loader pool
+            assert time.monotonic() - idle_since < max_idle_s, "engine made no progress"
+            time.sleep(0.005)
+
+
+@torch.inference_mode()
+def oracle_generate(model, adapter: str | None, ids: list[int], n: int) -> list[int]:
+    """Greedy tokens from PeftModel.generate (KV-cached; stops after EOS, which it includes)."""
+    x = torch.tensor([ids])
+    kwargs = dict(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False)
+    if adapter is None:
+        with model.disable_adapter():
+            out = model.generate(**kwargs)
+    else:
+        model.set_adapter(adapter)
+        out = model.generate(**kwargs)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="session")
+def smollm2_adapter_dirs(smollm2_base: BaseInfo, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """SPECS on the real SmolLM2; smaller weights keep its outputs language-like."""
+    return make_adapters(smollm2_base, tmp_path_factory.mktemp("smollm2-adapters"), scale=0.1)

@@ -1,0 +1,97 @@
+"""Measure the engine's decode step time and adapter cold-load time (not a test; run by hand).
+
+    .venv/bin/python -m tests.runtime.measure_step --home /tmp/rt/home --base smollm2-135m-instruct \\
+        --quantize nf4 --threads 1
+
+Decode step time: 32 running sequences, each on its own adapter (rank 16, attention + MLP),
+against 32 sequences on the base alone, after all prompts are prefilled. Cold load: one new
+rank-16 attention+MLP adapter from the registry to a device slot (`Engine.load_adapter`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from loradock.registry import Registry
+from loradock.runtime import Engine, EngineConfig, GenerationRequest, SamplingParams
+
+from tests.adapters import make_lora_adapter
+from tests.runtime.conftest import ATTN_MLP
+
+
+def decode_step_ms(engine: Engine, adapters: list[str | None], steps: int) -> float:
+    """Median wall time of one engine step once every sequence is decoding."""
+    handles = [engine.submit(GenerationRequest(
+        adapter=a, prompt=f"Request number {i}: tell me about the sea.",
+        sampling=SamplingParams(max_new_tokens=steps + 4, ignore_eos=True))) for i, a in enumerate(adapters)]
+    seqs = [engine._seqs[h.request_id] for h in handles]
+    while any(s.kv is None or s.in_prefill for s in seqs):  # admission + prefill
+        if not engine.step():
+            time.sleep(0.01)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        engine.step()
+        times.append((time.perf_counter() - t) * 1000)
+    for h in handles:
+        h.cancel()
+    engine.step()
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--home", required=True, help="registry root holding the base")
+    p.add_argument("--base", required=True, help="registry base name")
+    p.add_argument("--quantize", default="nf4", choices=["nf4", "int8", "none"])
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--sequences", type=int, default=32)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--ops", default="auto,segmented,gathered")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    registry = Registry(args.home)
+    base = registry.bases.get(args.base)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        src = make_lora_adapter(base.path, Path(tmp) / "a", rank=16, alpha=32, targets=ATTN_MLP, seed=0,
+                                scale=0.05)
+        names = []
+        for i in range(args.sequences + 1):  # same weights, distinct adapters (own slot each)
+            name = f"measure-{base.name}-{i}"
+            try:
+                registry.resolve(name)
+            except Exception:
+                registry.publish(src, name, base=base.name)
+            names.append(name)
+        print(f"prepared {len(names)} adapters in {time.perf_counter() - t:.1f} s")
+
+    report: dict = {"base": base.name, "quantize": args.quantize, "threads": torch.get_num_threads(),
+                    "sequences": args.sequences}
+    for ops in args.ops.split(","):
+        engine = Engine(EngineConfig(
+            base=base.name, quantize=args.quantize, max_slots=args.sequences + 1, max_rank=16,
+            max_running=args.sequences, max_batch_tokens=max(512, args.sequences), lora_ops=ops,
+            max_model_len=256, max_prompt_tokens=128, kv_cache_tokens=args.sequences * 256,
+        ), registry).start(run_loop=False)
+        t = time.perf_counter()
+        engine.load_adapter(names[-1])
+        report["cold_load_ms"] = round((time.perf_counter() - t) * 1000, 1)
+        if "base_step_ms" not in report:
+            report["base_step_ms"] = round(decode_step_ms(engine, [None] * args.sequences, args.steps), 1)
+        report[f"adapters_step_ms[{ops}]"] = round(
+            decode_step_ms(engine, names[:args.sequences], args.steps), 1)
+        engine.shutdown(drain=False)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Batching maths: pure functions, parametrized."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from loradock.runtime import batching
+
+
+@pytest.mark.parametrize(("slots", "want"), [
+    ([], []),
+    ([0], [(0, 1, 0)]),
+    ([0, 0, 3, 3, 3, 1], [(0, 2, 0), (2, 5, 3), (5, 6, 1)]),
+    ([2, 1, 2], [(0, 1, 2), (1, 2, 1), (2, 3, 2)]),
+    ([5] * 4, [(0, 4, 5)]),
+])
+def test_find_segments(slots, want):
+    assert batching.find_segments(slots) == want
+
+
+@pytest.mark.parametrize(("slots", "want"), [
+    ([3, 0, 1, 0, 3], [1, 3, 2, 0, 4]),  # stable: FCFS kept inside a slot
+    ([], []),
+    ([1, 1], [0, 1]),
+])
+def test_order_by_slot(slots, want):
+    assert batching.order_by_slot(slots) == want
+
+
+@pytest.mark.parametrize(("chunks", "cu"), [
+    ([[5], [6, 7], [8, 9, 10]], [0, 1, 3, 6]),
+    ([[1, 2, 3]], [0, 3]),
+])
+def test_pack_tokens(chunks, cu):
+    ids, cu_lens = batching.pack_tokens(chunks)
+    assert cu_lens == cu
+    assert ids.tolist() == [t for c in chunks for t in c]
+    for i, c in enumerate(chunks):
+        assert ids[cu_lens[i]:cu_lens[i + 1]].tolist() == c
+
+
+def test_pack_tokens_rejects_empty_chunk():
+    with pytest.raises(ValueError, match="at least one token"):
+        batching.pack_tokens([[1], []])
+
+
+@pytest.mark.parametrize(("past", "lens", "want"), [
+    ([0, 7, 3], [3, 1, 2], [0, 1, 2, 7, 3, 4]),  # prefill, decode, later prefill chunk
+    ([10], [1], [10]),
+    ([], [], []),
+])
+def test_position_ids(past, lens, want):
+    assert batching.position_ids(past, lens).tolist() == want
+
+
+@pytest.mark.parametrize(("seq_slots", "lens", "want"), [
+    ([0, 2, 1], [2, 1, 3], [0, 0, 2, 1, 1, 1]),
+    ([4], [1], [4]),
+])
+def test_token_slots(seq_slots, lens, want):
+    got = batching.token_slots(seq_slots, lens)
+    assert got.dtype == torch.long and got.tolist() == want
+
+
+@pytest.mark.parametrize(("cu", "wants", "want"), [
+    ([0, 3, 4, 9], [True, True, False], [2, 3]),  # the third is mid-prefill: no logits
+    ([0, 1, 2], [True, True], [0, 1]),
+    ([0, 5], [False], []),
+])
+def test_sample_indices(cu, wants, want):
+    assert batching.sample_indices(cu, wants) == want
