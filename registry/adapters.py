@@ -32,9 +32,17 @@ from .errors import (
     NotFoundError,
     RegistryError,
 )
-from .fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, fsync_tree, read_json
+from .fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, fsync_tree
 from .generation import Generation
-from .manifest import MANIFEST_FILE, build_manifest, check_metadata, file_entries, files_digest
+from .manifest import (
+    MANIFEST_FILE,
+    ManifestError,
+    build_manifest,
+    check_metadata,
+    file_entries,
+    files_digest,
+    read_manifest,
+)
 from .modelcard import render_model_card
 from .names import parse_ref, validate_alias, validate_name
 from .validate import ADAPTER_FILES, AdapterSpec, check_files, validate_adapter_dir
@@ -136,9 +144,9 @@ class AdapterStore:
         if not path.is_dir():  # deleted since it was picked
             raise NotFoundError(f"{ref} was just deleted")
         try:
-            manifest = read_json(path / MANIFEST_FILE)
-        except (OSError, ValueError) as e:
-            raise DigestMismatchError(f"{ref}: {MANIFEST_FILE} is missing or unreadable ({e})") from e
+            manifest = read_manifest(path)
+        except ManifestError as e:
+            raise DigestMismatchError(f"{ref}: {e}") from e
         if verify:
             problems = file_problems(path, manifest["files"], self._digests)
             if problems:
@@ -161,8 +169,20 @@ class AdapterStore:
         return [self._load(name, n, verify=False) for n in numbers]
 
     def list(self) -> list[AdapterVersion]:
-        """The latest version of every adapter, by name (not digest-checked)."""
-        return [self._load(name, self._version_numbers(name)[-1], verify=False) for name in self.names()]
+        """The latest version of every adapter, by name (not digest-checked).
+
+        A name whose latest version is damaged is left out (and logged) rather than
+        failing the whole listing; `verify()` reports it.
+        """
+        latest = []
+        for name in self.names():
+            try:
+                latest.append(self._load(name, self._version_numbers(name)[-1], verify=False))
+            except DigestMismatchError as e:
+                log.warning("skipping %s in the listing: %s", name, e)
+            except NotFoundError:  # deleted while listing
+                pass
+        return latest
 
     # ----- publishing
 
@@ -332,10 +352,9 @@ class AdapterStore:
         path = self._name_dir(name) / "versions" / str(number)
         ref = f"{name}@{number}"
         try:
-            manifest = read_json(path / MANIFEST_FILE)
-            files = manifest["files"]
-        except (OSError, ValueError, KeyError) as e:
-            return VerifyResult(ref, (f"{MANIFEST_FILE} is missing or unreadable ({e})",))
+            files = read_manifest(path)["files"]
+        except ManifestError as e:
+            return VerifyResult(ref, (str(e),))
         problems = file_problems(path, files, cache=None)
         extra = sorted(p.name for p in path.iterdir() if p.name not in files and p.name != MANIFEST_FILE)
         problems += [f"{rel}: not listed in the manifest" for rel in extra]

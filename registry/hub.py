@@ -73,7 +73,19 @@ def _existing_pull(registry: Registry, name: str, repo_id: str, commit: str) -> 
     return None
 
 
+def _unsafe_path(name: str) -> bool:
+    """A repo file name that could point outside the download folder on some OS."""
+    parts = name.replace("\\", "/").split("/")
+    return name.startswith(("/", "\\")) or ":" in name or "\\" in name or ".." in parts
+
+
 def _check_repo_files(repo_id: str, commit: str, files: list[str]) -> None:
+    unsafe = sorted(f for f in files if _unsafe_path(f))
+    if unsafe:
+        raise InvalidAdapterError(
+            f"{repo_id}@{commit[:12]} holds file names that could escape the download folder "
+            f"({', '.join(map(repr, unsafe))}); refusing to pull it"
+        )
     if CONFIG_FILE not in files:
         raise InvalidAdapterError(
             f"{repo_id}@{commit[:12]} has no {CONFIG_FILE}: it is not a PEFT adapter repo "

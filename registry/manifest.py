@@ -14,13 +14,47 @@ import time
 from pathlib import Path
 
 from .errors import InvalidAdapterError, InvalidNameError
-from .fsutil import sha256_file
+from .fsutil import read_json, sha256_file
 from .names import parse_ref
 from .validate import AdapterSpec
 
 MANIFEST_FILE = "manifest.json"
 SOURCE_KINDS = {"trained": (), "hub": ("repo", "revision", "commit"), "import": ("path",)}
 METADATA_KEYS = ("source", "training", "dataset", "metrics", "parent")
+
+
+class ManifestError(ValueError):
+    """A manifest.json that is missing, unreadable, or not shaped like one loradock writes."""
+
+
+def read_manifest(version_dir: Path) -> dict:
+    """Read `version_dir/manifest.json`, checking the shape every reader relies on.
+
+    Version directories are written only by the registry, but a manifest edited by
+    hand or by another tool must fail as a damaged version, not as a crash.
+    """
+    try:
+        manifest = read_json(version_dir / MANIFEST_FILE)
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"{MANIFEST_FILE} is missing or unreadable ({e})") from e
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{MANIFEST_FILE} is not a JSON object")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ManifestError(f"{MANIFEST_FILE} has no 'files' table")
+    for rel, entry in files.items():
+        if "/" in rel or "\\" in rel or rel in ("", ".", "..") or rel == MANIFEST_FILE:
+            raise ManifestError(f"{MANIFEST_FILE} lists an invalid file name {rel!r}")
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("sha256"), str)
+            and isinstance(entry.get("size"), int)
+        ):
+            raise ManifestError(f"{MANIFEST_FILE}: entry for {rel!r} needs a sha256 string and an integer size")
+    base = manifest.get("base")
+    if base is not None and not isinstance(base, dict):
+        raise ManifestError(f"{MANIFEST_FILE}: 'base' must be an object with name and fingerprint")
+    return manifest
 
 
 def file_entries(version_dir: Path, relpaths: list[str]) -> dict[str, dict]:

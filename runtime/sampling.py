@@ -14,6 +14,9 @@ import torch
 from .errors import InvalidRequestError
 from .types import SamplingParams
 
+# Below this temperature, logits / T overflows float32; the limit T -> 0 is greedy anyway.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
 
 def validate_sampling(params: SamplingParams) -> None:
     """Raise InvalidRequestError naming the first bad field."""
@@ -39,7 +42,7 @@ class Sampler:
 
     def __init__(self, params: SamplingParams, device: torch.device) -> None:
         self.params = params
-        self.greedy = params.temperature == 0
+        self.greedy = params.temperature < GREEDY_BELOW_TEMPERATURE
         self.generator: torch.Generator | None = None
         if not self.greedy:
             seed = params.seed if params.seed is not None else random.getrandbits(63)
@@ -61,6 +64,7 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
         # Drop a token when the tokens before it already reach top_p (the first always stays).
         drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p
+        drop_sorted[0] = False  # a top_p that rounds to 0 in float32 must still keep the top token
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

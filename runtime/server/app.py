@@ -16,8 +16,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from loradock.proto.loradock.v1 import runtime_pb2 as pb
-from loradock.proto.loradock.v1 import runtime_pb2_grpc as pb_grpc
 from loradock.registry import Registry
+from loradock.runtime.server.handlers import add_runtime_servicer
 from loradock.runtime.server.interceptors import BearerTokenAuth, DrainGate
 from loradock.runtime.server.metrics import Metrics, start_metrics_http
 from loradock.runtime.server.servicer import RuntimeServicer
@@ -104,7 +104,7 @@ def create_server(
         options=options,
     )
     metrics = metrics or Metrics()
-    pb_grpc.add_RuntimeServicer_to_server(RuntimeServicer(engine, registry, metrics), server)
+    add_runtime_servicer(RuntimeServicer(engine, registry, metrics), server)
 
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     for service in ("", SERVICE_NAME):
