@@ -34,5 +34,15 @@ proto: setup
 bench: setup
 	$(VENV)/bin/loradock bench
 
+# The sweep behind the throughput/latency-vs-adapters plot (several hours on 2 CPU cores).
+bench-full: setup
+	$(VENV)/bin/loradock bench --name full --adapters 1 8 32 128 1000
+
+# The reliability suite with every count multiplied (LORADOCK_SOAK=10: 5,120 load requests,
+# 10,000 churn cycles, 400 fuzz examples per property). Figures print at the end.
+SOAK ?= 10
+soak: setup
+	LORADOCK_SOAK=$(SOAK) $(PY) -m pytest -q tests/reliability $(PYTEST_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -14,7 +14,7 @@ import sys
 from loradock.registry import RegistryError
 
 # Subcommand modules, in the order `--help` lists them.
-COMMAND_MODULES = ("bases",)
+COMMAND_MODULES = ("bases", "adapters", "train", "serve", "generate", "demo", "bench")
 
 
 class UserError(Exception):
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+    for noisy in ("httpx", "httpx2", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
@@ -63,4 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main: under `python -m loradock.cli` this file is `__main__`,
+    # and its UserError would not be the `loradock.cli.UserError` that commands raise.
+    from loradock.cli import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,221 @@
+"""`loradock adapters ...`: publish, inspect, alias, verify and move adapter versions."""
+
+from __future__ import annotations
+
+import argparse
+
+from loradock.commands.common import print_json, print_table, registry_from
+from loradock.registry import AdapterVersion, Registry
+
+REF_HELP = "adapter reference: NAME (latest), NAME@N (version N) or NAME@ALIAS"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "adapters",
+        help="publish, list, alias, verify, pull and push LoRA adapters",
+        description="Adapters are immutable, digest-verified versions under "
+        "$LORADOCK_HOME/adapters/<name>/versions/<N>/, each a PEFT adapter directory with a "
+        "manifest.json and a model card. Refer to them as NAME, NAME@N or NAME@ALIAS.",
+    )
+    actions = parser.add_subparsers(dest="adapters_command", metavar="ACTION", required=True)
+
+    lst = actions.add_parser("list", help="list adapters (latest version of each)",
+                             description="List every adapter with its latest version and aliases.")
+    lst.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    lst.set_defaults(func=cmd_list)
+
+    show = actions.add_parser("show", help="show one version's manifest",
+                              description="Show a version: name, version, digest, path, aliases "
+                              "and its manifest. Files are checked against the manifest first.")
+    show.add_argument("ref", help=REF_HELP)
+    show.add_argument("--json", action="store_true", help="print JSON instead of text")
+    show.set_defaults(func=cmd_show)
+
+    pub = actions.add_parser(
+        "publish", help="store a PEFT LoRA adapter directory as a new version",
+        description="Validate a PEFT LoRA adapter directory (adapter_config.json + "
+        "adapter_model.safetensors) and store it as the next version of NAME. Prints NAME@N.",
+    )
+    pub.add_argument("dir", help="directory written by PEFT's save_pretrained")
+    pub.add_argument("--name", required=True, help="adapter name, optionally ORG/NAME")
+    pub.add_argument("--base", help="registry base the adapter was trained on (checked against "
+                     "its layer shapes; default: the base named in adapter_config.json)")
+    pub.add_argument("--alias", action="append", default=[], metavar="ALIAS",
+                     help="point ALIAS at the new version (repeatable)")
+    pub.add_argument("--json", action="store_true", help="print the new version as JSON")
+    pub.set_defaults(func=cmd_publish)
+
+    tag = actions.add_parser("tag", help="point an alias at a version",
+                             description="Point ALIAS at the version REF means (moving it if it exists).")
+    tag.add_argument("ref", help=REF_HELP)
+    tag.add_argument("alias", help="alias name (starts with a letter)")
+    tag.set_defaults(func=cmd_tag)
+
+    untag = actions.add_parser("untag", help="remove an alias", description="Remove ALIAS from adapter NAME.")
+    untag.add_argument("name", help="adapter name")
+    untag.add_argument("alias", help="alias to remove")
+    untag.set_defaults(func=cmd_untag)
+
+    rm = actions.add_parser("rm", help="delete one version",
+                            description="Delete the version REF means. Refused while an alias points "
+                            "at it unless --force (which removes those aliases). Numbers are never reused.")
+    rm.add_argument("ref", help=REF_HELP)
+    rm.add_argument("--force", action="store_true", help="also delete when aliases point at it")
+    rm.set_defaults(func=cmd_rm)
+
+    verify = actions.add_parser("verify", help="rehash files and compare with manifests",
+                                description="Rehash every file of one version (REF) or of all versions "
+                                "and report mismatches and dangling aliases. Exit status 1 when any.")
+    verify.add_argument("ref", nargs="?", help=REF_HELP + " (default: everything)")
+    verify.add_argument("--json", action="store_true", help="print JSON results")
+    verify.set_defaults(func=cmd_verify)
+
+    pull = actions.add_parser(
+        "pull", help="download an adapter from a Hugging Face Hub repo",
+        description="Download adapter_config.json, *.safetensors and README.md of a Hub repo at "
+        "REVISION (resolved to a commit, recorded in the manifest) and publish them. Pulling the "
+        "same commit into the same name again does nothing. Honours HF_ENDPOINT and HF_TOKEN.",
+    )
+    pull.add_argument("repo_id", help="Hub repo, e.g. ORG/NAME")
+    pull.add_argument("--revision", help="branch, tag or commit sha (default: main)")
+    pull.add_argument("--name", help="registry name (default: the repo id)")
+    pull.add_argument("--base", help="registry base the adapter is for (default: from adapter_config.json)")
+    pull.add_argument("--json", action="store_true", help="print the version as JSON")
+    pull.set_defaults(func=cmd_pull)
+
+    push = actions.add_parser(
+        "push", help="upload a version to a Hugging Face Hub repo",
+        description="Create REPO_ID if needed and upload the version's files and model card in one "
+        "commit. Prints the commit sha. Honours HF_ENDPOINT and HF_TOKEN.",
+    )
+    push.add_argument("ref", help=REF_HELP)
+    push.add_argument("repo_id", help="Hub repo, e.g. ORG/NAME")
+    push.add_argument("--public", action="store_true", help="create the repo public (default: private)")
+    push.set_defaults(func=cmd_push)
+
+    gc = actions.add_parser("gc", help="clean up after crashed publishes",
+                            description="Remove staging dirs of publishes that died and lock files of "
+                            "adapters that no longer exist. Running publishes are never touched.")
+    gc.add_argument("--json", action="store_true", help="print removed paths as JSON")
+    gc.set_defaults(func=cmd_gc)
+
+
+def version_json(registry: Registry, v: AdapterVersion) -> dict:
+    """The manifest plus name, version, ref, digest, path and the aliases pointing at it."""
+    aliases = sorted(a for a, n in registry.aliases(v.name).items() if n == v.version)
+    return {**v.manifest, "name": v.name, "version": v.version, "ref": v.ref,
+            "digest": v.digest, "path": str(v.path), "aliases": aliases}
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    registry = registry_from(args)
+    latest = registry.list()
+    if args.json:
+        print_json([{**version_json(registry, v), "versions": [x.version for x in registry.versions(v.name)],
+                     "all_aliases": registry.aliases(v.name)} for v in latest])
+    elif not latest:
+        print("no adapters; publish one with `loradock adapters publish DIR --name NAME`")
+    else:
+        rows = []
+        for v in latest:
+            aliases = " ".join(f"{a}->{n}" for a, n in registry.aliases(v.name).items())
+            rows.append((v.name, v.version, len(registry.versions(v.name)), aliases or "-",
+                         v.manifest["base"]["name"] or "?", v.manifest["rank"], v.manifest["created_at"]))
+        print_table(("NAME", "LATEST", "VERSIONS", "ALIASES", "BASE", "RANK", "CREATED"), rows)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    registry = registry_from(args)
+    data = version_json(registry, registry.resolve(args.ref))
+    if args.json:
+        print_json(data)
+        return 0
+    for key in ("ref", "digest", "path", "aliases", "created_at", "base", "peft_type", "rank", "alpha",
+                "target_modules", "use_rslora", "source", "parent", "dataset", "training", "metrics"):
+        print(f"{key:15} {data[key]}")
+    print("files:")
+    print_table(("  FILE", "SIZE", "SHA256"),
+                [(f"  {rel}", e["size"], e["sha256"][:16]) for rel, e in data["files"].items()])
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    registry = registry_from(args)
+    v = registry.publish(args.dir, args.name, base=args.base, aliases=args.alias)
+    if args.json:
+        print_json(version_json(registry, v))
+    else:
+        print(v.ref)
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    v = registry_from(args).tag(args.ref, args.alias)
+    print(f"{v.name}@{args.alias} -> {v.ref}")
+    return 0
+
+
+def cmd_untag(args: argparse.Namespace) -> int:
+    registry_from(args).untag(args.name, args.alias)
+    print(f"removed alias {args.name}@{args.alias}")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    v = registry_from(args).delete(args.ref, force=args.force)
+    print(f"deleted {v.ref}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    results = registry_from(args).verify(args.ref)
+    bad = [r for r in results if not r.ok]
+    if args.json:
+        print_json([{"ref": r.ref, "ok": r.ok, "problems": list(r.problems)} for r in results])
+    else:
+        for r in bad:
+            print(f"{r.ref}: FAILED")
+            for problem in r.problems:
+                print(f"  {problem}")
+        print(f"{len(results) - len(bad)} ok, {len(bad)} failed")
+    return 1 if bad else 0
+
+
+def _show_hub_progress() -> None:
+    """huggingface_hub draws its own tqdm bars; make sure nothing turned them off in-process
+    (HF_HUB_DISABLE_PROGRESS_BARS=1 set by the user still wins)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+
+    if are_progress_bars_disabled():
+        enable_progress_bars()
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    _show_hub_progress()
+    registry = registry_from(args)
+    v = registry.pull(args.repo_id, revision=args.revision, name=args.name, base=args.base)
+    if args.json:
+        print_json(version_json(registry, v))
+    else:
+        print(v.ref)
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    _show_hub_progress()
+    commit = registry_from(args).push(args.ref, args.repo_id, private=not args.public)
+    print(commit)
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    removed = registry_from(args).gc()
+    if args.json:
+        print_json([str(p) for p in removed])
+    else:
+        for p in removed:
+            print(f"removed {p}")
+        print(f"{len(removed)} removed")
+    return 0
