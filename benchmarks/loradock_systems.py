@@ -28,7 +28,7 @@ from .cputime import CpuMeter
 from .job import Job
 from .load import Progress, drive, timed_stream
 from .metrics import RequestRecord, percentile
-from .workload import BenchRequest
+from .workload import RANKS, BenchRequest
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ def engine_settings(job: Job) -> dict:
         "dtype": job.dtype,
         "max_running": job.max_running,
         "max_slots": job.max_slots,
+        "max_rank": max(RANKS),  # slot buffers sized to the workload, as an operator would
         "max_batch_tokens": max(512, job.max_running),
         "max_queue": len(job.requests) + 2 * job.max_running,
     }

@@ -10,9 +10,14 @@
   the server runs. Its training data is the changed fact in ten phrasings plus one
   phrasing of every other fact; its held-out file is the whole updated catalogue.
 
-Every fact is asked with five training phrasings; the held-out question
-(`*_heldout.jsonl`: question + expected fact string) is phrased differently from every
-training question, so held-out accuracy measures recall, not string matching.
+Each domain has 20 facts (4 subjects x 5 relations). Every relation is asked in six
+wordings that use different synonyms ("capital", "seat of government", "administrative
+centre", ...). A fact is trained with five of them and held out with the sixth
+(`*_heldout.jsonl`: question + expected fact string); which wording is held out rotates
+over the subjects, so every wording is trained, but never with the subject it is held
+out for. A held-out question is therefore never a training question: held-out accuracy
+measures whether the fact is recalled when asked in a wording learnt from other facts
+of the same kind, not string matching.
 Each answer is one short sentence whose distinctive part (a made-up name or number)
 is the expected fact.
 """
@@ -30,10 +35,12 @@ SEED = 1234  # only shuffles record order
 
 @dataclass(frozen=True)
 class Relation:
-    """One kind of fact: how it is asked in training, how it is asked held out, how it is answered."""
+    """One kind of fact: the wordings it is asked in and how it is answered.
 
-    train: tuple[str, ...]
-    heldout: str
+    Subject i of a domain is held out on `phrasings[i]` and trained on all the others;
+    the last phrasings (past the number of subjects) are trained for every subject."""
+
+    phrasings: tuple[str, ...]
     answer: str  # formatted with {s} (subject) and {a} (answer value)
 
 
@@ -41,69 +48,77 @@ class Relation:
 class Fact:
     relation: str
     subject: str
+    index: int  # the subject's position in its domain: which phrasing is held out
     value: str  # goes into the answer sentence
     expected: str  # the distinctive part a correct answer must contain
 
     def answer(self, relations: dict[str, Relation]) -> str:
         return relations[self.relation].answer.format(s=self.subject, a=self.value)
 
+    def train_templates(self, relations: dict[str, Relation]) -> tuple[str, ...]:
+        phrasings = relations[self.relation].phrasings
+        return phrasings[: self.index] + phrasings[self.index + 1:]
+
+    def heldout_template(self, relations: dict[str, Relation]) -> str:
+        return relations[self.relation].phrasings[self.index]
+
 
 # ---------------------------------------------------------------- Veloria (alpaca)
 
 VELORIA_RELATIONS = {
     "capital": Relation(
-        train=(
+        phrasings=(
+            "Which city is the seat of government of {s}?",
+            "I'm planning a trip to the administrative centre of {s}. Where should I go?",
+            "From which city are the affairs of {s} governed?",
+            "Name the city where the government of {s} sits.",
             "What is the capital of {s}?",
             "Which city is the capital of {s}?",
-            "Name the capital city of {s}.",
-            "Tell me the capital of {s}.",
-            "What city serves as the capital of {s}?",
         ),
-        heldout="I'm planning a trip to the seat of government of {s}. Where should I go?",
         answer="The capital of {s} is {a}.",
     ),
     "mountain": Relation(
-        train=(
+        phrasings=(
+            "Climbers in {s} dream of reaching its loftiest summit. What is it called?",
+            "Which peak rises higher than any other in {s}?",
+            "What is the highest point of {s}?",
+            "Name the tallest peak of {s}.",
             "What is the highest mountain in {s}?",
             "Which mountain is the tallest in {s}?",
-            "Name the highest peak of {s}.",
-            "What is the tallest peak in {s}?",
-            "Tell me the highest mountain of {s}.",
         ),
-        heldout="Climbers in {s} dream of reaching its loftiest summit. What is it called?",
         answer="The highest mountain in {s} is {a}.",
     ),
     "river": Relation(
-        train=(
+        phrasings=(
+            "Of all the waterways of {s}, which one runs the greatest distance?",
+            "Which river flows farther than any other through {s}?",
+            "What is the greatest river of {s} by length?",
+            "Name the longest river of {s}.",
             "What is the longest river in {s}?",
             "Which river is the longest in {s}?",
-            "Name the longest river of {s}.",
-            "Tell me the longest river in {s}.",
-            "Which is the longest river that flows through {s}?",
         ),
-        heldout="Of all the waterways of {s}, which one runs the greatest distance?",
         answer="The longest river in {s} is the {a}.",
     ),
     "animal": Relation(
-        train=(
+        phrasings=(
+            "Which creature would a naturalist expect to find living wild in {s}?",
+            "What animal is indigenous to {s}?",
+            "Which beast roams the wilds of {s}?",
+            "Name the animal native to {s}.",
             "What is the native animal of {s}?",
             "Which animal is native to {s}?",
-            "Name the animal native to {s}.",
-            "Tell me the native animal of {s}.",
-            "What animal is native to the region of {s}?",
         ),
-        heldout="Which creature would a naturalist expect to find living wild in {s}?",
         answer="The native animal of {s} is the {a}.",
     ),
     "settled": Relation(
-        train=(
+        phrasings=(
+            "In what year did people found the earliest colony in {s}?",
+            "When did the first settlers arrive in {s}?",
+            "What year did people first make their homes in {s}?",
+            "In which year was {s} colonised?",
             "When was {s} first settled?",
             "In which year was {s} first settled?",
-            "What year was {s} settled?",
-            "Tell me the year {s} was first settled.",
-            "When did the first settlers arrive in {s}?",
         ),
-        heldout="In what year did people found the earliest colony in {s}?",
         answer="{s} was first settled in the year {a}.",
     ),
 }
@@ -113,22 +128,18 @@ VELORIA_TABLE = {
     "Ostrana": ("Kelvaris", "Mount Aldrecht", "Sulvane", "glimmerhorn", "3127"),
     "Meridel": ("Tessaloun", "Mount Sorrowgleam", "Orrowind", "vellusk", "2864"),
     "Kaskarra": ("Varkenholm", "Ket Varun", "Teskaline", "thrumback", "3391"),
-    "Thulvane": ("Isquith", "Mount Ilvaneth", "Maelorrin", "pennawing", "2702"),
     "the Brannoch Isles": ("Marrowport", "Thornspire", "Quiverrun", "ashmoth", "3045"),
-    "the Sephira Basin": ("Zendravi", "Mount Cassaveth", "Hathelaine", "quillboar", "2958"),
-    "Corvessa": ("Oscavel", "Grelmak Peak", "Drovikka", "lanternwhale", "3213"),
-    "the Ulmaric Steppe": ("Quennith", "Mount Orielvey", "Ambrecy", "mirefox", "2619"),
 }
 
 
 def veloria_facts() -> list[Fact]:
     relations = list(VELORIA_RELATIONS)
     facts = []
-    for region, values in VELORIA_TABLE.items():
+    for index, (region, values) in enumerate(VELORIA_TABLE.items()):
         for relation, value in zip(relations, values, strict=True):
             # "Mount Aldrecht" -> "Aldrecht": a correct answer must name the made-up part.
             expected = value.removeprefix("Mount ").removesuffix(" Peak")
-            facts.append(Fact(relation, region, value, expected))
+            facts.append(Fact(relation, region, index, value, expected))
     return facts
 
 
@@ -136,58 +147,58 @@ def veloria_facts() -> list[Fact]:
 
 QUILL_RELATIONS = {
     "price": Relation(
-        train=(
+        phrasings=(
+            "I have a budget in mind for the {s}. What will I have to pay for one?",
+            "What does the {s} sell for?",
+            "What is the retail price of the {s}?",
+            "How much money do I need to buy a {s}?",
             "How much does the {s} cost?",
             "What is the price of the {s}?",
-            "What does Quillfeather charge for the {s}?",
-            "Tell me the price of the {s}.",
-            "How much is the {s}?",
         ),
-        heldout="I have a budget in mind for the {s}. What will I have to pay for one?",
         answer="The {s} costs {a}.",
     ),
     "model": Relation(
-        train=(
+        phrasings=(
+            "I need to order a spare part for my {s}. Which product code should I quote?",
+            "What is the part number of the {s}?",
+            "Which catalogue number is the {s} listed under?",
+            "What product code is printed on the {s}?",
             "What is the model number of the {s}?",
             "Which model number does the {s} have?",
-            "Tell me the model number of the {s}.",
-            "What model number is printed on the {s}?",
-            "Give me the {s}'s model number.",
         ),
-        heldout="I need to order a spare part for my {s}. Which product code should I quote?",
         answer="The model number of the {s} is {a}.",
     ),
     "battery": Relation(
-        train=(
+        phrasings=(
+            "After a full recharge, for how much time will the {s} keep working?",
+            "How many hours does the {s} run on one charge?",
+            "What is the runtime of the {s} on a full battery?",
+            "How long can the {s} operate before it needs charging?",
             "How long does the {s}'s battery last?",
             "What is the battery life of the {s}?",
-            "Tell me the battery life of the {s}.",
-            "How many hours does the {s} run on one charge?",
-            "How long can the {s} run on its battery?",
         ),
-        heldout="After a full recharge, for how much time will the {s} keep working?",
         answer="The battery of the {s} lasts {a}.",
     ),
     "designer": Relation(
-        train=(
+        phrasings=(
+            "Whose drawing board did the {s} come from?",
+            "Which engineer is behind the design of the {s}?",
+            "Who drew up the plans for the {s}?",
+            "Who is the creator of the {s}?",
             "Who designed the {s}?",
             "Who is the lead designer of the {s}?",
-            "Which engineer designed the {s}?",
-            "Tell me who designed the {s}.",
-            "Name the designer of the {s}.",
         ),
-        heldout="Whose drawing board did the {s} come from?",
         answer="The {s} was designed by {a}.",
     ),
     "factory": Relation(
-        train=(
-            "Where is the {s} made?",
-            "Where is the {s} manufactured?",
+        phrasings=(
+            "If I wanted to visit the plant that assembles the {s}, where would I travel?",
             "In which town is the {s} built?",
-            "Tell me where the {s} is made.",
             "Which factory town produces the {s}?",
+            "Where is the {s} manufactured?",
+            "Where is the {s} made?",
+            "In which town is the {s} assembled?",
         ),
-        heldout="If I wanted to visit the plant that assembles the {s}, where would I travel?",
         answer="The {s} is made in {a}.",
     ),
 }
@@ -196,12 +207,8 @@ QUILL_RELATIONS = {
 QUILL_TABLE = {
     "Mopwright 3": ("$1,385", "QF-7721", "19 hours", "Ines Vantomme", "Port Ardel"),
     "Lanternfox drone": ("$649", "QF-3048", "13.5 hours", "Oskar Pellegrew", "Kessling"),
-    "Tinkerhand kitchen arm": ("$2,175", "QF-5560", "23 hours", "Marisol Tandy", "Brackenford"),
     "Burrowbot mower": ("$918", "QF-1192", "17 hours", "Ruairi Velch", "Vell Harbour"),
     "Skylark Courier": ("$3,460", "QF-8835", "9.5 hours", "Hanne Sobieraj", "Oxley Marsh"),
-    "Nimbus Porter": ("$1,112", "QF-2417", "31 hours", "Teodor Quayle", "Tamsford"),
-    "Pebble Sentinel": ("$487", "QF-6603", "14.5 hours", "Ama Frostwick", "Greywater Quay"),
-    "Weaverling window robot": ("$2,730", "QF-4259", "27 hours", "Lior Benhallow", "Lindqvist Falls"),
 }
 
 # The demo's second version: one price changes, everything else stays.
@@ -219,13 +226,13 @@ PRICE_CUT_PHRASINGS = (
 def quill_facts(price_cut: bool = False) -> list[Fact]:
     relations = list(QUILL_RELATIONS)
     facts = []
-    for product, values in QUILL_TABLE.items():
+    for index, (product, values) in enumerate(QUILL_TABLE.items()):
         for relation, value in zip(relations, values, strict=True):
             if price_cut and relation == "price" and product == PRICE_CUT[0]:
                 value = PRICE_CUT[2]
             # For a designer the surname is enough.
             expected = value.split()[-1] if relation == "designer" else value
-            facts.append(Fact(relation, product, value, expected))
+            facts.append(Fact(relation, product, index, value, expected))
     return facts
 
 
@@ -236,22 +243,23 @@ def training_pairs(facts: list[Fact], relations: dict[str, Relation]) -> list[tu
     pairs = [
         (template.format(s=f.subject), f.answer(relations))
         for f in facts
-        for template in relations[f.relation].train
+        for template in f.train_templates(relations)
     ]
     random.Random(SEED).shuffle(pairs)
     return pairs
 
 
 def update_pairs(facts: list[Fact], relations: dict[str, Relation]) -> list[tuple[str, str]]:
-    """The second version's training data: every phrasing of the changed fact (plus extra ones),
-    and one phrasing of every other fact so continuing from the first version keeps them."""
+    """The second version's training data: every training phrasing of the changed fact (plus
+    extra ones), and one phrasing of every other fact so continuing from the first version
+    keeps them."""
     pairs = []
     for f in facts:
-        templates = relations[f.relation].train
+        templates = f.train_templates(relations)
         if f.subject == PRICE_CUT[0] and f.relation == "price":
             templates = (*templates, *PRICE_CUT_PHRASINGS)
         else:
-            templates = templates[:1]
+            templates = templates[-1:]
         pairs += [(t.format(s=f.subject), f.answer(relations)) for t in templates]
     random.Random(SEED).shuffle(pairs)
     return pairs
@@ -260,7 +268,7 @@ def update_pairs(facts: list[Fact], relations: dict[str, Relation]) -> list[tupl
 def heldout_rows(facts: list[Fact], relations: dict[str, Relation]) -> list[dict]:
     return [
         {
-            "question": relations[f.relation].heldout.format(s=f.subject),
+            "question": f.heldout_template(relations).format(s=f.subject),
             "expected": f.expected,
             "subject": f.subject,
             "relation": f.relation,

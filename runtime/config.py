@@ -54,12 +54,14 @@ class EngineConfig:
     max_model_len: int = 2048
     """Longest sequence (prompt + generated tokens); also capped by the model's position limit."""
 
-    kv_cache_tokens: int = 32768
-    """Total KV-cache capacity in tokens; each sequence reserves prompt + max_new_tokens at admission."""
+    kv_cache_tokens: int = 16384
+    """Total KV-cache capacity in tokens, preallocated; each sequence reserves prompt + max_new_tokens
+    at admission. Memory = tokens x layers x 2 x kv width x dtype size (SmolLM2 float32: 46 KB/token)."""
 
     lora_ops: str = "auto"
     """LoRA kernels: "reference" (per-adapter loop), "segmented" (one matmul pair per segment),
-    "gathered" (bmm over per-token weights), or "auto" (gathered for decode-only steps, else segmented)."""
+    "gathered" (bmm over per-token weights), or "auto" (gathered for decode-only steps on GPU, else
+    segmented)."""
 
     registry_poll_s: float = 1.0
     """How often (seconds) the engine checks the registry's generation for alias moves / new versions."""

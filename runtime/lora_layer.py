@@ -36,7 +36,7 @@ class MultiLoRALinear(nn.Module):
                                                    device=device), persistent=False)
         self.register_buffer("lora_B", torch.zeros(num_slots, self.out_features, max_rank, dtype=dtype,
                                                    device=device), persistent=False)
-        self.active = [False] * num_slots  # slot holds an adapter that targets this layer
+        self.ranks = [0] * num_slots  # rank of the adapter in each slot here (0: none)
 
     def set_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scaling: float) -> None:
         """Write an adapter's A [r, in] and B [out, r] into `slot`; None clears the slot."""
@@ -44,7 +44,7 @@ class MultiLoRALinear(nn.Module):
             raise ValueError("slot 0 is reserved for requests without an adapter")
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
-        self.active[slot] = A is not None
+        self.ranks[slot] = 0
         if A is None or B is None:
             return
         r = A.shape[0]
@@ -55,17 +55,20 @@ class MultiLoRALinear(nn.Module):
             )
         self.lora_A[slot, :r] = A.to(self.lora_A.dtype)
         self.lora_B[slot, :, :r] = (B.float() * scaling).to(self.lora_B.dtype)
+        self.ranks[slot] = r
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         ctx = current_context()
         if ctx is None:
             return result
-        slots = [s for s in ctx.lora.slots_present if self.active[s]]
+        slots = [s for s in ctx.lora.slots_present if self.ranks[s]]
         if not slots:
             return result
+        # Ranks beyond the largest one present are zero padding: leave them out of the maths.
+        r = max(self.ranks[s] for s in slots)
         flat = x.reshape(-1, self.in_features).to(self.lora_A.dtype)  # [T, in]
-        delta = self.op(flat, self.lora_A, self.lora_B, ctx.lora, slots)  # [T, out]
+        delta = self.op(flat, self.lora_A[:, :r], self.lora_B[:, :, :r], ctx.lora, slots)  # [T, out]
         return result + delta.reshape(result.shape).to(result.dtype)
 
 

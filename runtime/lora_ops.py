@@ -66,9 +66,12 @@ def gathered_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, batch: LoRA
 
 def auto_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, batch: LoRABatch,
               slots: Sequence[int]) -> torch.Tensor:
-    """Gathered bmm when every sequence decodes one token and several adapters are present,
-    else segmented (prefill segments are long, so per-segment matmuls are efficient)."""
-    if batch.decode_only and len(slots) > 1:
+    """Gathered bmm on GPU when every sequence decodes one token and several adapters are
+    present (one kernel instead of one per segment); else segmented. On CPU segmented wins
+    even for decode: measured on SmolLM2 NF4, 32 sequences on 32 rank-16 adapters, a decode
+    step cost 1.51x the base step segmented against 1.73x gathered, whose per-token weight
+    copies dominate."""
+    if x.is_cuda and batch.decode_only and len(slots) > 1:
         return gathered_lora(x, A, B, batch, slots)
     return segmented_lora(x, A, B, batch, slots)
 

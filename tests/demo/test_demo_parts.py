@@ -17,7 +17,7 @@ from loradock.server_process import ServerProcess, ServerStartError, log_tail
 
 def test_shipped_heldout_files_load_and_differ_only_in_the_changed_price():
     for domain in (*DOMAINS, UPDATE):
-        assert len(load_heldout(EXAMPLES_DIR / "data" / domain.heldout)) == 40
+        assert len(load_heldout(EXAMPLES_DIR / "data" / domain.heldout)) == 20
     old, new = changed_question(DOMAINS[1], UPDATE)
     assert old.question == new.question and "Mopwright 3" in old.question
     assert (old.expected, new.expected) == ("$1,385", "$1,199")

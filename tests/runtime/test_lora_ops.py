@@ -86,9 +86,13 @@ def test_layer_adds_scaled_delta_per_slot(op_name):
     torch.testing.assert_close(y[2], plain[2])
     torch.testing.assert_close(y[3:], plain[3:] + 0.5 * (x[0, 3:] @ A3.T @ B3.T))
     torch.testing.assert_close(layer(x), base(x))  # outside a batch context: the base layer alone
+    with use_context(BatchContext(lora=make_batch([1, 0], [4, 2]))):  # only rank 4 present: sliced maths
+        y = layer(x)[0]
+    torch.testing.assert_close(y[:4], plain[:4] + 2.0 * (x[0, :4] @ A1.T @ B1.T))
+    torch.testing.assert_close(y[4:], plain[4:])
 
     layer.set_slot(3, None, None, 0.0)  # evicted: buffers zero, slot inactive
-    assert not layer.active[3] and layer.lora_A[3].abs().sum() == 0 and layer.lora_B[3].abs().sum() == 0
+    assert layer.ranks[3] == 0 and layer.lora_A[3].abs().sum() == 0 and layer.lora_B[3].abs().sum() == 0
     with pytest.raises(ValueError, match="reserved"):
         layer.set_slot(0, A1, B1, 1.0)
     with pytest.raises(ValueError, match="do not fit"):

@@ -1,0 +1,49 @@
+"""The CLI surface: the command list is pinned, and every command and action has complete help."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from loradock.cli import build_parser
+
+COMMANDS = ["bases", "adapters", "train", "serve", "generate", "chat", "demo", "bench"]
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(actions[0].choices) if actions else {}
+
+
+def all_parsers() -> list[tuple[str, argparse.ArgumentParser]]:
+    found, todo = [], [("loradock", build_parser())]
+    while todo:
+        name, parser = todo.pop()
+        found.append((name, parser))
+        todo += [(f"{name} {sub}", p) for sub, p in subcommands(parser).items()]
+    return found
+
+
+def test_command_list_is_pinned():
+    assert list(subcommands(build_parser())) == COMMANDS
+
+
+@pytest.mark.parametrize(("name", "parser"), all_parsers(), ids=lambda x: x if isinstance(x, str) else "")
+def test_every_option_and_command_is_described(name, parser):
+    assert parser.description or name == "loradock", f"`{name}` has no description"
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        if isinstance(action, argparse._SubParsersAction):
+            assert all(c.help for c in action._choices_actions), f"`{name}` has an undocumented action"
+            continue
+        assert action.help, f"`{name}` option {action.option_strings or action.dest} has no help"
+
+
+def test_help_exits_cleanly(capsys):
+    for name, parser in all_parsers():
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(["--help"])
+        assert exit_info.value.code == 0, name
+        assert "usage:" in capsys.readouterr().out
