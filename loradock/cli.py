@@ -11,14 +11,11 @@ import importlib
 import logging
 import sys
 
+from loradock.errors import UserError
 from loradock.registry import RegistryError
 
 # Subcommand modules, in the order `--help` lists them.
 COMMAND_MODULES = ("bases", "adapters", "train", "serve", "generate", "demo", "bench")
-
-
-class UserError(Exception):
-    """A problem with the user's input, printed without a traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,8 +60,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the imported module's main: under `python -m loradock.cli` this file is `__main__`,
-    # and its UserError would not be the `loradock.cli.UserError` that commands raise.
-    from loradock.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

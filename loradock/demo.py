@@ -30,9 +30,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from loradock.bases import DEFAULT_BASE_NAME, import_base
-from loradock.cli import UserError
 from loradock.client import Client, LoradockError
 from loradock.commands.common import print_table
+from loradock.errors import UserError
 from loradock.heldout import HeldOutQuestion, accuracy, answer_matches, load_heldout
 from loradock.registry import BaseInfo, NotFoundError, Registry
 from loradock.registry.version import AdapterVersion

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loradock.cli import UserError
+from loradock.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from loradock.cli import UserError
+from loradock.errors import UserError
 
 log = logging.getLogger(__name__)
 

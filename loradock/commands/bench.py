@@ -7,8 +7,8 @@ import logging
 import os
 from pathlib import Path
 
-from loradock.cli import UserError
 from loradock.commands.common import registry_from
+from loradock.errors import UserError
 
 SYSTEM_HELP = (
     "loradock (engine in-process), loradock-grpc (`loradock serve` + concurrent gRPC clients), "

@@ -6,7 +6,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from loradock.cli import UserError
+from loradock.errors import UserError
 
 DEFAULT_HOME = Path("demo-home")
 # Written into a home the demo created, so a later fresh run may replace it safely.

@@ -10,9 +10,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
-from loradock.cli import UserError
 from loradock.commands.common import print_json
 from loradock.commands.serve import read_token_file
+from loradock.errors import UserError
 from loradock.runtime.types import SamplingParams
 
 ENV_SERVER = "LORADOCK_SERVER"

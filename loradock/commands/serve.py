@@ -11,8 +11,8 @@ import dataclasses
 import re
 from pathlib import Path
 
-from loradock.cli import UserError
 from loradock.commands.common import registry_from
+from loradock.errors import UserError
 from loradock.runtime import config as engine_config
 from loradock.runtime.config import EngineConfig
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from loradock.cli import UserError
 from loradock.commands.common import print_json, registry_from
+from loradock.errors import UserError
 
 DESCRIPTION = """\
 Train a LoRA adapter from a YAML config and a dataset, and publish it as the next

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from loradock.cli import UserError
 from loradock.commands.demo import MARKER, choose_home, fresh_home
 from loradock.demo import DOMAINS, EXAMPLES_DIR, UPDATE, changed_question, interleaved_jobs
+from loradock.errors import UserError
 from loradock.heldout import HeldOutQuestion, accuracy, answer_matches, load_heldout
 from loradock.server_process import ServerProcess, ServerStartError, log_tail
 
