@@ -119,11 +119,13 @@ def measure_cold_load(job: Job, send, adapters: list[int]) -> dict:
     }
 
 
-def measure_decode_step(job: Job, send, adapters: list[int], new_tokens: int = 24) -> dict:
+def measure_decode_step(job: Job, send, adapters: list[int], new_tokens: int = 24, rounds: int = 3) -> dict:
     """Decode-step time with len(adapters) sequences on distinct adapters vs the same batch on the base.
 
     All sequences are submitted together with equal prompt and output lengths, so after the
     first step they decode as one batch; the median time per output token is the step time.
+    The two batches alternate for `rounds` rounds and the ratio is the median of the rounds'
+    ratios, so a noisy neighbour slowing one phase does not decide the result.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -138,14 +140,17 @@ def measure_decode_step(job: Job, send, adapters: list[int], new_tokens: int = 2
             raise RuntimeError(f"decode-step probe failed: {failed[0]}")
         return statistics.median(r.tpot_s for r in records) * 1e3
 
-    with_adapters = step_ms(list(adapters))
-    base_only = step_ms([None] * len(adapters))
+    with_adapters, base_only = [], []
+    for _ in range(rounds):
+        with_adapters.append(step_ms(list(adapters)))
+        base_only.append(step_ms([None] * len(adapters)))
     return {
         "batch": len(adapters),
         "distinct_adapters": len(set(adapters)),
-        "adapters_step_ms": with_adapters,
-        "base_step_ms": base_only,
-        "ratio": with_adapters / base_only,
+        "rounds": rounds,
+        "adapters_step_ms": statistics.median(with_adapters),
+        "base_step_ms": statistics.median(base_only),
+        "ratio": statistics.median(a / b for a, b in zip(with_adapters, base_only, strict=True)),
     }
 
 

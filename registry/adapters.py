@@ -63,7 +63,7 @@ class AdapterStore:
         self.bases = bases
         self.generation = Generation(self.dir / ".generation")
         self._staging_dir = self.dir / ".staging"
-        self._digests = DigestCache()
+        self._digests = DigestCache(self.dir / ".digests")
 
     # ----- paths
 
@@ -247,6 +247,8 @@ class AdapterStore:
                     staged, name, number, spec, weights, link.record(), metadata, upstream_card
                 )
                 self._install(staged, name, number)
+                for rel, entry in version.manifest["files"].items():  # so no later load rehashes them
+                    self._digests.remember(version.path / rel, entry["sha256"])
                 for alias in aliases:
                     self._write_alias(name, alias, number)
                 self.generation.bump()
@@ -327,6 +329,8 @@ class AdapterStore:
             version.path.rename(work / "trash")  # disappears atomically; removed with the work dir
             fsync_dir(version.path.parent)
             self.generation.bump()
+            for rel in version.manifest["files"]:
+                self._digests.forget(version.path / rel)
         log.info("deleted %s", version.ref)
         return version
 
@@ -387,6 +391,7 @@ class AdapterStore:
                 if orphaned and lock.try_remove(lock_path):
                     removed.append(lock_path)
         removed += self._remove_stale_temp_files()
+        removed += self._digests.forget_missing()
         for path in removed:
             log.info("gc removed %s", path)
         return removed

@@ -28,13 +28,30 @@ class SeqSpan:
 
 
 @dataclass(frozen=True)
+class SlotGroups:
+    """The packed tokens laid out as a padded block [slots hi - lo, width, features] for ops that
+    batch over adapters: the tokens of slot s are rows (s - lo) * width + 0, 1, ... of the flat
+    block. `token_rows` [T] long gives each token's row; None when the block is the packed
+    tokens themselves (every slot of the range holds exactly `width` consecutive tokens)."""
+
+    lo: int
+    hi: int
+    width: int
+    token_rows: torch.Tensor | None
+
+    @property
+    def rows(self) -> int:
+        return (self.hi - self.lo) * self.width
+
+
+@dataclass(frozen=True)
 class LoRABatch:
     """Token -> adapter slot bookkeeping for the LoRA layers."""
 
     token_slots: torch.Tensor  # [T] long, on the model's device; 0 = no adapter
     segments: tuple[tuple[int, int, int], ...]  # (start, end, slot) runs over the packed tokens
     slots_present: tuple[int, ...]  # distinct non-zero slots in this batch
-    decode_only: bool  # every sequence contributes exactly one token
+    groups: SlotGroups  # the same tokens as a padded per-slot block
 
 
 @dataclass(frozen=True)

@@ -72,3 +72,32 @@ def sample_indices(cu_lens: Sequence[int], wants_logits: Sequence[bool]) -> list
     cu_lens [num_seqs + 1], wants_logits [num_seqs] -> indices [num_sampling]
     """
     return [cu_lens[i + 1] - 1 for i, wants in enumerate(wants_logits) if wants]
+
+
+def slot_groups(slots: Sequence[int]) -> tuple[int, int, int, list[int] | None]:
+    """Lay the packed tokens out as a padded block of slots lo..hi-1, `width` rows per slot (the
+    most tokens any slot has), for ops that batch over adapters (one bmm instead of one matmul
+    per adapter). Slots in the range without tokens get all-zero rows.
+
+    Returns (lo, hi, width, rows): token t goes to row rows[t] of the flat block; rows is None
+    when the block is exactly the packed tokens in order (e.g. a decode step on distinct slots).
+
+    >>> slot_groups([1, 2, 3])
+    (1, 4, 1, None)
+    >>> slot_groups([0, 0, 2])
+    (0, 3, 2, [0, 1, 4])
+    """
+    if not slots:
+        return 0, 0, 1, None
+    lo, hi = min(slots), max(slots) + 1
+    counts: dict[int, int] = {}
+    for s in slots:
+        counts[s] = counts.get(s, 0) + 1
+    width = max(counts.values())
+    filled: dict[int, int] = {}
+    rows = []
+    for s in slots:
+        rows.append((s - lo) * width + filled.get(s, 0))
+        filled[s] = filled.get(s, 0) + 1
+    in_order = (hi - lo) * width == len(slots) and rows == list(range(len(slots)))
+    return lo, hi, width, None if in_order else rows

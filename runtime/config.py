@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 QUANTIZATIONS = ("nf4", "int8", "none")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-LORA_OPS = ("auto", "reference", "segmented", "gathered")
+LORA_OPS = ("auto", "reference", "segmented", "batched")
 
 
 @dataclass
@@ -59,9 +59,9 @@ class EngineConfig:
     at admission. Memory = tokens x layers x 2 x kv width x dtype size (SmolLM2 float32: 46 KB/token)."""
 
     lora_ops: str = "auto"
-    """LoRA kernels: "reference" (per-adapter loop), "segmented" (one matmul pair per segment),
-    "gathered" (bmm over per-token weights), or "auto" (gathered for decode-only steps on GPU, else
-    segmented)."""
+    """LoRA kernels: "reference" (per-adapter loop), "segmented" (one matmul pair per run of tokens
+    on one adapter), "batched" (two bmm over the batch's slot range, tokens padded per slot), or
+    "auto" (batched when the padding is small, as in decode steps; else segmented)."""
 
     registry_poll_s: float = 1.0
     """How often (seconds) the engine checks the registry's generation for alias moves / new versions."""

@@ -347,9 +347,9 @@ class Engine:
         for name, layer in self.layers.items():
             m = loaded.modules.get(name) if loaded is not None else None
             if m is None:
-                layer.set_slot(slot, None, None, 0.0)
+                layer.set_slot(slot, None, None)
             else:
-                layer.set_slot(slot, m.A.to(self.device), m.B.to(self.device), m.scaling)
+                layer.set_slot(slot, m.shrink.to(self.device), m.expand.to(self.device))
 
     # ---- the loop --------------------------------------------------------------------------
 

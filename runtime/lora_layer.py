@@ -1,9 +1,10 @@
 """`MultiLoRALinear`: a base linear layer (plain, 4-bit or 8-bit) plus stacked LoRA slots.
 
-The layer owns preallocated buffers A [slots, r_max, in] and B [slots, out, r_max];
-slot 0 means "no adapter" and stays zero. Writing an adapter into a slot zero-pads
-its rank to r_max and folds its scaling into B, so every op is a plain
-B @ (A @ x). Which token uses which slot comes from the step's batch context.
+The layer owns preallocated buffers shrink [slots, r_max, in] (PEFT's lora_A, scaling
+folded in) and expand [slots, r_max, out] (lora_B transposed); slot 0 means
+"no adapter" and stays zero. Writing an adapter into a slot zero-pads its rank to
+r_max, so every op is a plain x @ shrink.T @ expand. Which token uses which slot
+comes from the step's batch context.
 """
 
 from __future__ import annotations
@@ -32,29 +33,30 @@ class MultiLoRALinear(nn.Module):
         self.base_layer = base_layer
         self.in_features, self.out_features = linear_shape(base_layer)
         self.op = op
-        self.register_buffer("lora_A", torch.zeros(num_slots, max_rank, self.in_features, dtype=dtype,
-                                                   device=device), persistent=False)
-        self.register_buffer("lora_B", torch.zeros(num_slots, self.out_features, max_rank, dtype=dtype,
-                                                   device=device), persistent=False)
+        self.register_buffer("lora_shrink", torch.zeros(num_slots, max_rank, self.in_features, dtype=dtype,
+                                                        device=device), persistent=False)
+        self.register_buffer("lora_expand", torch.zeros(num_slots, max_rank, self.out_features, dtype=dtype,
+                                                        device=device), persistent=False)
         self.ranks = [0] * num_slots  # rank of the adapter in each slot here (0: none)
 
-    def set_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scaling: float) -> None:
-        """Write an adapter's A [r, in] and B [out, r] into `slot`; None clears the slot."""
+    def set_slot(self, slot: int, shrink: torch.Tensor | None, expand: torch.Tensor | None) -> None:
+        """Write an adapter's shrink [r, in] (scaling * lora_A) and expand [r, out] (lora_B^T)
+        into `slot`; None clears the slot."""
         if slot == 0:
             raise ValueError("slot 0 is reserved for requests without an adapter")
-        self.lora_A[slot].zero_()
-        self.lora_B[slot].zero_()
         self.ranks[slot] = 0
-        if A is None or B is None:
-            return
-        r = A.shape[0]
-        if A.shape != (r, self.in_features) or B.shape != (self.out_features, r):
+        r = 0 if shrink is None or expand is None else shrink.shape[0]
+        if r and (shrink.shape != (r, self.in_features) or expand.shape != (r, self.out_features)):
             raise ValueError(
-                f"LoRA shapes A{tuple(A.shape)} B{tuple(B.shape)} do not fit a "
+                f"LoRA shapes shrink{tuple(shrink.shape)} expand{tuple(expand.shape)} do not fit a "
                 f"{self.in_features}->{self.out_features} layer"
             )
-        self.lora_A[slot, :r] = A.to(self.lora_A.dtype)
-        self.lora_B[slot, :, :r] = (B.float() * scaling).to(self.lora_B.dtype)
+        if r:
+            self.lora_shrink[slot, :r] = shrink
+            self.lora_expand[slot, :r] = expand
+        if r < self.lora_shrink.shape[1]:  # the rank padding (or the whole slot when clearing)
+            self.lora_shrink[slot, r:] = 0
+            self.lora_expand[slot, r:] = 0
         self.ranks[slot] = r
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,8 +69,8 @@ class MultiLoRALinear(nn.Module):
             return result
         # Ranks beyond the largest one present are zero padding: leave them out of the maths.
         r = max(self.ranks[s] for s in slots)
-        flat = x.reshape(-1, self.in_features).to(self.lora_A.dtype)  # [T, in]
-        delta = self.op(flat, self.lora_A[:, :r], self.lora_B[:, :, :r], ctx.lora, slots)  # [T, out]
+        flat = x.reshape(-1, self.in_features).to(self.lora_shrink.dtype)  # [T, in]
+        delta = self.op(flat, self.lora_shrink[:, :r], self.lora_expand[:, :r], ctx.lora, slots)  # [T, out]
         return result + delta.reshape(result.shape).to(result.dtype)
 
 

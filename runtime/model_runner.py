@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from . import batching
-from .batch_context import BatchContext, LoRABatch, SeqSpan, use_context
+from .batch_context import BatchContext, LoRABatch, SeqSpan, SlotGroups, use_context
 from .kv_cache import SequenceKV
 
 
@@ -34,6 +34,18 @@ class StepLogits:
         return None if r is None else self.logits[r]
 
 
+def lora_batch(token_slots: torch.Tensor, device: torch.device) -> LoRABatch:
+    """The LoRA layers' view of a step from its token -> slot map [T]."""
+    slot_list = token_slots.tolist()
+    lo, hi, width, rows = batching.slot_groups(slot_list)
+    return LoRABatch(
+        token_slots=token_slots.to(device),
+        segments=tuple(batching.find_segments(slot_list)),
+        slots_present=tuple(sorted({s for s in slot_list if s != 0})),
+        groups=SlotGroups(lo, hi, width, None if rows is None else torch.tensor(rows, device=device)),
+    )
+
+
 class ModelRunner:
     """Runs the (LoRA-wrapped) model on packed steps. One call = one model forward."""
 
@@ -51,13 +63,7 @@ class ModelRunner:
         positions = batching.position_ids([it.kv.length for it in ordered], chunk_lens)  # [T]
         token_slots = batching.token_slots([it.slot for it in ordered], chunk_lens)  # [T]
         keep = batching.sample_indices(cu_lens, [it.wants_logits for it in ordered])  # [n_sample]
-        slot_list = token_slots.tolist()
-        lora = LoRABatch(
-            token_slots=token_slots.to(self.device),
-            segments=tuple(batching.find_segments(slot_list)),
-            slots_present=tuple(sorted({s for s in slot_list if s != 0})),
-            decode_only=all(n == 1 for n in chunk_lens),
-        )
+        lora = lora_batch(token_slots, self.device)
         spans = tuple(SeqSpan(it.kv, cu_lens[i], cu_lens[i + 1]) for i, it in enumerate(ordered))
         with use_context(BatchContext(lora=lora, seqs=spans)):
             out = self.model(

@@ -57,20 +57,49 @@ def test_missing_and_extra_files(registry: Registry, lora_dir):
     assert result.problems == ("README.md: missing", "notes.txt: not listed in the manifest")
 
 
-def test_resolve_hashes_once_per_file_identity(registry: Registry, lora_dir, monkeypatch):
-    monkeypatch.setattr(digests_module, "RACY_NS", 0)
+def count_hashes(monkeypatch) -> list[Path]:
+    """Record every file the digest cache hashes."""
     calls: list[Path] = []
     real = digests_module.sha256_file
     monkeypatch.setattr(digests_module, "sha256_file", lambda p: calls.append(p) or real(p))
+    return calls
+
+
+def test_resolve_hashes_once_per_file_identity(registry: Registry, lora_dir, monkeypatch):
+    monkeypatch.setattr(digests_module, "RACY_NS", 0)
+    calls = count_hashes(monkeypatch)
     v = registry.publish(lora_dir, "medical")
     registry.resolve("medical")
-    assert len(calls) == 3
-    registry.resolve("medical@1")
-    assert len(calls) == 3  # cached
+    assert calls == []  # publish hashed the files it wrote and remembered them
+    fresh = Registry(registry.root)  # another process: the hashes are on disk too
+    fresh.resolve("medical@1")
+    assert calls == []
     flip_byte(v.path / "adapter_config.json", 5)
     with pytest.raises(DigestMismatchError):
-        registry.resolve("medical")
-    assert len(calls) == 4  # only the changed file was rehashed
+        fresh.resolve("medical")
+    assert [p.name for p in calls] == ["adapter_config.json"]  # only the changed file was rehashed
+    with pytest.raises(DigestMismatchError):  # the changed file's new hash is remembered, not trusted
+        Registry(registry.root).resolve("medical")
+
+
+def test_digest_records_are_only_a_cache(registry: Registry, lora_dir, monkeypatch):
+    monkeypatch.setattr(digests_module, "RACY_NS", 0)
+    v = registry.publish(lora_dir, "medical")
+    store = registry.root / "adapters" / ".digests"
+    records = sorted(store.glob("*.json"))
+    assert len(records) == 3
+    for record in records:  # damaged records: a rehash, never an error
+        record.write_text("{not json")
+    calls = count_hashes(monkeypatch)
+    assert Registry(registry.root).resolve("medical").digest == v.digest
+    assert len(calls) == 3
+    registry.publish(lora_dir, "medical")
+    registry.delete("medical@1")  # drops its records
+    assert len(list(store.glob("*.json"))) == 3  # version 2's
+    registry.delete("medical@2")
+    (store / "stray.json").write_text('{"path": "/nonexistent/file"}')  # e.g. a crash mid-delete
+    assert [p.name for p in registry.gc()] == ["stray.json"]
+    assert list(store.glob("*.json")) == []
 
 
 def run_publishers(root: Path, src: Path, name: str, workers: int, rounds: int, start: Path):

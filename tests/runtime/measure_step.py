@@ -53,7 +53,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--sequences", type=int, default=32)
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--ops", default="auto,segmented,gathered")
+    p.add_argument("--ops", default="auto,segmented,batched")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from loradock.runtime import AdapterUnavailableError, ResolvedAdapter
 from loradock.runtime.adapter_weights import ServedModel, read_adapter
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 SERVED = ServedModel(
     fingerprint="f" * 64,
@@ -42,6 +42,9 @@ def test_rank_and_alpha_patterns_and_rslora(tmp_path):
     assert loaded.modules[q0].scaling == 8 / 4
     assert loaded.modules[v0].scaling == 2 / 4  # alpha_pattern matches the module name suffix
     assert loaded.modules[q1].rank == 2 and loaded.modules[q1].scaling == 8 / 2
+    saved = load_file(path / "adapter_model.safetensors")  # scaling folded into A
+    torch.testing.assert_close(loaded.modules[v0].shrink, 2 / 4 * saved[f"{PREFIX}{v0}.lora_A.weight"])
+    torch.testing.assert_close(loaded.modules[v0].expand, saved[f"{PREFIX}{v0}.lora_B.weight"].T)
     rs = read_adapter(KEY, write_adapter(tmp_path / "rs", {**config, "use_rslora": True}, {q0: 4}), {}, SERVED)
     assert rs.modules[q0].scaling == pytest.approx(8 / math.sqrt(4))
 

@@ -69,3 +69,15 @@ def test_token_slots(seq_slots, lens, want):
 ])
 def test_sample_indices(cu, wants, want):
     assert batching.sample_indices(cu, wants) == want
+
+
+@pytest.mark.parametrize(("slots", "want"), [
+    ([1, 2, 3], (1, 4, 1, None)),  # decode on distinct slots: the packed tokens are the block
+    ([2, 2, 3, 3], (2, 4, 2, None)),
+    ([0, 0, 2], (0, 3, 2, [0, 1, 4])),  # slot 1 has no tokens: its rows stay zero
+    ([5, 5, 5, 6], (5, 7, 3, [0, 1, 2, 3])),  # slot 6 padded to the widest slot
+    ([3, 1, 3], (1, 4, 2, [4, 0, 5])),  # unsorted: rows follow the slot, then arrival
+    ([], (0, 0, 1, None)),
+])
+def test_slot_groups(slots, want):
+    assert batching.slot_groups(slots) == want

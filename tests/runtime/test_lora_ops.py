@@ -9,29 +9,23 @@ from loradock.runtime import batching
 from loradock.runtime.batch_context import BatchContext, LoRABatch, use_context
 from loradock.runtime.lora_layer import MultiLoRALinear
 from loradock.runtime.lora_ops import LORA_OPS, reference_lora
+from loradock.runtime.model_runner import lora_batch
 from torch import nn
 
 
 def make_batch(seq_slots: list[int], chunk_lens: list[int]) -> LoRABatch:
-    token_slots = batching.token_slots(seq_slots, chunk_lens)
-    slot_list = token_slots.tolist()
-    return LoRABatch(
-        token_slots=token_slots,
-        segments=tuple(batching.find_segments(slot_list)),
-        slots_present=tuple(sorted({s for s in slot_list if s})),
-        decode_only=all(n == 1 for n in chunk_lens),
-    )
+    return lora_batch(batching.token_slots(seq_slots, chunk_lens), torch.device("cpu"))
 
 
 def stacked_weights(num_slots: int, ranks: list[int], r_max: int, d_in: int, d_out: int, seed: int):
-    """A [S, r_max, in], B [S, out, r_max] with slot s using ranks[s] (zero-padded), slot 0 zero."""
+    """shrink [S, r_max, in], expand [S, r_max, out] with slot s using ranks[s] (zero-padded), slot 0 zero."""
     g = torch.Generator().manual_seed(seed)
-    A = torch.zeros(num_slots, r_max, d_in)
-    B = torch.zeros(num_slots, d_out, r_max)
+    shrink = torch.zeros(num_slots, r_max, d_in)
+    expand = torch.zeros(num_slots, r_max, d_out)
     for s, r in enumerate(ranks, start=1):
-        A[s, :r] = torch.randn(r, d_in, generator=g)
-        B[s, :, :r] = torch.randn(d_out, r, generator=g)
-    return A, B
+        shrink[s, :r] = torch.randn(r, d_in, generator=g)
+        expand[s, :r] = torch.randn(r, d_out, generator=g)
+    return shrink, expand
 
 
 CASES = [
@@ -41,33 +35,42 @@ CASES = [
     ([2, 0, 2, 3, 1], [1, 4, 1, 1, 9]),
     ([0, 0], [3, 1]),
     ([4], [17]),
+    ([1, 2, 3, 4], [2, 2, 2, 2]),  # the packed tokens are the padded block itself
+    ([1, 3], [1, 1]),  # a slot of the range without tokens
+    ([3, 3, 1], [1, 1, 1]),  # two sequences on one slot, not adjacent
 ]
 
 
-@pytest.mark.parametrize("op_name", ["segmented", "gathered", "auto"])
+@pytest.mark.parametrize("op_name", ["segmented", "batched", "auto"])
 @pytest.mark.parametrize(("seq_slots", "chunk_lens"), CASES)
 @pytest.mark.parametrize(("d_in", "d_out"), [(16, 24), (64, 8)])
 def test_fast_ops_match_reference(op_name, seq_slots, chunk_lens, d_in, d_out):
-    A, B = stacked_weights(5, [4, 8, 16, 2], 16, d_in, d_out, seed=len(seq_slots))
+    shrink, expand = stacked_weights(5, [4, 8, 16, 2], 16, d_in, d_out, seed=len(seq_slots))
     batch = make_batch(seq_slots, chunk_lens)
     x = torch.randn(sum(chunk_lens), d_in, generator=torch.Generator().manual_seed(1))
-    for slots in (batch.slots_present, batch.slots_present[:1]):  # all adapters, or only one targets
-        want = reference_lora(x, A, B, batch, slots)
-        got = LORA_OPS[op_name](x, A, B, batch, slots)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    want = reference_lora(x, shrink, expand, batch, batch.slots_present)
+    got = LORA_OPS[op_name](x, shrink, expand, batch, batch.slots_present)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # A layer that only the first adapter targets: the others' buffers there are zero.
+    only = batch.slots_present[:1]
+    targeted = torch.zeros(shrink.shape[0], 1, 1)
+    targeted[list(only)] = 1
+    shrink, expand = shrink * targeted, expand * targeted
+    want = reference_lora(x, shrink, expand, batch, only)
+    torch.testing.assert_close(LORA_OPS[op_name](x, shrink, expand, batch, only), want, rtol=1e-5, atol=1e-5)
 
 
 def test_reference_is_plain_per_token_math():
-    A, B = stacked_weights(3, [3, 5], 8, 6, 4, seed=0)
+    shrink, expand = stacked_weights(3, [3, 5], 8, 6, 4, seed=0)
     batch = make_batch([2, 0, 1], [2, 1, 2])
     x = torch.randn(5, 6)
-    delta = reference_lora(x, A, B, batch, batch.slots_present)
+    delta = reference_lora(x, shrink, expand, batch, batch.slots_present)
     for t, s in enumerate(batch.token_slots.tolist()):
-        torch.testing.assert_close(delta[t], B[s] @ (A[s] @ x[t]))
+        torch.testing.assert_close(delta[t], expand[s].T @ (shrink[s] @ x[t]))
     assert torch.all(delta[2] == 0), "slot 0 tokens get no delta"
 
 
-@pytest.mark.parametrize("op_name", ["reference", "segmented", "gathered"])
+@pytest.mark.parametrize("op_name", ["reference", "segmented", "batched"])
 def test_layer_adds_scaled_delta_per_slot(op_name):
     base = nn.Linear(12, 10)
     layer = MultiLoRALinear(base, num_slots=4, max_rank=8, dtype=torch.float32, device=torch.device("cpu"),
@@ -75,8 +78,8 @@ def test_layer_adds_scaled_delta_per_slot(op_name):
     g = torch.Generator().manual_seed(0)
     A1, B1 = torch.randn(4, 12, generator=g), torch.randn(10, 4, generator=g)
     A3, B3 = torch.randn(8, 12, generator=g), torch.randn(10, 8, generator=g)
-    layer.set_slot(1, A1, B1, scaling=2.0)
-    layer.set_slot(3, A3, B3, scaling=0.5)
+    layer.set_slot(1, 2.0 * A1, B1.T)
+    layer.set_slot(3, 0.5 * A3, B3.T)
     x = torch.randn(1, 6, 12, generator=g)
     batch = make_batch([1, 0, 3], [2, 1, 3])
     with use_context(BatchContext(lora=batch)):
@@ -91,9 +94,9 @@ def test_layer_adds_scaled_delta_per_slot(op_name):
     torch.testing.assert_close(y[:4], plain[:4] + 2.0 * (x[0, :4] @ A1.T @ B1.T))
     torch.testing.assert_close(y[4:], plain[4:])
 
-    layer.set_slot(3, None, None, 0.0)  # evicted: buffers zero, slot inactive
-    assert layer.ranks[3] == 0 and layer.lora_A[3].abs().sum() == 0 and layer.lora_B[3].abs().sum() == 0
+    layer.set_slot(3, None, None)  # evicted: buffers zero, slot inactive
+    assert layer.ranks[3] == 0 and layer.lora_shrink[3].abs().sum() == 0 and layer.lora_expand[3].abs().sum() == 0
     with pytest.raises(ValueError, match="reserved"):
-        layer.set_slot(0, A1, B1, 1.0)
+        layer.set_slot(0, A1, B1.T)
     with pytest.raises(ValueError, match="do not fit"):
-        layer.set_slot(2, A1[:, :5], B1, 1.0)
+        layer.set_slot(2, A1[:, :5], B1.T)

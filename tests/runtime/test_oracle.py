@@ -101,9 +101,13 @@ def check_against_peft(engine, oracle, names: list[str | None], prompts, atol: f
     assert len(set(outputs.values())) > len(set(names)) // 2, "adapters should change the greedy outputs"
 
 
-@pytest.mark.parametrize("quantize", ["none", "nf4"])
-def test_mixed_batch_matches_peft_tiny(tiny_registry, tiny_base, tiny_adapter_dirs, engine_factory, quantize):
-    engine = engine_factory(tiny_registry, tiny_base.name, run_loop=False, quantize=quantize)
+@pytest.mark.parametrize(("quantize", "ops"), [
+    ("none", "auto"), ("nf4", "auto"),
+    # each op alone, over prefill and decode alike (auto picks per step)
+    ("none", "reference"), ("none", "segmented"), ("none", "batched"),
+])
+def test_mixed_batch_matches_peft_tiny(tiny_registry, tiny_base, tiny_adapter_dirs, engine_factory, quantize, ops):
+    engine = engine_factory(tiny_registry, tiny_base.name, run_loop=False, quantize=quantize, lora_ops=ops)
     oracle = load_peft_oracle(tiny_base.path, tiny_adapter_dirs, quantize)
     names = [s.name for s in SPECS] + [None, None]
     check_against_peft(engine, oracle, names, PROMPTS, ATOL[quantize], new_tokens=6)
