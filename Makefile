@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint demo proto bench bench-full soak clean
+.PHONY: setup test lint demo proto bench bench-sweep bench-full soak clean
 
 setup: $(STAMP)
 
@@ -34,7 +34,13 @@ proto: setup
 bench: setup
 	$(VENV)/bin/loradock bench
 
-# The sweep behind the throughput/latency-vs-adapters plot (several hours on 2 CPU cores).
+# Throughput/latency against the number of adapters, without the slow one-at-a-time baseline
+# and the registry timing (about 25 minutes on 2 CPU cores).
+bench-sweep: setup
+	$(VENV)/bin/loradock bench --name sweep --adapters 1 8 32 128 --requests 32 \
+		--systems loradock peft-static base-only --registry-versions 0
+
+# Every system at every count up to 1000 adapters (several hours on 2 CPU cores).
 bench-full: setup
 	$(VENV)/bin/loradock bench --name full --adapters 1 8 32 128 1000
 

@@ -13,12 +13,13 @@ Layout under `<root>/adapters/` (a name may be `org/name`):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -220,8 +221,10 @@ class AdapterStore:
         base: str | None = None,
         aliases: Iterable[str] = (),
         metadata: dict | None = None,
+        reuse: Callable[[AdapterVersion], bool] | None = None,
     ) -> AdapterVersion:
-        """Store the PEFT adapter in `src_dir` as the next version of `name` and point `aliases` at it."""
+        """Store the PEFT adapter in `src_dir` as the next version of `name` and point `aliases` at it,
+        unless a version of `name` satisfies `reuse` by the time the name's lock is held."""
         validate_name(name)
         aliases = [validate_alias(a) for a in aliases]
         src = Path(src_dir).expanduser()
@@ -241,7 +244,12 @@ class AdapterStore:
             link = link_base(self.bases, base, spec)
             check_fits(src, spec, link)
             weights = file_entries(staged, list(ADAPTER_FILES))  # the slow hashing, outside the lock
-            with lock.held(self._lock_path(name)):
+            with self._publish_locks(name):
+                self._check_namespace(name)  # again: `org` and `org/x` publishing at once share a lock
+                existing = self._reusable(name, reuse)
+                if existing is not None:
+                    log.info("%s already holds this adapter; nothing published", existing.ref)
+                    return existing
                 number = self._next_number(name)
                 version = self._finish_staged(
                     staged, name, number, spec, weights, link.record(), metadata, upstream_card
@@ -254,6 +262,27 @@ class AdapterStore:
                 self.generation.bump()
         log.info("published %s (%s)", version.ref, version.digest[:12])
         return version
+
+    @contextmanager
+    def _publish_locks(self, name: str) -> Iterator[None]:
+        """The name's lock, and for `org/x` first the lock of `org`, so that publishing `org` and
+        `org/x` exclude each other (always taken in this order: no deadlock)."""
+        top = name.split("/")[0]
+        with contextlib.ExitStack() as stack:
+            if top != name:
+                stack.enter_context(lock.held(self._lock_path(top)))
+            stack.enter_context(lock.held(self._lock_path(name)))
+            yield
+
+    def _reusable(self, name: str, reuse: Callable[[AdapterVersion], bool] | None) -> AdapterVersion | None:
+        """The newest version of `name` that `reuse` accepts (call with the name's lock held)."""
+        if reuse is None:
+            return None
+        for number in reversed(self._version_numbers(name)):
+            version = self._load(name, number, verify=False)
+            if reuse(version):
+                return self._load(name, number, verify=True)
+        return None
 
     def _next_number(self, name: str) -> int:
         counter = self._name_dir(name) / "last_version"

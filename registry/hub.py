@@ -61,16 +61,17 @@ class _HubErrors:
         return False
 
 
+def _pulled_from(version: AdapterVersion, repo_id: str, commit: str) -> bool:
+    source = version.manifest["source"]
+    return source.get("kind") == "hub" and source.get("repo") == repo_id and source.get("commit") == commit
+
+
 def _existing_pull(registry: Registry, name: str, repo_id: str, commit: str) -> AdapterVersion | None:
     try:
         versions = registry.versions(name)
     except NotFoundError:
         return None
-    for v in reversed(versions):
-        source = v.manifest["source"]
-        if source.get("kind") == "hub" and source.get("repo") == repo_id and source.get("commit") == commit:
-            return v
-    return None
+    return next((v for v in reversed(versions) if _pulled_from(v, repo_id, commit)), None)
 
 
 def _unsafe_path(name: str) -> bool:
@@ -131,7 +132,9 @@ def pull(
                 cache_dir=work / "hf-cache",
             )
         source = {"kind": "hub", "repo": repo_id, "revision": revision, "commit": commit}
-        return registry.publish(local, name, base=base, metadata={"source": source})
+        # Checked again under the name's lock: another pull of this commit may have won the race.
+        return registry.publish(local, name, base=base, metadata={"source": source},
+                                reuse=lambda v: _pulled_from(v, repo_id, commit))
 
 
 def push(registry: Registry, ref: str, repo_id: str, private: bool = True) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .adapters import AdapterStore
@@ -30,13 +30,17 @@ class Registry:
         base: str | None = None,
         aliases: Iterable[str] = (),
         metadata: dict | None = None,
+        reuse: Callable[[AdapterVersion], bool] | None = None,
     ) -> AdapterVersion:
         """Validate the PEFT LoRA adapter in `src_dir` and store it as the next version of `name`.
 
         `base` names a registry base (default: adapter_config's base_model_name_or_path).
-        `metadata` may set source, training, dataset, metrics and parent.
+        `metadata` may set source, training, dataset, metrics and parent. With `reuse`, an
+        existing version of `name` it accepts (checked under the name's lock, so concurrent
+        publishers agree) is returned instead of publishing a new one.
         """
-        return self.adapters.publish(src_dir, name, base=base, aliases=aliases, metadata=metadata)
+        return self.adapters.publish(src_dir, name, base=base, aliases=aliases, metadata=metadata,
+                                     reuse=reuse)
 
     def resolve(self, ref: str, *, verify: bool = True) -> AdapterVersion:
         """The version `ref` means; its files are checked against the manifest unless verify=False."""

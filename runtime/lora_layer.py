@@ -44,13 +44,13 @@ class MultiLoRALinear(nn.Module):
         into `slot`; None clears the slot."""
         if slot == 0:
             raise ValueError("slot 0 is reserved for requests without an adapter")
-        self.ranks[slot] = 0
         r = 0 if shrink is None or expand is None else shrink.shape[0]
         if r and (shrink.shape != (r, self.in_features) or expand.shape != (r, self.out_features)):
-            raise ValueError(
+            raise ValueError(  # before any write: a refused adapter leaves the slot as it was
                 f"LoRA shapes shrink{tuple(shrink.shape)} expand{tuple(expand.shape)} do not fit a "
                 f"{self.in_features}->{self.out_features} layer"
             )
+        self.ranks[slot] = 0
         if r:
             self.lora_shrink[slot, :r] = shrink
             self.lora_expand[slot, :r] = expand

@@ -67,6 +67,19 @@ def test_pull_pinned_sha_tag_and_noop(registry: Registry, olah, hub_env, lora_di
     assert not list((registry.root / "adapters" / ".staging").iterdir())
 
 
+def test_racing_pulls_of_one_commit_make_one_version(registry: Registry, olah, hub_env, lora_dir, monkeypatch):
+    """Both pulls checked for an existing version before either published (forced here): the
+    check repeated under the name's lock makes the second one return the first one's version."""
+    from loradock.registry import hub
+
+    hub_env(olah.endpoint)
+    commit_files(hub_repo(olah, "acme/race"), adapter_files(lora_dir), "weights")
+    monkeypatch.setattr(hub, "_existing_pull", lambda *args: None)
+    first = registry.pull("acme/race")
+    assert registry.pull("acme/race") == first
+    assert [v.version for v in registry.versions("acme/race")] == [1]
+
+
 def test_pull_into_another_name_with_tag(registry: Registry, olah, hub_env, lora_dir):
     hub_env(olah.endpoint)
     repo = hub_repo(olah, "acme/tagged")

@@ -85,6 +85,21 @@ def test_namespace_and_plain_name_cannot_collide(registry: Registry, lora_dir):
         registry.publish(lora_dir, "medical/x")
 
 
+def test_namespace_collision_is_checked_again_under_the_lock(registry: Registry, lora_dir, monkeypatch):
+    """Two publishers (`acme/legal` and `acme`) that both passed the early check: the second
+    one to take the `acme` lock is refused, and leaves no version behind."""
+    registry.publish(lora_dir, "acme/legal")
+    store = type(registry.adapters)
+    real, calls = store._check_namespace, []
+    # the early check ran before acme/legal existed (skip it); the one under the lock is real
+    monkeypatch.setattr(store, "_check_namespace", lambda self, name: calls.append(name) or (
+        real(self, name) if len(calls) > 1 else None))
+    with pytest.raises(RegistryError, match="namespace"):
+        registry.publish(lora_dir, "acme")
+    assert calls == ["acme", "acme"]
+    assert [v.name for v in registry.list()] == ["acme/legal"]
+
+
 def test_unknown_refs_list_what_exists(registry: Registry, lora_dir):
     with pytest.raises(NotFoundError, match="none yet"):
         registry.resolve("medical")
