@@ -29,15 +29,17 @@ class SeqSpan:
 
 @dataclass(frozen=True)
 class SlotGroups:
-    """The packed tokens laid out as a padded block [slots hi - lo, width, features] for ops that
-    batch over adapters: the tokens of slot s are rows (s - lo) * width + 0, 1, ... of the flat
-    block. `token_rows` [T] long gives each token's row; None when the block is the packed
-    tokens themselves (every slot of the range holds exactly `width` consecutive tokens)."""
+    """`batching.SlotLayout` with its index lists as tensors on the model's device: the blocked
+    tokens as a padded block [slots hi - lo, width, features] (the tokens of slot s are rows
+    (s - lo) * width + 0, 1, ... of the flat block), and the long runs left out of it."""
 
     lo: int
     hi: int
     width: int
-    token_rows: torch.Tensor | None
+    token_rows: torch.Tensor | None  # [blocked] block row of each blocked token; None: in order
+    blocked: torch.Tensor | None  # [blocked] their packed positions; None: every token
+    num_blocked: int
+    long_runs: tuple[tuple[int, int, int], ...]  # (start, end, slot)
 
     @property
     def rows(self) -> int:

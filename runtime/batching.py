@@ -9,6 +9,7 @@ slot before packing, so tokens of one adapter form contiguous segments.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -74,30 +75,55 @@ def sample_indices(cu_lens: Sequence[int], wants_logits: Sequence[bool]) -> list
     return [cu_lens[i + 1] - 1 for i, wants in enumerate(wants_logits) if wants]
 
 
-def slot_groups(slots: Sequence[int]) -> tuple[int, int, int, list[int] | None]:
+# Runs of one slot longer than this (prompt chunks) stay out of the padded block: padding every
+# other slot to a prompt's length would multiply the work. They get a matmul pair each.
+LONG_RUN = 8
+
+
+class SlotLayout(NamedTuple):
+    """Where the packed tokens go for ops that batch over adapters (see `slot_groups`)."""
+
+    lo: int  # the block covers slots lo..hi-1
+    hi: int
+    width: int  # rows per slot in the block
+    rows: list[int] | None  # block row of each blocked token; None: they are the block, in order
+    blocked: list[int] | None  # packed positions of the blocked tokens; None: every token
+    long_runs: list[tuple[int, int, int]]  # (start, end, slot) runs left out of the block
+
+    @property
+    def block_rows(self) -> int:
+        return (self.hi - self.lo) * self.width
+
+
+def slot_groups(slots: Sequence[int], long_run: int = LONG_RUN) -> SlotLayout:
     """Lay the packed tokens out as a padded block of slots lo..hi-1, `width` rows per slot (the
-    most tokens any slot has), for ops that batch over adapters (one bmm instead of one matmul
-    per adapter). Slots in the range without tokens get all-zero rows.
+    most tokens any slot has), so one bmm serves every adapter instead of one matmul per
+    adapter. Slots of the range without tokens get all-zero rows. Runs of one slot longer than
+    `long_run` tokens are left out (`long_runs`) for a matmul pair each.
 
-    Returns (lo, hi, width, rows): token t goes to row rows[t] of the flat block; rows is None
-    when the block is exactly the packed tokens in order (e.g. a decode step on distinct slots).
-
-    >>> slot_groups([1, 2, 3])
-    (1, 4, 1, None)
+    >>> slot_groups([1, 2, 3])  # a decode step on distinct slots: the tokens are the block
+    SlotLayout(lo=1, hi=4, width=1, rows=None, blocked=None, long_runs=[])
     >>> slot_groups([0, 0, 2])
-    (0, 3, 2, [0, 1, 4])
+    SlotLayout(lo=0, hi=3, width=2, rows=[0, 1, 4], blocked=None, long_runs=[])
+    >>> slot_groups([1, 2, 2, 2, 3], long_run=2)  # a prompt chunk on slot 2 among decodes
+    SlotLayout(lo=1, hi=4, width=1, rows=[0, 2], blocked=[0, 4], long_runs=[(1, 4, 2)])
     """
-    if not slots:
-        return 0, 0, 1, None
-    lo, hi = min(slots), max(slots) + 1
+    long_runs = [run for run in find_segments(slots) if run[1] - run[0] > long_run]
+    in_long = {t for start, end, _ in long_runs for t in range(start, end)}
+    blocked = [t for t in range(len(slots)) if t not in in_long]
+    if not blocked:
+        return SlotLayout(0, 0, 1, None, [] if long_runs else None, long_runs)
+    blocked_slots = [slots[t] for t in blocked]
+    lo, hi = min(blocked_slots), max(blocked_slots) + 1
     counts: dict[int, int] = {}
-    for s in slots:
+    for s in blocked_slots:
         counts[s] = counts.get(s, 0) + 1
     width = max(counts.values())
     filled: dict[int, int] = {}
     rows = []
-    for s in slots:
+    for s in blocked_slots:
         rows.append((s - lo) * width + filled.get(s, 0))
         filled[s] = filled.get(s, 0) + 1
-    in_order = (hi - lo) * width == len(slots) and rows == list(range(len(slots)))
-    return lo, hi, width, None if in_order else rows
+    in_order = (hi - lo) * width == len(rows) and rows == list(range(len(rows)))
+    return SlotLayout(lo, hi, width, None if in_order else rows,
+                      None if not long_runs else blocked, long_runs)

@@ -60,8 +60,9 @@ class EngineConfig:
 
     lora_ops: str = "auto"
     """LoRA kernels: "reference" (per-adapter loop), "segmented" (one matmul pair per run of tokens
-    on one adapter), "batched" (two bmm over the batch's slot range, tokens padded per slot), or
-    "auto" (batched when the padding is small, as in decode steps; else segmented)."""
+    on one adapter), "batched" (two bmm over the batch's slot range for decode tokens, padded per
+    slot; prompt chunks a matmul pair each), or "auto" (batched when the padding is small, else
+    segmented)."""
 
     registry_poll_s: float = 1.0
     """How often (seconds) the engine checks the registry's generation for alias moves / new versions."""

@@ -23,7 +23,7 @@ from typing import Protocol
 
 import torch
 
-from .batch_context import LoRABatch
+from .batch_context import LoRABatch, SlotGroups
 
 
 class LoRAOp(Protocol):
@@ -43,6 +43,11 @@ def reference_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, 
     return delta
 
 
+def _run_delta(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor) -> torch.Tensor:
+    """One adapter's delta for its tokens: x [n, in], shrink [r, in], expand [r, out] -> [n, out]."""
+    return torch.mm(torch.mm(x, shrink.T), expand)
+
+
 def segmented_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, batch: LoRABatch,
                    slots: Sequence[int]) -> torch.Tensor:
     """One matmul pair per contiguous run of equal slots (tokens are packed slot by slot)."""
@@ -50,21 +55,17 @@ def segmented_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, 
     parts = []
     for start, end, s in batch.segments:
         if s in wanted:
-            parts.append(torch.mm(torch.mm(x[start:end], shrink[s].T), expand[s]))
+            parts.append(_run_delta(x[start:end], shrink[s], expand[s]))
         else:
             parts.append(x.new_zeros(end - start, expand.shape[2]))
     return torch.cat(parts)
 
 
-def batched_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, batch: LoRABatch,
-                 slots: Sequence[int]) -> torch.Tensor:
-    """Two bmm over the slot range of the batch: tokens are placed in a padded block
-    [slots, width, in] (`batch.groups`), so each slot's weights are read once, in place (no
-    per-token weight copies) and with two kernel calls per layer instead of two per adapter.
-    Best when the block has little padding: a decode step, or one adapter's prefill."""
-    g = batch.groups
+def _block_delta(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, g: SlotGroups) -> torch.Tensor:
+    """The blocked tokens' deltas: x [blocked, in] -> [blocked, out], through two bmm over the
+    slot range g.lo..g.hi-1 (each slot's weights read once, in place)."""
     n = g.hi - g.lo
-    if g.token_rows is None:  # the packed tokens already are the block
+    if g.token_rows is None:  # the tokens already are the block
         block = x.reshape(n, g.width, x.shape[1])
     else:
         block = x.new_zeros(g.rows, x.shape[1]).index_copy_(0, g.token_rows, x).view(n, g.width, -1)
@@ -73,15 +74,33 @@ def batched_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, ba
     return y if g.token_rows is None else y.index_select(0, g.token_rows)
 
 
+def batched_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, batch: LoRABatch,
+                 slots: Sequence[int]) -> torch.Tensor:
+    """Short runs of tokens (decode steps) go into one padded block [slots, width, in] for two
+    bmm calls per layer instead of two matmuls per adapter, with no per-token weight copies;
+    long runs (prompt chunks, `batch.groups.long_runs`) get a matmul pair each."""
+    g = batch.groups
+    if not g.long_runs:
+        return _block_delta(x, shrink, expand, g)
+    delta = x.new_zeros(x.shape[0], expand.shape[2])
+    if g.num_blocked:
+        delta.index_copy_(0, g.blocked, _block_delta(x.index_select(0, g.blocked), shrink, expand, g))
+    wanted = set(slots)
+    for start, end, s in g.long_runs:
+        if s in wanted:
+            delta[start:end] = _run_delta(x[start:end], shrink[s], expand[s])
+    return delta
+
+
 def auto_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, batch: LoRABatch,
               slots: Sequence[int]) -> torch.Tensor:
-    """Batched when its padded block is at most twice the tokens and half its slot range is in
-    use (a decode step, a single adapter's prefill), else segmented (mixed prefill chunks, where
-    padding every slot to the longest chunk would multiply the work). On SmolLM2 NF4, 32 decode
-    sequences on 32 rank-16 adapters, a step's LoRA ops took 104 ms batched against 142 ms
-    segmented (one thread; see docs/architecture.md)."""
+    """Batched when its block holds several tokens and is at most half padding (decode tokens,
+    also next to prompt chunks), else segmented (e.g. prompt chunks alone, or two adapters at
+    opposite ends of the slot range). On SmolLM2 NF4, 32 decode sequences on 32 rank-16
+    adapters, a step's LoRA ops took 74-104 ms batched against 142 ms for the leanest
+    segmented loop (one thread; see docs/architecture.md)."""
     g = batch.groups
-    if g.rows <= 2 * x.shape[0] and g.hi - g.lo <= 2 * max(1, len(batch.slots_present)):
+    if g.num_blocked > 1 and g.rows <= 2 * g.num_blocked:
         return batched_lora(x, shrink, expand, batch, slots)
     return segmented_lora(x, shrink, expand, batch, slots)
 

@@ -37,12 +37,19 @@ class StepLogits:
 def lora_batch(token_slots: torch.Tensor, device: torch.device) -> LoRABatch:
     """The LoRA layers' view of a step from its token -> slot map [T]."""
     slot_list = token_slots.tolist()
-    lo, hi, width, rows = batching.slot_groups(slot_list)
+    layout = batching.slot_groups(slot_list)
+
+    def as_tensor(index: list[int] | None) -> torch.Tensor | None:
+        return None if index is None else torch.tensor(index, dtype=torch.long, device=device)
+
     return LoRABatch(
         token_slots=token_slots.to(device),
         segments=tuple(batching.find_segments(slot_list)),
         slots_present=tuple(sorted({s for s in slot_list if s != 0})),
-        groups=SlotGroups(lo, hi, width, None if rows is None else torch.tensor(rows, device=device)),
+        groups=SlotGroups(
+            layout.lo, layout.hi, layout.width, as_tensor(layout.rows), as_tensor(layout.blocked),
+            len(slot_list) if layout.blocked is None else len(layout.blocked), tuple(layout.long_runs),
+        ),
     )
 
 

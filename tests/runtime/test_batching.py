@@ -72,12 +72,14 @@ def test_sample_indices(cu, wants, want):
 
 
 @pytest.mark.parametrize(("slots", "want"), [
-    ([1, 2, 3], (1, 4, 1, None)),  # decode on distinct slots: the packed tokens are the block
-    ([2, 2, 3, 3], (2, 4, 2, None)),
-    ([0, 0, 2], (0, 3, 2, [0, 1, 4])),  # slot 1 has no tokens: its rows stay zero
-    ([5, 5, 5, 6], (5, 7, 3, [0, 1, 2, 3])),  # slot 6 padded to the widest slot
-    ([3, 1, 3], (1, 4, 2, [4, 0, 5])),  # unsorted: rows follow the slot, then arrival
-    ([], (0, 0, 1, None)),
+    ([1, 2, 3], (1, 4, 1, None, None, [])),  # decode on distinct slots: the tokens are the block
+    ([2, 2, 3, 3], (2, 4, 2, None, None, [])),
+    ([0, 0, 2], (0, 3, 2, [0, 1, 4], None, [])),  # slot 1 has no tokens: its rows stay zero
+    ([5, 5, 5, 6], (5, 7, 3, [0, 1, 2, 3], None, [])),  # slot 6 padded to the widest slot
+    ([3, 1, 3], (1, 4, 2, [4, 0, 5], None, [])),  # unsorted: rows follow the slot, then arrival
+    ([1] + [2] * 9 + [3], (1, 4, 1, [0, 2], [0, 10], [(1, 10, 2)])),  # a prompt chunk among decodes
+    ([4] * 9, (0, 0, 1, None, [], [(0, 9, 4)])),  # a prompt chunk alone: nothing blocked
+    ([], (0, 0, 1, None, None, [])),
 ])
 def test_slot_groups(slots, want):
-    assert batching.slot_groups(slots) == want
+    assert tuple(batching.slot_groups(slots)) == want

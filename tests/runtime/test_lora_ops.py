@@ -37,6 +37,8 @@ CASES = [
     ([4], [17]),
     ([1, 2, 3, 4], [2, 2, 2, 2]),  # the packed tokens are the padded block itself
     ([1, 3], [1, 1]),  # a slot of the range without tokens
+    ([1, 2, 3, 0], [1, 12, 1, 9]),  # prompt chunks (long runs) among decode tokens
+    ([2, 2, 1], [1, 10, 1]),  # a decode token and a prompt chunk on one slot: one long run
     ([3, 3, 1], [1, 1, 1]),  # two sequences on one slot, not adjacent
 ]
 
