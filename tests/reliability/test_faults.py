@@ -216,7 +216,9 @@ def test_sigkill_then_restart_on_the_same_registry(own_home: Path, tmp_path: Pat
 
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(own_home: Path, tmp_path: Path, spawned, figures):
     server = spawned(own_home, tmp_path / "serve.log")
-    total, refs = 300, ["one", "two", "two@1", ""]
+    # Long enough that the streams are still generating while the late calls arrive (the tiny
+    # base decodes 4 sequences at a few ms per step; unread tokens wait in grpc's buffers).
+    total, refs = 800, ["one", "two", "two@1", ""]
     clients = [Client(server.address, timeout=120) for _ in refs]
     streams = [c.stream(PROMPT, adapter=ref, max_new_tokens=total, ignore_eos=True)
                for c, ref in zip(clients, refs, strict=True)]
