@@ -87,7 +87,8 @@ def run_engine(job: Job, progress: Progress, extra: dict) -> list[RequestRecord]
             records = drive(job.requests, job.clients, send, progress)
         extra["workload_cpu_s"] = cpu.seconds
         if job.probes.get("step_adapters"):
-            extra["decode_step"] = measure_decode_step(job, send, job.probes["step_adapters"])
+            extra["decode_step"] = measure_decode_step(job, send, job.probes["step_adapters"],
+                                                       rounds=job.probes.get("step_rounds", 3))
         if job.probes.get("alias_adapter") is not None:
             extra["alias_move"] = measure_alias_move(job, engine, job.probes["alias_adapter"])
     finally:

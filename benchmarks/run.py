@@ -62,6 +62,7 @@ class BenchConfig:
     cold_samples: int = 5
     registry_versions: int = 10_000
     registry_names: int = 100
+    step_rounds: int = 3  # alternated adapter/base rounds of the decode-step probe
     threads: int = 1  # torch threads per system (see thread_env)
     headline_adapters: int = 32  # the N the flat summary and the targets refer to
 
@@ -71,7 +72,7 @@ class BenchConfig:
             raise ValueError(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
         if not self.adapters or min(self.adapters) < 1:
             raise ValueError("--adapters needs one or more counts >= 1")
-        for label in ("requests", "clients", "max_running", "cold_samples", "threads"):
+        for label in ("requests", "clients", "max_running", "cold_samples", "threads", "step_rounds"):
             if getattr(self, label) < (0 if label == "cold_samples" else 1):
                 raise ValueError(f"{label} must be positive, got {getattr(self, label)}")
         if self.registry_versions < 0:
@@ -174,6 +175,7 @@ class Runner:
         probes = {
             "cold_adapters": list(range(n, n + len(self.cold))) if headline else [],
             "step_adapters": [i % n for i in range(c.max_running)],  # distinct while n >= max_running
+            "step_rounds": c.step_rounds,
             "alias_adapter": n + len(self.cold) if headline else None,
         }
         return Job(system=system, home=str(self.bench.root), base=self.base.name,
@@ -281,6 +283,6 @@ def quick_config(**overrides) -> BenchConfig:
     """Small counts for a CI-level smoke run (under 3 minutes on 2 CPU cores)."""
     settings = dict(name="quick", adapters=[8], requests=8, clients=8, max_running=8,
                     prompt_len=(16, 48), output_len=(8, 16), cold_samples=2,
-                    registry_versions=100, registry_names=10, headline_adapters=8)
+                    registry_versions=100, registry_names=10, headline_adapters=8, step_rounds=1)
     settings.update(overrides)
     return BenchConfig(**settings)

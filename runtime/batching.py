@@ -90,10 +90,6 @@ class SlotLayout(NamedTuple):
     blocked: list[int] | None  # packed positions of the blocked tokens; None: every token
     long_runs: list[tuple[int, int, int]]  # (start, end, slot) runs left out of the block
 
-    @property
-    def block_rows(self) -> int:
-        return (self.hi - self.lo) * self.width
-
 
 def slot_groups(slots: Sequence[int], long_run: int = LONG_RUN) -> SlotLayout:
     """Lay the packed tokens out as a padded block of slots lo..hi-1, `width` rows per slot (the

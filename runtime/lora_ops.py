@@ -6,14 +6,14 @@ transposed; slot 0 all zeros):
 
     delta[t] = x[t] @ shrink[slot[t]].T @ expand[slot[t]]          # [T, out]
 
-(expand is stored transposed because the bmm of the decode step runs about 20% faster
-with its right operand row-major; for shrink the layout makes no measurable difference.)
-
 for tokens whose slot is in `slots`; the others get zeros (a slot is left out of
 `slots` only when its buffers for this layer are zero anyway). In plain torch that
 is the reference op below: PEFT's mixed-batch forward, one masked matmul pair per
 adapter present. The faster ops must return the same values (up to float rounding);
 tests compare them.
+
+expand is stored transposed because the decode step's bmm runs about 20% faster with
+a row-major right operand; for shrink the layout made no measurable difference.
 """
 
 from __future__ import annotations

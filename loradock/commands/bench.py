@@ -34,13 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "base's linear layers as bare matmuls at the same batch size and dtype), adapter cold-load "
         "latency, the decode step with distinct adapters vs the base alone, alias move -> first "
         "request on the new version, and registry publish/list/resolve at --registry-versions "
-        "versions. Writes RESULTS/<name>.json, .md and .png. On 2 CPU cores the default run takes "
-        "about an hour; --quick is meant to take about 3 minutes (7.5 measured on a busy shared "
-        "machine: most of it is six processes loading torch and quantizing the base).",
+        "versions. Writes RESULTS/<name>.json, .md and .png. On 2 quiet CPU cores the default run "
+        "took 19 minutes and --quick about 3 (7.5 on a busy shared machine: most of it is six "
+        "processes loading torch and quantizing the base).",
     )
     parser.add_argument("--quick", action="store_true",
                         help="CI smoke run: 8 adapters, 8 requests, batch 8, prompts 16-48 and outputs 8-16 "
-                        "tokens, 100 registry versions (other flags still override)")
+                        "tokens, 100 registry versions, one decode-step round (other flags still override)")
     parser.add_argument("--name", help="results file name (default: 'latest', or 'quick' with --quick)")
     parser.add_argument("--json", type=Path, metavar="PATH",
                         help="also write a flat summary (tokens_per_s per system, ratios, cold load, "
