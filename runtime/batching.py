@@ -91,20 +91,22 @@ class SlotLayout(NamedTuple):
     long_runs: list[tuple[int, int, int]]  # (start, end, slot) runs left out of the block
 
 
-def slot_groups(slots: Sequence[int], long_run: int = LONG_RUN) -> SlotLayout:
+def slot_groups(slots: Sequence[int], runs: Sequence[tuple[int, int, int]], long_run: int = LONG_RUN) -> SlotLayout:
     """Lay the packed tokens out as a padded block of slots lo..hi-1, `width` rows per slot (the
     most tokens any slot has), so one bmm serves every adapter instead of one matmul per
-    adapter. Slots of the range without tokens get all-zero rows. Runs of one slot longer than
-    `long_run` tokens are left out (`long_runs`) for a matmul pair each.
+    adapter. Slots of the range without tokens get all-zero rows. Of `runs` (the step's
+    `find_segments(slots)`), those longer than `long_run` tokens are left out (`long_runs`) for
+    a matmul pair each.
 
-    >>> slot_groups([1, 2, 3])  # a decode step on distinct slots: the tokens are the block
+    >>> def layout(slots, **kw): return slot_groups(slots, find_segments(slots), **kw)
+    >>> layout([1, 2, 3])  # a decode step on distinct slots: the tokens are the block
     SlotLayout(lo=1, hi=4, width=1, rows=None, blocked=None, long_runs=[])
-    >>> slot_groups([0, 0, 2])
+    >>> layout([0, 0, 2])
     SlotLayout(lo=0, hi=3, width=2, rows=[0, 1, 4], blocked=None, long_runs=[])
-    >>> slot_groups([1, 2, 2, 2, 3], long_run=2)  # a prompt chunk on slot 2 among decodes
+    >>> layout([1, 2, 2, 2, 3], long_run=2)  # a prompt chunk on slot 2 among decodes
     SlotLayout(lo=1, hi=4, width=1, rows=[0, 2], blocked=[0, 4], long_runs=[(1, 4, 2)])
     """
-    long_runs = [run for run in find_segments(slots) if run[1] - run[0] > long_run]
+    long_runs = [run for run in runs if run[1] - run[0] > long_run]
     in_long = {t for start, end, _ in long_runs for t in range(start, end)}
     blocked = [t for t in range(len(slots)) if t not in in_long]
     if not blocked:

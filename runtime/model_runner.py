@@ -37,14 +37,15 @@ class StepLogits:
 def lora_batch(token_slots: torch.Tensor, device: torch.device) -> LoRABatch:
     """The LoRA layers' view of a step from its token -> slot map [T]."""
     slot_list = token_slots.tolist()
-    layout = batching.slot_groups(slot_list)
+    segments = batching.find_segments(slot_list)
+    layout = batching.slot_groups(slot_list, segments)
 
     def as_tensor(index: list[int] | None) -> torch.Tensor | None:
         return None if index is None else torch.tensor(index, dtype=torch.long, device=device)
 
     return LoRABatch(
         token_slots=token_slots.to(device),
-        segments=tuple(batching.find_segments(slot_list)),
+        segments=tuple(segments),
         slots_present=tuple(sorted({s for s in slot_list if s != 0})),
         groups=SlotGroups(
             layout.lo, layout.hi, layout.width, as_tensor(layout.rows), as_tensor(layout.blocked),

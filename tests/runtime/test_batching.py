@@ -82,4 +82,4 @@ def test_sample_indices(cu, wants, want):
     ([], (0, 0, 1, None, None, [])),
 ])
 def test_slot_groups(slots, want):
-    assert tuple(batching.slot_groups(slots)) == want
+    assert tuple(batching.slot_groups(slots, batching.find_segments(slots))) == want
