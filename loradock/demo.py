@@ -11,7 +11,8 @@ Steps (each prints its timing):
   3. start `loradock serve` in a child process, wait for health SERVING
   4. interleaved concurrent requests for both domains and the base, side by side
   5. held-out accuracy per domain, base vs adapter
-  6. train a second version, move `prod` with registry.tag, see it served (same PID)
+  6. train a second version, move `prod` with registry.tag, see it served by the same
+     server process (its pid and start time, as GetInfo reports them)
   7. stop the server with SIGTERM, print where everything is
 """
 
@@ -96,7 +97,8 @@ QUICK = Settings(
 RUN_ONLY_KEYS = frozenset({
     "output_dir", "overwrite_output_dir", "logging_steps", "save_steps", "eval_steps",
     "resume_from_checkpoint", "aliases", "publish", "device", "dataset_dir",
-    "per_device_eval_batch_size",
+    "per_device_eval_batch_size", "plot_loss", "report_to", "save_only_model", "ddp_timeout",
+    "dataloader_num_workers", "preprocessing_num_workers", "overwrite_cache", "trust_remote_code",
 })
 
 
@@ -133,8 +135,12 @@ class AliasMove:
     served_after: str
     seconds_until_served: float
     requests_until_served: int
+    server_pid: int  # the child the demo started
+    # The server's own answers (GetInfo) before and after the move: pid and start time.
     pid_before: int
     pid_after: int
+    start_time_before: float
+    start_time_after: float
     server_alive: bool
     answer_before: str
     answer_after: str
@@ -142,8 +148,10 @@ class AliasMove:
 
     @property
     def served_without_restart(self) -> bool:
-        return (self.served_after == self.after and self.pid_before == self.pid_after
-                and self.server_alive)
+        """The new version answered, from the process the demo started, not restarted since."""
+        return (self.served_after == self.after and self.server_alive
+                and self.pid_before == self.pid_after == self.server_pid
+                and self.start_time_before == self.start_time_after)
 
 
 @dataclass
@@ -371,7 +379,7 @@ def move_alias_live(client: Client, registry: Registry, server: ServerProcess, b
     """Step 6: publish a second version while the server runs, move the alias, watch it switch."""
     old_q, new_q = changed_question(DOMAINS[1], UPDATE)
     ref = f"{UPDATE.adapter}@{ALIAS}"
-    pid_before = server.pid
+    info_before = client.info()
     before = ask(client, UPDATE.adapter, old_q, ref, settings.max_new_tokens)
     print(f"      {ref} is {before.served}: {old_q.question!r}\n"
           f"        -> {before.text!r} (expected {old_q.expected}: {mark(before.correct)})")
@@ -391,16 +399,22 @@ def move_alias_live(client: Client, registry: Registry, server: ServerProcess, b
         if after.served == version.ref or waited > settings.switch_timeout_s:
             break
         time.sleep(0.2)
+    info_after = client.info()
     move = AliasMove(
         adapter=UPDATE.adapter, before=before.served, after=version.ref, served_after=after.served,
         seconds_until_served=round(waited, 2), requests_until_served=requests,
-        pid_before=pid_before, pid_after=server.pid, server_alive=server.alive(),
+        server_pid=server.pid, pid_before=info_before.pid, pid_after=info_after.pid,
+        start_time_before=info_before.start_time, start_time_after=info_after.start_time,
+        server_alive=server.alive(),
         answer_before=before.text, answer_after=after.text, expected_after=new_q.expected,
     )
     print(f"      request {requests} after the move (answered {waited:.1f} s after the tag) was served by {after.served}:\n"
           f"        -> {after.text!r} (expected {new_q.expected}: {mark(after.correct)})")
-    print(f"      server pid {move.pid_before} before, {move.pid_after} after, alive: "
-          f"{mark(move.server_alive)} -> served without restart: {mark(move.served_without_restart)}")
+    started = [datetime.fromtimestamp(t).strftime("%H:%M:%S.%f")[:-3]
+               for t in (move.start_time_before, move.start_time_after)]
+    print(f"      GetInfo: server pid {move.pid_before} before, {move.pid_after} after (started "
+          f"{started[0]}, {started[1]}); alive: {mark(move.server_alive)} "
+          f"-> served without restart: {mark(move.served_without_restart)}")
     return move
 
 

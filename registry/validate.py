@@ -108,15 +108,24 @@ def _config_problems(config: dict) -> list[str]:
         problems.append("DoRA adapters (use_dora) are not supported")
     if config.get("modules_to_save"):
         problems.append(f"modules_to_save ({config['modules_to_save']}) is not supported: only LoRA A/B weights are served")
-    patterns = [targets] if isinstance(targets, str) else []
+    # the runtime refuses these too: what the registry stores must be servable
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        problems.append("adapters with trained biases are not supported (bias must be 'none')")
+    if config.get("fan_in_fan_out"):
+        problems.append("fan_in_fan_out=true is not supported (Linear layers only)")
+    patterns = {targets: targets} if isinstance(targets, str) else {}  # shown -> as matched
     for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
+        table = config.get(key) or {}
+        if not isinstance(table, dict):
             problems.append(f"{key} must be an object")
-        else:
-            patterns += list(config.get(key) or {})
-    for pattern in patterns:
+            continue
+        patterns.update({k: rf"(.*\.)?({k})$" for k in table})  # as _pattern_value matches keys
+        if key == "alpha_pattern" and not all(isinstance(v, int | float) and not isinstance(v, bool)
+                                              for v in table.values()):
+            problems.append("alpha_pattern values must be numbers")
+    for pattern, matched in patterns.items():
         try:
-            re.compile(pattern)
+            re.compile(matched)
         except re.error as e:
             problems.append(f"{pattern!r} is not a valid regular expression ({e})")
     return problems

@@ -72,8 +72,28 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def _config_problems(config: dict) -> list[str]:
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _config_problems(config: object) -> list[str]:
+    if not isinstance(config, dict):
+        return [f"{CONFIG_FILE} is not a JSON object"]
     problems = []
+    if not _is_number(config.get("lora_alpha", 8)):
+        problems.append(f"lora_alpha must be a number, got {config['lora_alpha']!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            problems.append(f"{key} must be an object, got {patterns!r}")
+            continue
+        for pattern, value in patterns.items():
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")  # as _pattern_value uses it
+            except re.error as e:
+                problems.append(f"{key} key {pattern!r} is not a valid regular expression ({e})")
+            if key == "alpha_pattern" and not _is_number(value):
+                problems.append(f"alpha_pattern value for {pattern!r} must be a number, got {value!r}")
     if config.get("peft_type", "LORA") != "LORA":
         problems.append(f"peft_type {config.get('peft_type')!r} is not served (only LORA)")
     if config.get("use_dora"):
@@ -96,7 +116,7 @@ def read_adapter(adapter: ResolvedAdapter, version_dir: Path, manifest: dict, se
     if base_fp and base_fp != served.fingerprint:
         base_name = (manifest.get("base") or {}).get("name", "?")
         raise AdapterUnavailableError(
-            f"{where} was trained for base {base_name!r} (fingerprint {base_fp[:12]}), "
+            f"{where} was trained for base {base_name!r} (fingerprint {str(base_fp)[:12]}), "
             f"but this engine serves fingerprint {served.fingerprint[:12]}"
         )
     try:

@@ -7,6 +7,7 @@ import dataclasses
 import time
 from importlib import metadata
 
+import psutil
 from loradock.registry import Registry
 from loradock.runtime.server.views import AdapterVersionView, AdapterView, LoadResult, ServerInfo
 
@@ -75,4 +76,7 @@ def loradock_version() -> str:
 
 def server_info(engine) -> ServerInfo:
     info = engine.info()
-    return ServerInfo(**dataclasses.asdict(info), loradock_version=loradock_version())
+    # From the process table, not a value recorded at start: a restarted server cannot repeat it.
+    process = psutil.Process()
+    return ServerInfo(**dataclasses.asdict(info), loradock_version=loradock_version(),
+                      pid=process.pid, start_time=process.create_time())

@@ -41,6 +41,8 @@ class LoadResult:
 
 @dataclass(frozen=True)
 class ServerInfo(EngineInfo):
-    """The engine's description plus the loradock version serving it."""
+    """The engine's description plus the loradock version and the process serving it."""
 
     loradock_version: str = ""
+    pid: int = 0
+    start_time: float = 0.0  # unix seconds, when the serving process started

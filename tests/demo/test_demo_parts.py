@@ -1,15 +1,22 @@
 """The demo's small parts without a model: held-out files and scoring, request order,
-choosing the registry folder, and a server child that fails to start."""
+choosing the registry folder, a server child that fails to start, and the restart check."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
+from types import SimpleNamespace
 
+import psutil
 import pytest
+from loradock.runtime.server import catalog, convert
+from loradock.runtime.types import EngineInfo
 
+from loradock import demo
 from loradock.commands.demo import MARKER, choose_home, fresh_home
-from loradock.demo import DOMAINS, EXAMPLES_DIR, UPDATE, changed_question, interleaved_jobs
+from loradock.demo import DOMAINS, EXAMPLES_DIR, QUICK, UPDATE, changed_question, interleaved_jobs
 from loradock.errors import UserError
 from loradock.heldout import HeldOutQuestion, accuracy, answer_matches, load_heldout
 from loradock.server_process import ServerProcess, ServerStartError, log_tail
@@ -120,3 +127,75 @@ def test_log_tail_keeps_the_last_state_of_progress_lines(tmp_path):
     path.write_text("a\nloading 10%\rloading 100%\nb\n")
     assert log_tail(path, lines=2) == "loading 100%\nb"
     assert log_tail(tmp_path / "none") == ""
+
+
+# ---- the restart check of step 6 ----------------------------------------------------------
+
+
+def test_get_info_reports_the_serving_process_from_the_process_table():
+    """Guards GetInfo's pid/start_time going missing (0) or not surviving the wire."""
+    described = EngineInfo("b", "f" * 64, "none", "cpu", "float32", *range(1, 11), "reference")
+    engine = SimpleNamespace(info=lambda: described)
+    info = convert.info_from_proto(convert.info_to_proto(catalog.server_info(engine)))
+    assert info.pid == os.getpid()
+    assert info.start_time == psutil.Process().create_time() < time.time()
+
+
+class FakeServer(SimpleNamespace):
+    """What move_alias_live reads from ServerProcess: the pid the demo recorded at start."""
+
+    pid = 4242
+
+    def alive(self) -> bool:
+        return True
+
+
+class FakeRegistry(SimpleNamespace):
+    moved = False
+
+    def tag(self, ref: str, alias: str) -> None:
+        self.moved = True
+
+
+def run_move(monkeypatch, infos: list[SimpleNamespace]) -> demo.AliasMove:
+    """move_alias_live against fakes: GetInfo answers `infos` in turn; no training, no model."""
+    registry = FakeRegistry()
+    version = SimpleNamespace(ref=f"{UPDATE.adapter}@2")
+    monkeypatch.setattr(demo, "train_or_reuse", lambda *a: (version, False))
+
+    def ask(client, domain, question, ref, max_new_tokens) -> demo.Answer:
+        served = version.ref if registry.moved else f"{UPDATE.adapter}@1"
+        return demo.Answer(domain, question, ref, "text", served, True, 0.0)
+
+    monkeypatch.setattr(demo, "ask", ask)
+    answers = iter(infos)
+    client = SimpleNamespace(info=lambda: next(answers))
+    return demo.move_alias_live(client, registry, FakeServer(), None, None, QUICK)
+
+
+START = 1_700_000_000.25
+
+
+@pytest.mark.parametrize(
+    ("after", "same_process"),
+    [
+        (SimpleNamespace(pid=4242, start_time=START), True),
+        (SimpleNamespace(pid=5151, start_time=START + 9), False),  # restarted as a new process
+        (SimpleNamespace(pid=4242, start_time=START + 9), False),  # restarted, and the pid reused
+    ],
+    ids=["same", "new-pid", "reused-pid"],
+)
+def test_restart_check_uses_the_servers_own_get_info_answers(monkeypatch, after, same_process):
+    """Guards the demo judging "no restart" from its own record (ServerProcess.pid, unchanged
+    here whatever happened) instead of what the server reports before and after the move."""
+    move = run_move(monkeypatch, [SimpleNamespace(pid=4242, start_time=START), after])
+    assert move.served_after == move.after == f"{UPDATE.adapter}@2"
+    assert (move.pid_before, move.pid_after) == (4242, after.pid)
+    assert (move.start_time_before, move.start_time_after) == (START, after.start_time)
+    assert move.served_without_restart is same_process
+
+
+def test_restart_check_needs_the_process_the_demo_started(monkeypatch):
+    """Guards trusting a GetInfo answer from some other server (a stale one on the port)."""
+    other = SimpleNamespace(pid=777, start_time=START)
+    assert not run_move(monkeypatch, [other, other]).served_without_restart

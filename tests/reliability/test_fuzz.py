@@ -3,13 +3,13 @@
 - Request fields through the real gRPC server: any combination gets OK or a client-error
   code (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION), never INTERNAL, and the server
   keeps answering.
-- adapter_config.json and manifest.json contents: registry publish/resolve raise only
-  RegistryError subclasses and the runtime's loading only EngineError subclasses.
+- adapter_config.json and manifest.json contents: what the registry accepts, the engine loads
+  and generates with; every refusal is a validator's (its message, no KeyError, TypeError,
+  AttributeError or IndexError behind it), never an internal crash turned into a refusal.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import shutil
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from loradock.proto.loradock.v1 import runtime_pb2 as pb
 from loradock.registry import Registry, RegistryError
@@ -139,16 +139,80 @@ def fuzz_engine(fuzz_registry: Registry):
 
 
 _names = (f"fz{i}" for i in itertools.count())
+# An internal crash that a broad `except` turned into a refusal shows up in the error's chain.
+CRASHES = (KeyError, TypeError, AttributeError, IndexError)
 
 
-def _serve(engine, ref: str) -> None:
-    """Load `ref` in the engine; only EngineError may come out."""
+def _assert_not_a_crash(error: BaseException) -> None:
+    """No KeyError/TypeError/AttributeError/IndexError behind `error` (the registry's and the
+    engine's own errors may subclass KeyError/ValueError; they are refusals, not crashes)."""
+    seen: list[BaseException] = []
+    e: BaseException | None = error
+    while e is not None and e not in seen:
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    crashes = [c for c in seen if isinstance(c, CRASHES) and not isinstance(c, RegistryError | EngineError)]
+    assert not crashes, f"{error!r} hides an internal crash: {crashes!r}"
+
+
+def _registry_answer(call):
+    """`call()`'s result, or the RegistryError it refused with (checked to hide no crash)."""
+    try:
+        return call()
+    except RegistryError as e:
+        _assert_not_a_crash(e)
+        return e
+
+
+def _request(ref: str):
     from loradock.runtime import GenerationRequest, SamplingParams
 
-    with contextlib.suppress(EngineError):
-        engine.load_adapter(ref)
-    with contextlib.suppress(EngineError):
-        engine.generate(GenerationRequest(adapter=ref, prompt="Hi", sampling=SamplingParams(max_new_tokens=1)))
+    return GenerationRequest(adapter=ref, prompt="Hi", sampling=SamplingParams(max_new_tokens=1))
+
+
+def _generates(engine, ref: str, version_ref: str) -> None:
+    """`ref` loads and generates one token, served by `version_ref`."""
+    assert engine.load_adapter(ref).ref == version_ref
+    result = engine.generate(_request(ref))
+    assert result.completion_tokens == 1 and result.adapter.ref == version_ref
+
+
+def _refuses(engine, ref: str, message: str) -> None:
+    """Loading and admission both refuse `ref` with an EngineError that carries `message`
+    (the validator's words) and hides no crash."""
+    for attempt in (lambda: engine.load_adapter(ref), lambda: engine.generate(_request(ref))):
+        with pytest.raises(EngineError) as info:
+            attempt()
+        _assert_not_a_crash(info.value)
+        assert message in str(info.value), (str(info.value), message)
+
+
+def _engine_verdict(engine, registry: Registry, ref: str) -> Exception | None:
+    """What the engine's adapter validator says about `ref` when called directly: None (it
+    would serve it) or its AdapterUnavailableError; anything else raised here is a crash."""
+    from loradock.runtime import AdapterUnavailableError
+    from loradock.runtime.adapter_weights import read_adapter
+    from loradock.runtime.types import ResolvedAdapter
+
+    version = registry.resolve(ref)
+    key = ResolvedAdapter(version.name, version.version, version.digest)
+    try:
+        read_adapter(key, version.path, version.manifest, engine.served, engine.dtype)
+    except AdapterUnavailableError as e:
+        _assert_not_a_crash(e)
+        return e
+    return None
+
+
+def _serve_as_validated(engine, registry: Registry, ref: str) -> None:
+    """The engine serves `ref` exactly when its validator accepts it, else refuses with the
+    validator's message."""
+    verdict = _engine_verdict(engine, registry, ref)
+    event("engine serves" if verdict is None else "engine refuses")
+    if verdict is None:
+        _generates(engine, ref, registry.resolve(ref).ref)
+    else:
+        _refuses(engine, ref, str(verdict))
 
 
 def _remove(registry: Registry, name: str) -> None:
@@ -161,7 +225,20 @@ def _remove(registry: Registry, name: str) -> None:
 
 @FUZZ
 @given(edits=st.one_of(mutations(CONFIG_KEYS), json_values.map(lambda v: [("<whole>", v)])))
+# configs the engine's reader once crashed on (planted), or the registry stored and the engine refused
+@example(edits=[("<whole>", None)])
+@example(edits=[("lora_alpha", ("set", "16"))])
+@example(edits=[("rank_pattern", ("set", ["q_proj"]))])
+@example(edits=[("rank_pattern", ("set", {"(?i)q_proj": 8}))])
+@example(edits=[("alpha_pattern", ("set", {"v_proj": "2"}))])
+@example(edits=[("bias", ("set", "all"))])
+@example(edits=[("fan_in_fan_out", ("set", True))])
 def test_fuzzed_adapter_config(fuzz_registry, fuzz_engine, templates, tmp_path_factory, edits):
+    """Guards against internal crashes passing as refusals: a config the registry accepts must
+    load and generate; one it refuses is refused with its validator's message, and the engine,
+    given it behind the registry's back, serves it or refuses it with its own validator's words."""
+    from loradock.registry.validate import validate_adapter_dir
+
     src = Path(tmp_path_factory.mktemp("cfg"))
     shutil.copy2(templates["qv"] / "adapter_model.safetensors", src)
     good = json.loads((templates["qv"] / CONFIG).read_text())
@@ -170,36 +247,54 @@ def test_fuzzed_adapter_config(fuzz_registry, fuzz_engine, templates, tmp_path_f
     name = next(_names)
     try:
         version = fuzz_registry.publish(src, name, base=TINY_BASE)
-    except RegistryError:
-        published = False
+    except RegistryError as refused:
+        event("registry refused")
+        _assert_not_a_crash(refused)
+        with pytest.raises(RegistryError) as direct:
+            validate_adapter_dir(src)
+        assert str(refused) == str(direct.value)
     else:
-        published = True
+        event("registry accepted")
         assert fuzz_registry.resolve(version.ref).digest == version.digest
-    if published:
-        _serve(fuzz_engine, name)
+        _generates(fuzz_engine, name, version.ref)
+        return
     # the runtime's own checks, on the same config planted where the registry cannot refuse it
-    if not published:
-        planted = next(_names)
-        plant_version(fuzz_registry, planted, "seed@1", files={CONFIG: json.dumps(doc).encode()})
-        try:
-            _serve(fuzz_engine, planted)
-        finally:
-            _remove(fuzz_registry, planted)
+    planted = next(_names)
+    plant_version(fuzz_registry, planted, "seed@1", files={CONFIG: json.dumps(doc).encode()})
+    try:
+        _serve_as_validated(fuzz_engine, fuzz_registry, planted)
+    finally:
+        _remove(fuzz_registry, planted)
 
 
 @FUZZ
 @given(edits=st.one_of(mutations(MANIFEST_KEYS), json_values.map(lambda v: [("<whole>", v)])))
+# another base (the engine's refusal), and a fingerprint that is no string (it once crashed the reader)
+@example(edits=[("base", ("set", {"name": "llama-70b", "fingerprint": "f" * 64}))])
+@example(edits=[("base", ("set", {"name": "llama-70b", "fingerprint": 5}))])
 def test_fuzzed_manifest(fuzz_registry, fuzz_engine, edits):
+    """Guards against a damaged manifest crashing the registry or the engine, or a crash in the
+    engine passing as a refusal: the registry's reads refuse it with a RegistryError or agree on
+    the version, and the engine serves exactly what the registry resolves."""
     name = next(_names)
     path = plant_version(fuzz_registry, name, "seed@1")
     manifest = json.loads((path / "manifest.json").read_text())
     doc = edits[0][1] if edits[0][0] == "<whole>" else apply(manifest, edits)
     (path / "manifest.json").write_text(json.dumps(doc))
     try:
-        for call in (lambda: fuzz_registry.resolve(name), lambda: fuzz_registry.versions(name),
-                     fuzz_registry.list, lambda: fuzz_registry.verify(name)):
-            with contextlib.suppress(RegistryError):
-                call()
-        _serve(fuzz_engine, name)
+        listed = {v.name: v for v in fuzz_registry.list()}  # a damaged version is left out, not fatal
+        [checked] = fuzz_registry.verify(name)
+        versions = _registry_answer(lambda: fuzz_registry.versions(name))
+        version = _registry_answer(lambda: fuzz_registry.resolve(name))
+        if isinstance(version, RegistryError):
+            event("registry refused")
+            assert not checked.ok, "resolve refuses a version that verify passes"
+            _refuses(fuzz_engine, name, str(version))
+            return
+        event("registry accepted")
+        assert checked.ok, checked.problems
+        assert listed[name].digest == version.digest
+        assert isinstance(versions, list) and [v.digest for v in versions] == [version.digest]
+        _serve_as_validated(fuzz_engine, fuzz_registry, name)
     finally:
         _remove(fuzz_registry, name)

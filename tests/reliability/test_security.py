@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 from loradock.proto.loradock.v1 import runtime_pb2 as pb
-from loradock.registry import Registry, RegistryError
+from loradock.registry import InvalidAdapterError, Registry, RegistryError
 
 from tests.conftest import TINY_BASE
 from tests.registry.conftest import hub_env, olah  # noqa: F401 (fixtures used below)
@@ -266,17 +266,42 @@ HOSTILE_NAMES = {
     "dotdot": lambda w: _nested(8, {"escaped.safetensors": w}),  # ../../../../../../../../escaped.safetensors
     "backslash": lambda w: {"..\\..\\..\\escaped.safetensors": w},
     "drive": lambda w: {"C:escaped.safetensors": w},
+    "drive-root": lambda w: {"C:\\escaped.safetensors": w},
 }
 
 
+# olah answers 500 to a listing that holds a '..' name, so loradock's own check would never run;
+# for those kinds the listing a Hub could send is read from the crafted repo itself.
+OLAH_CANNOT_LIST = {"dotdot"}
+REFUSAL = r"holds file names that could escape the download folder \(.*escaped\.safetensors.*\); refusing"
+
+
+def _list_from_git(monkeypatch: pytest.MonkeyPatch, repo: Path) -> None:
+    """Answer HfApi.model_info from `repo`'s git tree (names exactly as committed)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import ModelInfo
+
+    def model_info(self, repo_id: str, revision: str | None = None, **kwargs) -> ModelInfo:
+        sha = _git(repo, "rev-parse", revision or "main")
+        names = [n for n in _git(repo, "ls-tree", "-r", "-z", "--name-only", sha).split("\0") if n]
+        return ModelInfo(id=repo_id, sha=sha, siblings=[{"rfilename": n} for n in names])
+
+    monkeypatch.setattr(HfApi, "model_info", model_info)
+
+
 @pytest.mark.parametrize("kind", list(HOSTILE_NAMES))
-def test_hub_pull_cannot_write_outside_the_registry(registry: Registry, olah, hub_env, templates, tmp_path, kind):  # noqa: F811
+def test_hub_pull_cannot_write_outside_the_registry(registry: Registry, olah, hub_env,  # noqa: F811
+                                                     templates, tmp_path, kind, monkeypatch):
+    """Guards against loradock's unsafe-name check not running (or not refusing) for a repo whose
+    listing holds '..', backslash or drive-letter names: the refusal must be loradock's own."""
     hub_env(olah.endpoint)
     repo = olah.mirrors / "models" / "acme" / f"hostile-{kind}"
     init_repo(repo)
     weights = (templates["qv"] / "adapter_model.safetensors").read_bytes()
     commit_tree(repo, {"adapter_config.json": (templates["qv"] / "adapter_config.json").read_bytes(),
                        "adapter_model.safetensors": weights, **HOSTILE_NAMES[kind](weights)})
+    if kind in OLAH_CANNOT_LIST:
+        _list_from_git(monkeypatch, repo)
     outside = tmp_path.parent
 
     def files_outside() -> set[Path]:
@@ -289,6 +314,6 @@ def test_hub_pull_cannot_write_outside_the_registry(registry: Registry, olah, hu
     assert registry.list() == []
     staging = registry.root / "adapters" / ".staging"
     assert not staging.exists() or not [p for p in staging.iterdir() if p.suffix != ".lock"]
-    # a registry error (the CLI prints it; exit 2) naming the file, or olah's own refusal to list '..'
-    assert isinstance(info.value, RegistryError), repr(info.value)
-    assert "escaped.safetensors" in str(info.value) or "500" in str(info.value), info.value
+    # loradock's refusal (the CLI prints it; exit 2), naming the file; not a Hub or mirror error
+    assert isinstance(info.value, InvalidAdapterError), repr(info.value)
+    assert info.match(REFUSAL)

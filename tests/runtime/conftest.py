@@ -103,14 +103,31 @@ def engine_factory() -> Iterator[Callable[..., Engine]]:
         engine.shutdown(drain=False, timeout=5)
 
 
+def oracle_quantization_config(quantize: str):
+    """The oracle's own BitsAndBytesConfig, written out here and not taken from loradock: a
+    config shared with the code under test would let both sides drift together (e.g. "nf4"
+    silently loading full precision on both and still agreeing)."""
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "none":
+        return None
+    if quantize == "nf4":
+        # What the runtime intends on CPU: NF4 weights, fp32 compute, no double quantization.
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_compute_dtype=torch.float32,
+                                  bnb_4bit_use_double_quant=False)
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"no oracle for quantization {quantize!r}")
+
+
 def load_peft_oracle(base_path: Path, adapters: dict[str, Path], quantize: str):
     """A PeftModel on a separately loaded base (same quantization, fp32 compute) holding all adapters."""
-    from loradock.runtime.model_loader import quantization_config
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     kwargs: dict = {"dtype": torch.float32}
-    qconfig = quantization_config(quantize, torch.float32)
+    qconfig = oracle_quantization_config(quantize)
     if qconfig is not None:
         kwargs.update(quantization_config=qconfig, device_map={"": "cpu"})
     base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs).eval()
@@ -121,15 +138,41 @@ def load_peft_oracle(base_path: Path, adapters: dict[str, Path], quantize: str):
     return model.eval()
 
 
-@torch.inference_mode()
-def oracle_logits(model, adapter: str | None, ids: list[int]) -> torch.Tensor:
-    """Logits [len(ids), vocab] of `ids` through one adapter alone (None: the base alone)."""
-    x = torch.tensor([ids])
+@contextlib.contextmanager
+def oracle_adapter(model, adapter: str | None) -> Iterator[None]:
+    """Run `model` with one adapter active (None: the base alone)."""
     if adapter is None:
         with model.disable_adapter():
-            return model(input_ids=x).logits[0].float()
-    model.set_adapter(adapter)
-    return model(input_ids=x).logits[0].float()
+            yield
+    else:
+        model.set_adapter(adapter)
+        yield
+
+
+@torch.inference_mode()
+def oracle_logits(model, adapter: str | None, ids: list[int]) -> torch.Tensor:
+    """Logits [len(ids), vocab] of `ids` through one adapter alone, in one full forward."""
+    x = torch.tensor([ids])
+    with oracle_adapter(model, adapter):
+        return model(input_ids=x).logits[0].float()
+
+
+@torch.inference_mode()
+def oracle_cached_logits(model, adapter: str | None, ids: list[int],
+                         next_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prefill [vocab], decode [len(next_ids), vocab]): the logits after `ids` from one full
+    forward, then one KV-cached step per token of `next_ids` (use_cache=True, the cache passed
+    back in), bit-identical to the decode steps of PeftModel.generate."""
+    x = torch.tensor([ids])
+    with oracle_adapter(model, adapter):
+        out = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True)
+        prefill, cache, decode = out.logits[0, -1].float(), out.cache, []
+        for n, token in enumerate(next_ids, start=len(ids) + 1):
+            mask = torch.ones(1, n, dtype=torch.long)
+            out = model(input_ids=torch.tensor([[token]]), attention_mask=mask, cache=cache,
+                        use_cache=True)
+            decode.append(out.logits[0, -1].float())
+    return prefill, torch.stack(decode)
 
 
 def oracle_greedy(model, adapter: str | None, ids: list[int], n: int) -> list[int]:
@@ -157,13 +200,9 @@ def drive(engine, handles, max_idle_s: float = 60.0) -> None:
 def oracle_generate(model, adapter: str | None, ids: list[int], n: int) -> list[int]:
     """Greedy tokens from PeftModel.generate (KV-cached; stops after EOS, which it includes)."""
     x = torch.tensor([ids])
-    kwargs = dict(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False)
-    if adapter is None:
-        with model.disable_adapter():
-            out = model.generate(**kwargs)
-    else:
-        model.set_adapter(adapter)
-        out = model.generate(**kwargs)
+    with oracle_adapter(model, adapter):
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n,
+                             do_sample=False)
     return out[0, len(ids):].tolist()
 
 

@@ -139,10 +139,19 @@ def test_unknown_dataset_names_the_candidates(tmp_path):
         load_datasets(["x.csv"], tmp_path)
 
 
+def records(conversations: list) -> list[str]:
+    """Each conversation as canonical JSON, so lists of them compare as multisets."""
+    return [json.dumps(c, sort_keys=True) for c in conversations]
+
+
 def test_split_is_seeded_and_disjoint():
     convs = [[{"role": "user", "content": str(i)}] for i in range(20)]
     train, val = split(convs, 0.25, seed=1)
     assert len(val) == 5 and len(train) == 15
+    # Guards against a split that leaves validation records in training (eval on seen data)
+    # or loses/duplicates records: disjoint, and together exactly the input as a multiset.
+    assert not set(records(train)) & set(records(val))
+    assert sorted(records(train + val)) == sorted(records(convs))
     assert split(convs, 0.25, seed=1) == (train, val)
     assert split(convs, 0.25, seed=2)[1] != val
     assert split(convs, 3, seed=1)[1].__len__() == 3

@@ -220,7 +220,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("base_name", "base_fingerprint", "quantization", "device", "dtype", "max_slots", "max_rank", "host_cache_bytes", "max_host_adapters", "max_running", "max_batch_tokens", "max_queue", "max_prompt_tokens", "max_model_len", "kv_cache_tokens", "lora_ops", "loradock_version")
+    __slots__ = ("base_name", "base_fingerprint", "quantization", "device", "dtype", "max_slots", "max_rank", "host_cache_bytes", "max_host_adapters", "max_running", "max_batch_tokens", "max_queue", "max_prompt_tokens", "max_model_len", "kv_cache_tokens", "lora_ops", "loradock_version", "pid", "start_time")
     BASE_NAME_FIELD_NUMBER: _ClassVar[int]
     BASE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +238,8 @@ class GetInfoResponse(_message.Message):
     KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LORA_OPS_FIELD_NUMBER: _ClassVar[int]
     LORADOCK_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
     base_name: str
     base_fingerprint: str
     quantization: str
@@ -255,4 +257,6 @@ class GetInfoResponse(_message.Message):
     kv_cache_tokens: int
     lora_ops: str
     loradock_version: str
-    def __init__(self, base_name: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., quantization: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_slots: _Optional[int] = ..., max_rank: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., max_host_adapters: _Optional[int] = ..., max_running: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_model_len: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., lora_ops: _Optional[str] = ..., loradock_version: _Optional[str] = ...) -> None: ...
+    pid: int
+    start_time: float
+    def __init__(self, base_name: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., quantization: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_slots: _Optional[int] = ..., max_rank: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., max_host_adapters: _Optional[int] = ..., max_running: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_model_len: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., lora_ops: _Optional[str] = ..., loradock_version: _Optional[str] = ..., pid: _Optional[int] = ..., start_time: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,205 @@
+"""`make mutation`: break the code on purpose, one named breakage at a time, and check that
+the tests meant to catch it fail. Not part of `make test`.
+
+    .venv/bin/python tests/mutation.py [NAME ...]    # every breakage, or only those named
+
+Each breakage is one textual patch (old -> new in one file). It is applied to a temporary
+copy of the working tree (tracked files and untracked ones git does not ignore), never to
+the tree itself. A generated `sitecustomize` on PYTHONPATH makes every Python process,
+servers and CLIs the tests start included, import `loradock.*` from the copy instead of the
+editable install. A failing test counts only if it passes again once the patch is undone.
+Prints `NAME: caught by TEST` or `NAME: SURVIVED` per breakage; exits 1 unless all were caught.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = ROOT / ".venv" / "bin" / "python"
+PYTEST = ("-m", "pytest", "-x", "-q", "-p", "no:cacheprovider")
+
+
+@dataclass(frozen=True)
+class Breakage:
+    name: str
+    path: str  # relative to the repo root
+    old: str  # must occur exactly once, or the script stops: the patch has gone stale
+    new: str
+    tests: tuple[str, ...]  # pytest arguments selecting the tests that must catch it
+
+
+BREAKAGES = (
+    Breakage(
+        "engine-reader-raises-keyerror", "runtime/adapter_weights.py",
+        "    version_dir = Path(version_dir)\n",  # read_adapter's first statement
+        "    raise KeyError(adapter.ref)\n",
+        ("tests/reliability/test_fuzz.py", "-k", "fuzzed"),
+    ),
+    Breakage(
+        "nf4-loads-full-precision", "runtime/model_loader.py",
+        '    if quantize == "none":\n        return None\n',
+        '    if quantize in ("none", "nf4"):\n        return None\n',
+        ("tests/runtime/test_oracle.py", "-k", "tiny and nf4"),
+    ),
+    Breakage(
+        "resume-restores-nothing", "trainer/checkpoint.py",
+        '    load_adapter_weights(model, path / ADAPTER_WEIGHTS, "checkpoint")\n'
+        '    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))\n'
+        '    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))\n'
+        '    _set_rng_state(torch.load(path / f"rng_rank{rank}.pt", weights_only=True))\n'
+        "    return TrainState(**meta[\"state\"])\n",
+        "    return TrainState()\n",
+        ("tests/trainer/test_resume.py",),
+    ),
+    Breakage(
+        # same sizes, but one validation record also lands in training (one training record lost)
+        "split-leaks-validation-into-train", "trainer/datasets.py",
+        "    return [conversations[i] for i in order[n_val:]], [conversations[i] for i in order[:n_val]]\n",
+        "    return [conversations[i] for i in order[n_val - 1:-1]], [conversations[i] for i in order[:n_val]]\n",
+        ("tests/trainer/test_datasets.py",),
+    ),
+    Breakage(
+        "hub-unsafe-name-check-off", "registry/hub.py",
+        '    return name.startswith(("/", "\\\\")) or ":" in name or "\\\\" in name'
+        ' or ".." in parts\n',
+        "    return False\n",
+        ("tests/registry", "tests/reliability/test_security.py", "-k", "unsafe or outside"),
+    ),
+    Breakage(
+        "demo-restart-check-ignores-server", "loradock/demo.py",
+        "    info_after = client.info()\n",
+        "    info_after = info_before\n",
+        ("tests/demo/test_demo_parts.py", "-k", "restart"),
+    ),
+    Breakage(
+        # a query may read keys past its own position (the future of its chunk)
+        "paged-attention-not-causal", "runtime/batching.py",
+        "    mask = (k[:, None, :] <= (past[:, None] + q_clamped)[:, :, None])[:, None]  # [N, 1, Q, L]\n",
+        "    mask = (k[:, None, :] < (past + chunk)[:, None, None])[:, None]\n",
+        ("tests/runtime/test_paged_attention.py",),
+    ),
+    Breakage(
+        # a preempted sequence recomputes its prompt but forgets the tokens it had generated
+        "recompute-forgets-output", "runtime/sequence.py",
+        "        return self.prompt_ids[start:] + self.output_ids[max(start - prompt, 0):end - prompt]\n",
+        "        return self.prompt_ids[start:end]\n",
+        ("tests/runtime/test_preemption.py",),
+    ),
+)
+
+SITECUSTOMIZE = '''"""Written by tests/mutation.py: import loradock.* from this copy of the tree."""
+import sys
+from importlib.util import spec_from_file_location
+
+PACKAGES = {packages!r}
+
+
+class CopyFinder:
+    @classmethod
+    def find_spec(cls, fullname, path=None, target=None):
+        where = PACKAGES.get(fullname)
+        if where is None:
+            return None
+        return spec_from_file_location(fullname, where + "/__init__.py",
+                                       submodule_search_locations=[where])
+
+
+sys.meta_path.insert(0, CopyFinder)  # ahead of the editable install's finder
+'''
+
+
+def copy_tree(dest: Path) -> None:
+    """The working tree as git sees it (tracked + untracked, not ignored) into `dest`."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=ROOT, check=True, capture_output=True).stdout.decode()
+    for rel in filter(None, listed.split("\0")):
+        src = ROOT / rel
+        if src.is_file():  # skips files deleted in the tree but still in the index
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel, follow_symlinks=False)
+
+
+def install_finder(copy: Path) -> dict[str, str]:
+    """Write the sitecustomize; returns the environment that runs tests on the copy."""
+    setuptools = tomllib.loads((copy / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = {name: str(copy / folder) for name, folder in setuptools["package-dir"].items()}
+    site = copy / ".mutation-site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE.format(packages=packages))
+    # No .pyc in the copy: a patched module and its restored original must never share one.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    probe = "import loradock.demo as d, loradock.runtime.engine as e; print(d.__file__, e.__file__)"
+    files = subprocess.run([str(PYTHON), "-c", probe], cwd=copy, env=env, check=True,
+                           capture_output=True, text=True).stdout.split()
+    if not all(Path(f).is_relative_to(copy) for f in files):
+        sys.exit(f"mutation: the copy is not what gets imported ({files}); the tests would run "
+                 "the unbroken tree")
+    return env
+
+
+def pytest(copy: Path, env: dict[str, str], args: tuple[str, ...]) -> tuple[int, str]:
+    done = subprocess.run([str(PYTHON), *PYTEST, *args], cwd=copy, env=env, capture_output=True,
+                          text=True)
+    return done.returncode, done.stdout + done.stderr
+
+
+def run(breakage: Breakage, copy: Path, env: dict[str, str]) -> str:
+    """Apply, test, undo; the verdict line."""
+    target = copy / breakage.path
+    original = target.read_text()
+    target.write_text(original.replace(breakage.old, breakage.new))
+    try:
+        code, output = pytest(copy, env, breakage.tests)
+    finally:
+        target.write_text(original)
+    if code == 0:
+        return f"{breakage.name}: SURVIVED"
+    failed = re.search(r"^(?:FAILED|ERROR) (\S+)", output, re.MULTILINE)
+    if code != 1 or failed is None:
+        print(output[-3000:], file=sys.stderr)
+        return f"{breakage.name}: ERROR (pytest exit code {code}, no failing test named)"
+    test = failed.group(1)
+    if pytest(copy, env, (test,))[0] != 0:  # fails unbroken too: it caught nothing
+        return f"{breakage.name}: INCONCLUSIVE ({test} fails without the breakage too)"
+    return f"{breakage.name}: caught by {test}"
+
+
+def main(names: list[str]) -> int:
+    unknown = set(names) - {b.name for b in BREAKAGES}
+    if unknown:
+        sys.exit(f"mutation: unknown breakage {', '.join(sorted(unknown))}; "
+                 f"known: {', '.join(b.name for b in BREAKAGES)}")
+    chosen = [b for b in BREAKAGES if not names or b.name in names]
+    verdicts = []
+    with tempfile.TemporaryDirectory(prefix="loradock-mutation-") as tmp:
+        copy = Path(tmp)
+        copy_tree(copy)
+        stale = [f"{b.name} ({b.path})" for b in chosen
+                 if (copy / b.path).read_text().count(b.old) != 1]
+        if stale:
+            sys.exit("mutation: the code a breakage patches has changed, update tests/mutation.py: "
+                     + ", ".join(stale))
+        env = install_finder(copy)
+        for b in chosen:
+            print(f"... {b.name}: pytest {' '.join(b.tests)}", file=sys.stderr, flush=True)
+            start = time.monotonic()
+            verdicts.append(run(b, copy, env))
+            print(verdicts[-1], flush=True)
+            print(f"    ({time.monotonic() - start:.0f} s)", file=sys.stderr, flush=True)
+    return 0 if all(": caught by " in v for v in verdicts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
