@@ -23,7 +23,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_base(path: Path, quantize: str, dtype: str) -> torch.nn.Module:
-    """The base model as the engine serves it: bitsandbytes NF4 / int8 or unquantized, on CPU."""
+    """The base model as the engine serves it: bitsandbytes NF4 / int8 or unquantized, on the
+    engine's default device (CUDA when there is one)."""
     torch_dtype = DTYPES[dtype]
     if quantize == "nf4":
         quant = BitsAndBytesConfig(
@@ -36,7 +37,8 @@ def load_base(path: Path, quantize: str, dtype: str) -> torch.nn.Module:
     else:
         raise ValueError(f"unknown quantization {quantize!r}: expected nf4, int8 or none")
     model = AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=quant, dtype=torch_dtype, device_map="cpu"
+        path, quantization_config=quant, dtype=torch_dtype,
+        device_map="cuda:0" if torch.cuda.is_available() else "cpu",
     )
     model.eval()
     return model
@@ -97,7 +99,8 @@ def generate_static_batch(
     extra = {"adapter_names": list(adapter_names)} if adapter_names is not None else {}
     try:
         with torch.inference_mode():
-            model.generate(input_ids=ids, attention_mask=mask, generation_config=config, streamer=clock, **extra)
+            model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                           generation_config=config, streamer=clock, **extra)
     except Exception as e:  # one failed batch is reported as errors, the run goes on
         now = time.perf_counter()
         return [

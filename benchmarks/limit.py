@@ -5,7 +5,9 @@ linear layer of the base (q/k/v/o, gate/up/down per layer, then lm_head). Timed 
 bare matmuls in the compute dtype, with one weight matrix per layer as in the model
 (so weights stream from memory as they do in a real step) and no attention, no
 sampling, no Python model code, that step time gives B / t tokens/s: no system
-decoding this model on this machine with this dtype should beat it.
+decoding this model on this machine with this dtype should beat it. The machine limit is
+the better of float32 and bfloat16 (CPUs with bf16 matrix units run bf16 several times
+faster, and unquantized bf16 is a real serving mode).
 """
 
 from __future__ import annotations
@@ -40,16 +42,21 @@ def linear_shapes(config) -> list[tuple[int, int]]:
 def time_linear_step(
     shapes: list[tuple[int, int]], batch: int, dtype: torch.dtype, repeats: int = 10
 ) -> float:
-    """Median seconds of one pass of `batch` rows through all `shapes` as x @ W.T."""
+    """Median seconds of one pass of `batch` rows through all `shapes` as x @ W.T, on the
+    engine's default device (CUDA when there is one)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(0)
-    weights = [torch.randn((out, inp), generator=gen).to(dtype) for inp, out in shapes]
-    inputs = {inp: torch.randn((batch, inp), generator=gen).to(dtype) for inp, _ in shapes}
+    weights = [torch.randn((out, inp), generator=gen).to(device, dtype) for inp, out in shapes]
+    inputs = {inp: torch.randn((batch, inp), generator=gen).to(device, dtype) for inp, _ in shapes}
     times = []
     with torch.inference_mode():
         for _ in range(repeats + 1):  # the first pass warms caches and allocators
+            sync()
             t0 = time.perf_counter()
             for (inp, _), w in zip(shapes, weights, strict=True):
                 torch.nn.functional.linear(inputs[inp], w)
+            sync()
             times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
 
@@ -74,3 +81,14 @@ def decode_limit(base_path: Path, batch: int, dtype: torch.dtype, threads: int, 
         "tokens_per_s": batch / step_s,
     }
 
+
+
+LIMIT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def machine_limit(base_path: Path, batch: int, threads: int, repeats: int = 10) -> dict:
+    """`decode_limit` in each of LIMIT_DTYPES; the fastest one's figures, plus all of them."""
+    by_dtype = {str(d).removeprefix("torch."): decode_limit(base_path, batch, d, threads, repeats)
+                for d in LIMIT_DTYPES}
+    best = max(by_dtype.values(), key=lambda r: r["tokens_per_s"])
+    return {**best, "by_dtype": by_dtype}

@@ -26,8 +26,10 @@ from loradock.server_process import ServerProcess
 
 from .cputime import CpuMeter
 from .job import Job
+from .kv_concurrency import kv_concurrency
 from .load import Progress, drive, timed_stream
 from .metrics import RequestRecord, percentile
+from .step_ops import ops_per_decode_step
 from .workload import RANKS, BenchRequest
 
 log = logging.getLogger(__name__)
@@ -93,7 +95,37 @@ def run_engine(job: Job, progress: Progress, extra: dict) -> list[RequestRecord]
             extra["alias_move"] = measure_alias_move(job, engine, job.probes["alias_adapter"])
     finally:
         engine.shutdown()
+    if job.probes.get("step_ops_sizes"):
+        extra["ops_per_decode_step"] = measure_step_ops(job, job.probes["step_ops_sizes"])
+    if job.probes.get("kv_concurrency"):
+        extra["kv_concurrency"] = measure_kv_concurrency(job)
     return records
+
+
+def measure_kv_concurrency(job: Job, kv_tokens: int = 2048, max_running: int = 64) -> dict:
+    """Sequences run at once on a 2048-token KV budget: paged pool vs per-sequence reservation."""
+    settings = {**engine_settings(job), "max_running": max_running, "max_queue": 4 * max_running,
+                "max_batch_tokens": max(512, max_running), "kv_cache_tokens": kv_tokens,
+                "max_model_len": min(kv_tokens, 2048), "max_prompt_tokens": 256}
+    engine = Engine(EngineConfig(**settings), Registry(job.home)).start(run_loop=False)
+    try:
+        return kv_concurrency(engine, job.requests[0].prompt_token_ids[:PROBE_PROMPT_TOKENS])
+    finally:
+        engine.shutdown(drain=False)
+
+
+def measure_step_ops(job: Job, sizes: list[int]) -> dict[str, int]:
+    """Torch ops per decode step at each number of running sequences, on distinct adapters
+    (as many as the job has), from an engine driven step by step."""
+    largest = max(sizes)
+    settings = {**engine_settings(job), "max_running": largest, "max_slots": largest,
+                "max_batch_tokens": max(512, largest), "max_queue": largest}
+    engine = Engine(EngineConfig(**settings), Registry(job.home)).start(run_loop=False)
+    try:
+        prompt = job.requests[0].prompt_token_ids[:PROBE_PROMPT_TOKENS]
+        return ops_per_decode_step(engine, job.adapter_refs, prompt, sizes)
+    finally:
+        engine.shutdown(drain=False)
 
 
 def measure_cold_load(job: Job, send, adapters: list[int]) -> dict:

@@ -6,8 +6,8 @@
   not counted). `acquire` pins an adapter into a slot for a running sequence; an
   unpinned slot is evicted (LRU) only once the incoming adapter is ready on the host,
   so a failed load never costs a resident adapter. Pinned slots are never evicted.
-- Every slot change goes through `_write_slot`, which updates the table and the
-  buffers together (via the engine's `write_slot` callback), so they cannot drift.
+- Every slot change goes through `_write_slot`, which updates the table and writes (or
+  clears) that slot in every LoRA layer the cache was given, so they cannot drift.
 
 `acquire`, `release`, `unload` run on the engine loop thread (they touch buffers
 the forward reads); `prefetch` and `state` may be called from any thread.
@@ -19,9 +19,12 @@ import enum
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
+
+import torch
 
 from .adapter_weights import LoadedAdapter
 from .stats import EngineStats
@@ -37,6 +40,12 @@ class LoadState(enum.Enum):
     FAILED = "failed"
 
 
+class SlotLayer(Protocol):
+    """A layer holding one LoRA slot buffer per slot (`lora_layer.MultiLoRALinear`)."""
+
+    def set_slot(self, slot: int, shrink: torch.Tensor | None, expand: torch.Tensor | None) -> None: ...
+
+
 @dataclass(frozen=True)
 class CacheCapacity:
     slots: int
@@ -49,13 +58,15 @@ class AdapterCache:
         self,
         capacity: CacheCapacity,
         load: Callable[[ResolvedAdapter], LoadedAdapter],
-        write_slot: Callable[[int, LoadedAdapter | None], None],
+        layers: Mapping[str, SlotLayer],
+        device: torch.device,
         stats: EngineStats,
         workers: int = 2,
     ) -> None:
         self.capacity = capacity
         self._load = load
-        self._write = write_slot
+        self._layers = layers
+        self._device = device
         self._stats = stats
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loradock-load")
         self._lock = threading.RLock()
@@ -199,11 +210,21 @@ class AdapterCache:
             del self._slot_of[old]
             self._slot_lru.pop(slot, None)
         self._slot_key[slot] = None
-        self._write(slot, loaded)  # may raise: the slot then stays empty, never half-described
+        self._write_layers(slot, loaded)  # may raise: the slot then stays empty, never half-described
         if key is not None:
             self._slot_key[slot] = key
             self._slot_of[key] = slot
             self._slot_lru[slot] = None
+
+    def _write_layers(self, slot: int, loaded: LoadedAdapter | None) -> None:
+        """Copy an adapter into (or clear) `slot` of every layer; layers it does not target are
+        cleared, so a slot never keeps a previous adapter's weights."""
+        for name, layer in self._layers.items():
+            m = loaded.modules.get(name) if loaded is not None else None
+            if m is None:
+                layer.set_slot(slot, None, None)
+            else:
+                layer.set_slot(slot, m.shrink.to(self._device), m.expand.to(self._device))
 
     def _evict_slot(self, slot: int) -> None:
         key = self._slot_key[slot]

@@ -11,20 +11,22 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from .kv_cache import SequenceKV
+from .batching import AttentionGroup
 
 
 @dataclass(frozen=True)
-class SeqSpan:
-    """One sequence's tokens inside the packed batch."""
+class AttentionBatch:
+    """What the attention function needs: where the step's new keys/values go in the paged pool
+    and which cached ones each query reads."""
 
-    kv: SequenceKV
-    start: int  # first packed index
-    end: int  # one past the last packed index
+    k_pool: torch.Tensor  # [layers, pool slots, kv_heads, head_dim]
+    v_pool: torch.Tensor  # [layers, pool slots, kv_heads, head_dim]
+    write_index: torch.Tensor  # [T] pool slot of each new token
+    groups: tuple[AttentionGroup, ...]  # at most two calls: decode tokens, prompt chunks
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ class LoRABatch:
 
     token_slots: torch.Tensor  # [T] long, on the model's device; 0 = no adapter
     segments: tuple[tuple[int, int, int], ...]  # (start, end, slot) runs over the packed tokens
+    runs: torch.Tensor  # [G, 3] int32 on the model's device: the segments as (start, length, slot)
+    longest_run: int  # tokens in the longest segment
     slots_present: tuple[int, ...]  # distinct non-zero slots in this batch
     groups: SlotGroups  # the same tokens as a padded per-slot block
 
@@ -59,7 +63,7 @@ class LoRABatch:
 @dataclass(frozen=True)
 class BatchContext:
     lora: LoRABatch
-    seqs: tuple[SeqSpan, ...] = field(default=())
+    attention: AttentionBatch | None = None
 
 
 _current: ContextVar[BatchContext | None] = ContextVar("loradock_batch", default=None)

@@ -44,11 +44,13 @@ def position_ids(past_lens: Sequence[int], chunk_lens: Sequence[int]) -> torch.T
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
 
 
-def token_slots(seq_slots: Sequence[int], chunk_lens: Sequence[int]) -> torch.Tensor:
-    """Adapter slot of every packed token.  seq_slots [num_seqs], chunk_lens [num_seqs] -> [T]"""
-    return torch.repeat_interleave(
-        torch.tensor(list(seq_slots), dtype=torch.long), torch.tensor(list(chunk_lens), dtype=torch.long)
-    )
+def token_slots(seq_slots: Sequence[int], chunk_lens: Sequence[int]) -> list[int]:
+    """Adapter slot of every packed token.  seq_slots [num_seqs], chunk_lens [num_seqs] -> [T]
+
+    >>> token_slots([0, 2], [2, 1])
+    [0, 0, 2]
+    """
+    return [s for s, n in zip(seq_slots, chunk_lens, strict=True) for _ in range(n)]
 
 
 def find_segments(slots: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -125,3 +127,54 @@ def slot_groups(slots: Sequence[int], runs: Sequence[tuple[int, int, int]], long
     in_order = (hi - lo) * width == len(rows) and rows == list(range(len(rows)))
     return SlotLayout(lo, hi, width, None if in_order else rows,
                       None if not long_runs else blocked, long_runs)
+
+
+class AttentionGroup(NamedTuple):
+    """Sequences whose queries share one attention call: [N] sequences, padded to Q queries and
+    L keys each. Decode tokens form one group (Q = 1), prompt chunks another (varlen)."""
+
+    q_index: torch.Tensor  # [N, Q] packed position of each query (padding repeats the last one)
+    kv_index: torch.Tensor  # [N, L] pool slot of each key (padding points anywhere, masked out)
+    mask: torch.Tensor  # [N, 1, Q, L] bool: key visible to query (causal, own sequence only)
+    select: torch.Tensor | None  # [n_valid] rows of the flattened [N * Q] output that are real
+    out_rows: torch.Tensor  # [n_valid] packed positions those rows belong to
+
+
+def slot_index(tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Pool slot of token `positions[i, j]` of sequence i: tables [N, blocks], positions [N, P] -> [N, P].
+
+    >>> slot_index(torch.tensor([[3, 1]]), torch.tensor([[0, 1, 2]]), 2).tolist()
+    [[6, 7, 2]]
+    """
+    return tables.gather(1, positions // block_size) * block_size + positions % block_size
+
+
+def attention_group(starts: Sequence[int], past_lens: Sequence[int], chunk_lens: Sequence[int],
+                    tables: torch.Tensor, block_size: int) -> AttentionGroup:
+    """One attention call over N sequences: where each sequence's chunk starts in the packed
+    batch, its cached length, its chunk length ([N] each) and its block table [N, blocks] (on
+    the model's device, where every tensor made here stays).
+
+    >>> g = attention_group([0, 3], [0, 5], [3, 1], torch.tensor([[0], [1]]), 8)
+    >>> g.q_index.tolist(), g.kv_index[1].tolist(), g.out_rows.tolist()
+    ([[0, 1, 2], [3, 3, 3]], [8, 9, 10, 11, 12, 13], [0, 1, 2, 3])
+    >>> g.mask[0, 0].int().tolist()  # a prompt chunk: causal
+    [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]]
+    >>> g.mask[1, 0, 0].int().tolist()  # a decode token after 5 cached ones (padded queries repeat it)
+    [1, 1, 1, 1, 1, 1]
+    """
+    device = tables.device
+    q_max, kv_max = max(chunk_lens), max(p + c for p, c in zip(past_lens, chunk_lens, strict=True))
+    start, past, chunk = (torch.tensor(list(v), dtype=torch.long, device=device)
+                          for v in (starts, past_lens, chunk_lens))
+    q = torch.arange(q_max, device=device)[None, :]  # [1, Q]
+    q_clamped = torch.minimum(q, (chunk - 1)[:, None])  # [N, Q]: padding repeats the last query
+    q_index = start[:, None] + q_clamped  # [N, Q]
+    k = torch.arange(kv_max, device=device)[None, :]  # [1, L]
+    kv_index = slot_index(tables, k.expand(len(starts), -1), block_size)  # [N, L]
+    # Query i of a sequence sits at position past + i and sees keys 0..past + i of its own cache.
+    mask = (k[:, None, :] <= (past[:, None] + q_clamped)[:, :, None])[:, None]  # [N, 1, Q, L]
+    if q_max == 1:
+        return AttentionGroup(q_index, kv_index, mask, None, q_index.view(-1))
+    select = (q < chunk[:, None]).view(-1).nonzero().view(-1)  # [n_valid]
+    return AttentionGroup(q_index, kv_index, mask, select, q_index.view(-1)[select])

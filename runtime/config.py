@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 QUANTIZATIONS = ("nf4", "int8", "none")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-LORA_OPS = ("auto", "reference", "segmented", "batched")
+LORA_OPS = ("auto", "reference", "segmented", "batched", "triton")
 
 
 @dataclass
@@ -55,14 +55,27 @@ class EngineConfig:
     """Longest sequence (prompt + generated tokens); also capped by the model's position limit."""
 
     kv_cache_tokens: int = 16384
-    """Total KV-cache capacity in tokens, preallocated; each sequence reserves prompt + max_new_tokens
-    at admission. Memory = tokens x layers x 2 x kv width x dtype size (SmolLM2 float32: 46 KB/token)."""
+    """Capacity of the paged KV pool in tokens (unless kv_cache_bytes is set). Sequences take blocks as
+    they grow and return them when they end. Memory = tokens x layers x 2 x kv width x dtype size
+    (SmolLM2 float32: 46 KB/token)."""
+
+    kv_cache_bytes: int = 0
+    """Size the KV pool in bytes instead of tokens (0: use kv_cache_tokens). A prompt longer than the
+    pool holds is refused at submit."""
+
+    kv_cache_memory_fraction: float = 0.0
+    """On CUDA: size the KV pool to this fraction of the device memory still free once the model and
+    adapter slots are loaded (overrides kv_cache_tokens and kv_cache_bytes); 0 = off."""
+
+    kv_block_size: int = 16
+    """Tokens per KV pool block: the unit a sequence grows by."""
 
     lora_ops: str = "auto"
     """LoRA kernels: "reference" (per-adapter loop), "segmented" (one matmul pair per run of tokens
     on one adapter), "batched" (two bmm over the batch's slot range for decode tokens, padded per
-    slot; prompt chunks a matmul pair each), or "auto" (batched when the padding is small, else
-    segmented)."""
+    slot; prompt chunks a matmul pair each), "triton" (two segmented-matmul Triton kernels per layer,
+    CUDA only), or "auto" (triton on CUDA when installed; on CPU batched when the padding is small,
+    else segmented)."""
 
     registry_poll_s: float = 1.0
     """How often (seconds) the engine checks the registry's generation for alias moves / new versions."""
@@ -95,7 +108,7 @@ class EngineConfig:
         choice("lora_ops", LORA_OPS)
         for name in ("max_slots", "max_rank", "host_cache_bytes", "max_host_adapters", "max_running",
                      "max_batch_tokens", "max_queue", "max_prompt_tokens", "max_model_len",
-                     "kv_cache_tokens", "load_workers"):
+                     "kv_cache_tokens", "kv_block_size", "load_workers"):
             positive(name)
         if not problems:
             if self.max_batch_tokens < self.max_running:
@@ -111,6 +124,10 @@ class EngineConfig:
                 problems.append(
                     f"kv_cache_tokens={self.kv_cache_tokens} must be >= max_model_len={self.max_model_len}"
                 )
+        if not isinstance(self.kv_cache_bytes, int) or self.kv_cache_bytes < 0:
+            problems.append(f"kv_cache_bytes={self.kv_cache_bytes!r}: expected an integer >= 0")
+        if not isinstance(self.kv_cache_memory_fraction, (int, float)) or not 0 <= self.kv_cache_memory_fraction < 1:
+            problems.append(f"kv_cache_memory_fraction={self.kv_cache_memory_fraction!r}: expected a number in [0, 1)")
         if not isinstance(self.cpu_threads, int) or self.cpu_threads < 0:
             problems.append(f"cpu_threads={self.cpu_threads!r}: expected an integer >= 0")
         if not isinstance(self.registry_poll_s, (int, float)) or self.registry_poll_s < 0:

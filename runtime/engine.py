@@ -4,10 +4,11 @@ The step loop (one thread) repeats:
   1. run queued control work (cancellations, load/unload of adapters);
   2. ask the scheduler for this step's plan (decode tokens, prompt chunks, admissions
      within the token budget); admitting pins the adapter into a device slot and
-     reserves the sequence's KV cache;
+     checks the paged KV pool has room; each planned chunk takes its KV blocks (the
+     newest sequence is preempted and later recomputed when the pool runs dry);
   3. run ONE model forward over the packed batch, whatever the adapters;
   4. sample, detokenize and stream one token per sequence that reached its end;
-     finished / cancelled / failed sequences free their KV cache and slot pin now.
+     finished / cancelled / failed sequences free their KV blocks and slot pin now.
 Errors inside a step fail only the affected requests; the loop keeps serving.
 """
 
@@ -22,29 +23,21 @@ from concurrent.futures import Future
 from typing import TypeVar
 
 import torch
-from loradock.registry import (
-    DigestMismatchError,
-    InvalidAdapterError,
-    InvalidNameError,
-    NotFoundError,
-    Registry,
-    RegistryError,
-)
-from loradock.registry.version import AdapterVersion
+from loradock.registry import Registry
 
 from .adapter_cache import AdapterCache, CacheCapacity, LoadState
-from .adapter_weights import LoadedAdapter, ServedModel, read_adapter
+from .adapter_source import AdapterSource
+from .adapter_weights import ServedModel
 from .config import EngineConfig
 from .detokenize import TextStream
 from .errors import (
-    AdapterNotFoundError,
     AdapterUnavailableError,
     EngineError,
     EngineShutdownError,
     InvalidRequestError,
 )
 from .handle import RequestHandle
-from .kv_cache import KVAllocator
+from .kv_cache import KVPool, blocks_for
 from .lora_layer import MultiLoRALinear, wrap_linears
 from .model_loader import load_base_model, load_tokenizer, pick_device, pick_dtype, resolve_base
 from .model_runner import ModelRunner, StepItem
@@ -68,17 +61,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def _engine_error(e: RegistryError, ref: str) -> EngineError:
-    """Map a registry error to the engine error a caller should see."""
-    if isinstance(e, NotFoundError):
-        return AdapterNotFoundError(str(e))
-    if isinstance(e, InvalidNameError):
-        return InvalidRequestError(f"adapter: {e}")
-    if isinstance(e, (DigestMismatchError, InvalidAdapterError)):
-        return AdapterUnavailableError(f"adapter {ref}: {e}")
-    return AdapterUnavailableError(f"adapter {ref}: {e}")
-
-
 class Engine:
     """Serve generation requests for many adapters from one base model.
 
@@ -98,10 +80,6 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._seqs: dict[str, Sequence] = {}
-        self._resolved: dict[str, AdapterVersion] = {}  # ref -> version, valid for one registry generation
-        self._generation: int | None = None
-        self._last_poll = 0.0
-        self._resolve_lock = threading.Lock()
         self.steps = 0
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -121,20 +99,31 @@ class Engine:
         mc = model.config
         self.max_model_len = min(cfg.max_model_len, getattr(mc, "max_position_embeddings", cfg.max_model_len))
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
-        self.kv = KVAllocator(mc.num_hidden_layers, mc.num_key_value_heads, head_dim,
-                              cfg.kv_cache_tokens, self.dtype, self.device)
+        kv_shape = (mc.num_hidden_layers, mc.num_key_value_heads, head_dim)
+        budget = cfg.kv_cache_bytes
+        if cfg.kv_cache_memory_fraction and self.device.type == "cuda":
+            budget = int(torch.cuda.mem_get_info(self.device)[0] * cfg.kv_cache_memory_fraction)
+        num_blocks = (KVPool.blocks_in_budget(budget, cfg.kv_block_size, *kv_shape, self.dtype)
+                      if budget else cfg.kv_cache_tokens // cfg.kv_block_size)
+        self.kv = KVPool(*kv_shape, num_blocks, cfg.kv_block_size, self.dtype, self.device)
+        log.info("KV pool: %d blocks of %d tokens (%.1f MiB)", num_blocks, cfg.kv_block_size,
+                 self.kv.nbytes / 2**20)
+        # Admission keeps this many blocks free for running sequences to grow into (vLLM: 1%).
+        self._kv_watermark = max(1, num_blocks // 100)
+        self.preemptions = 0
         self.served = ServedModel(
             fingerprint=self.base.fingerprint,
             linear_shapes={name: (m.in_features, m.out_features) for name, m in self.layers.items()},
             max_rank=cfg.max_rank,
         )
+        self.adapters = AdapterSource(self.registry, self.served, self.dtype, cfg.registry_poll_s)
         self.encoder = PromptEncoder(self.tokenizer, mc.vocab_size,
                                      min(cfg.max_prompt_tokens, self.max_model_len - 1))
         self.eos_ids = self._eos_ids(model)
-        self.runner = ModelRunner(model, self.device)
+        self.runner = ModelRunner(model, self.kv, self.device)
         self.cache = AdapterCache(
             CacheCapacity(cfg.max_slots, cfg.host_cache_bytes, cfg.max_host_adapters),
-            load=self._read_adapter, write_slot=self._write_slot, stats=self._stats,
+            load=self.adapters.read, layers=self.layers, device=self.device, stats=self._stats,
             workers=cfg.load_workers,
         )
         self.scheduler = Scheduler(cfg.max_running, cfg.max_batch_tokens, cfg.max_queue)
@@ -158,12 +147,13 @@ class Engine:
         return ids
 
     def _warm_up(self) -> None:
-        kv = self.kv.try_allocate(4)
-        assert kv is not None
+        blocks: list[int] = []
+        if not self.kv.grow(blocks, 2):
+            raise ValueError("the KV pool is empty: raise kv_cache_tokens or kv_cache_bytes")
         try:
-            self.runner.forward([StepItem(kv, [self.tokenizer.eos_token_id or 0] * 2, 0, True)])
+            self.runner.forward([StepItem(blocks, 0, [self.tokenizer.eos_token_id or 0] * 2, 0, True)])
         finally:
-            self.kv.free(kv)
+            self.kv.free(blocks)
 
     def shutdown(self, drain: bool = True, timeout: float | None = 30.0) -> None:
         """Stop accepting requests; with `drain`, let queued and running ones finish first
@@ -199,11 +189,17 @@ class Engine:
         if request.request_id in self._seqs:
             raise InvalidRequestError(f"request_id: {request.request_id!r} is already in flight")
         prompt_ids = self.encoder.encode(request)
+        if len(prompt_ids) + 1 > self.kv.capacity_tokens:
+            raise InvalidRequestError(
+                f"prompt: {len(prompt_ids)} tokens (+1 to generate) need "
+                f"{blocks_for(len(prompt_ids) + 1, self.kv.block_size)} KV blocks; the whole pool has "
+                f"{self.kv.num_blocks} ({self.kv.capacity_tokens} tokens, {self.kv.nbytes} bytes)")
         adapter = None
         if request.adapter:
-            version = self._resolve(request.adapter)
-            adapter = ResolvedAdapter(version.name, version.version, version.digest)
-        max_len = min(len(prompt_ids) + request.sampling.max_new_tokens, self.max_model_len)
+            adapter = self.adapters.key(request.adapter)
+        # Capped by the pool too, so a sequence alone always fits and preemption always ends.
+        max_len = min(len(prompt_ids) + request.sampling.max_new_tokens, self.max_model_len,
+                      self.kv.capacity_tokens)
         handle = RequestHandle(request.request_id, self._request_cancel)
         seq = Sequence(
             request=request, handle=handle, prompt_ids=prompt_ids, adapter=adapter,
@@ -237,8 +233,7 @@ class Engine:
     def load_adapter(self, ref: str, pin: bool = False) -> ResolvedAdapter:
         """Resolve `ref`, read it from the registry and place it in a device slot.
         With `pin`, keep it resident until `unload_adapter`."""
-        version = self._resolve(ref)
-        key = ResolvedAdapter(version.name, version.version, version.digest)
+        key = self.adapters.key(ref)
         try:
             self.cache.wait_ready(key)
         except EngineError:
@@ -268,8 +263,7 @@ class Engine:
     def unload_adapter(self, ref: str) -> bool:
         """Drop `ref`'s version from the device slots and host memory (and its pin).
         False when it was not resident; AdapterUnavailableError while requests use it."""
-        version = self._resolve(ref)
-        key = ResolvedAdapter(version.name, version.version, version.digest)
+        key = self.adapters.key(ref)
 
         def drop() -> bool:
             try:
@@ -296,7 +290,7 @@ class Engine:
             max_host_adapters=cfg.max_host_adapters, max_running=cfg.max_running,
             max_batch_tokens=cfg.max_batch_tokens, max_queue=cfg.max_queue,
             max_prompt_tokens=self.encoder.max_prompt_tokens, max_model_len=self.max_model_len,
-            kv_cache_tokens=cfg.kv_cache_tokens, lora_ops=cfg.lora_ops,
+            kv_cache_tokens=self.kv.capacity_tokens, lora_ops=cfg.lora_ops,
         )
 
     def stats(self) -> dict:
@@ -306,50 +300,10 @@ class Engine:
             "running": len(self.scheduler.running),
             "waiting": self.scheduler.num_waiting,
             "kv_tokens_reserved": self.kv.used_tokens,
+            "preemptions": self.preemptions,
             "host_cache_bytes_used": self.cache.host_bytes,
             "steps": self.steps,
         }
-
-    # ---- registry --------------------------------------------------------------------------
-
-    def _resolve(self, ref: str) -> AdapterVersion:
-        """`ref` -> version, cached until the registry's generation changes (polled cheaply)."""
-        with self._resolve_lock:
-            now = time.monotonic()
-            if now - self._last_poll >= self.config.registry_poll_s:
-                self._last_poll = now
-                generation = self.registry.generation()
-                if generation != self._generation:
-                    self._generation = generation
-                    self._resolved.clear()
-            version = self._resolved.get(ref)
-        if version is None:
-            try:
-                version = self.registry.resolve(ref)
-            except RegistryError as e:
-                raise _engine_error(e, ref) from e
-            with self._resolve_lock:
-                self._resolved[ref] = version
-        return version
-
-    def _read_adapter(self, key: ResolvedAdapter) -> LoadedAdapter:
-        """Registry -> host memory (runs in the loader pool): re-verify digests, read, validate."""
-        try:
-            version = self.registry.resolve(key.ref)  # re-checks the files against the manifest
-        except RegistryError as e:
-            raise _engine_error(e, key.ref) from e
-        if version.digest != key.digest:
-            raise AdapterUnavailableError(f"adapter {key.ref} changed on disk (digest {version.digest[:12]})")
-        return read_adapter(key, version.path, version.manifest, self.served, self.dtype)
-
-    def _write_slot(self, slot: int, loaded: LoadedAdapter | None) -> None:
-        """Copy an adapter into (or clear) one slot of every wrapped layer."""
-        for name, layer in self.layers.items():
-            m = loaded.modules.get(name) if loaded is not None else None
-            if m is None:
-                layer.set_slot(slot, None, None)
-            else:
-                layer.set_slot(slot, m.shrink.to(self.device), m.expand.to(self.device))
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -402,14 +356,15 @@ class Engine:
     def step(self) -> bool:
         """Run one engine step; False when there was nothing to do."""
         self._run_inbox()
-        plan = self.scheduler.schedule(self._admit)
+        plan = self.scheduler.schedule(self._admit, self._grow, self._preempt)
         if not plan:
             return False
         self.steps += 1
         items = []
         for seq, n in plan:
             tokens = seq.pending_tokens(n)
-            items.append(StepItem(seq.kv, tokens, seq.slot, seq.computed + len(tokens) == seq.num_tokens))
+            items.append(StepItem(seq.blocks, seq.computed, tokens, seq.slot,
+                                  seq.computed + len(tokens) == seq.num_tokens))
         try:
             step = self.runner.forward(items)
         except Exception as e:
@@ -431,7 +386,7 @@ class Engine:
         return True
 
     def _admit(self, seq: Sequence) -> Admission:
-        """Take the resources `seq` needs to run (adapter slot, KV cache), or say why not."""
+        """Take the adapter slot `seq` needs and check the KV pool has room for it, or say why not."""
         if seq.handle.cancel_requested:
             self._complete(seq, FinishReason.CANCELLED)
             return Admission.DROP
@@ -456,13 +411,32 @@ class Engine:
             if acquired is None:
                 return Admission.WAIT
             slot = acquired
-        kv = self.kv.try_allocate(seq.max_len)
-        if kv is None:
+        # Room for its prompt (and, after a preemption, its output so far), plus the watermark
+        # that running sequences grow into; with nothing running the whole pool is its.
+        need = blocks_for(seq.num_tokens, self.kv.block_size)
+        if self.kv.free_blocks < need + (self._kv_watermark if self.scheduler.running else 0):
             if seq.adapter is not None:
                 self.cache.release(seq.adapter)
             return Admission.WAIT
-        seq.kv, seq.slot, seq.admitted_at = kv, slot, time.monotonic()
+        seq.slot = slot
+        if seq.admitted_at is None:
+            seq.admitted_at = time.monotonic()
         return Admission.ADMIT
+
+    def _grow(self, seq: Sequence, n: int) -> bool:
+        """Take the KV blocks for seq's next n tokens (False: the pool is short)."""
+        return self.kv.grow(seq.blocks, seq.computed + n)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Give back everything a running sequence holds; it recomputes its tokens when readmitted."""
+        self.kv.free(seq.blocks)
+        if seq.adapter is not None:
+            self.cache.release(seq.adapter)
+        seq.computed, seq.slot = 0, 0
+        seq.preemptions += 1
+        self.preemptions += 1
+        log.info("KV pool full: preempted request %s (%d tokens, to be recomputed)",
+                 seq.request_id, seq.num_tokens)
 
     def _on_token(self, seq: Sequence, token: int) -> None:
         seq.output_ids.append(token)
@@ -487,12 +461,11 @@ class Engine:
     # ---- finishing -------------------------------------------------------------------------
 
     def _release(self, seq: Sequence) -> None:
-        """Free the KV cache and the slot pin of `seq` (idempotent)."""
+        """Free the KV blocks and the slot pin of `seq` (idempotent)."""
         if seq.status is SeqStatus.FINISHED:
             return
-        if seq.kv is not None:
-            self.kv.free(seq.kv)
-            seq.kv = None
+        if seq.status is SeqStatus.RUNNING:
+            self.kv.free(seq.blocks)
             if seq.adapter is not None:
                 self.cache.release(seq.adapter)
         self.scheduler.finish(seq)

@@ -1,83 +1,85 @@
-"""Per-sequence KV cache, preallocated for the sequence's whole life.
+"""Paged KV cache: one pool of fixed-size token blocks shared by every sequence.
 
-A sequence's final length is bounded at admission (prompt + max_new_tokens), so its
-cache is allocated once at that size: no torch.cat growth per step (which re-copies
-the whole cache every token), and freeing it is dropping one tensor. The allocator
-keeps a global token budget so admission waits instead of running out of memory.
+A sequence owns a block table (a list of block ids) that grows by one block every
+`block_size` tokens and is returned whole when the sequence ends or is preempted, so
+memory is held only for tokens that exist, never for tokens a request might still
+generate. The pool stores each layer's keys and values as flat token slots
+[num_blocks * block_size, kv_heads, head_dim]: token p of a sequence lives in slot
+`table[p // block_size] * block_size + p % block_size` (`slot_index`).
+
+Only the engine loop thread touches the pool, so it keeps no lock.
 """
 
 from __future__ import annotations
 
-import threading
+import math
 
 import torch
 
 
-class SequenceKV:
-    """K and V of one sequence for every layer: [layers, kv_heads, capacity, head_dim] each.
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks that hold `num_tokens` tokens.
 
-    During a forward, layer l writes the step's new keys at [length, length + n) and
-    attends over [0, length + n); `advance(n)` commits the step once the forward is done,
-    so a failed forward leaves the committed cache untouched.
+    >>> blocks_for(0, 16), blocks_for(1, 16), blocks_for(16, 16), blocks_for(17, 16)
+    (0, 1, 1, 2)
     """
+    return -(-num_tokens // block_size)
 
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int,
+
+class KVPool:
+    """K and V for every layer: [layers, num_blocks * block_size, kv_heads, head_dim] each."""
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device) -> None:
-        shape = (num_layers, kv_heads, capacity, head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
-        self.capacity = capacity
-        self.length = 0  # committed tokens
+        if num_blocks < 1:
+            raise ValueError(f"the KV pool needs at least one block (got {num_blocks})")
+        shape = (num_layers, num_blocks * block_size, kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: the last freed block is reused first
 
-    def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's keys/values ([kv_heads, n, head_dim]) and return all of them so far."""
-        n = k_new.shape[1]
-        end = self.length + n
-        if end > self.capacity:
-            raise RuntimeError(f"KV cache overflow: {end} tokens > capacity {self.capacity}")
-        self.k[layer, :, self.length:end] = k_new
-        self.v[layer, :, self.length:end] = v_new
-        return self.k[layer, :, :end], self.v[layer, :, :end]
+    @staticmethod
+    def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def advance(self, n: int) -> None:
-        self.length += n
+    @classmethod
+    def blocks_in_budget(cls, budget_bytes: int, block_size: int, num_layers: int, kv_heads: int,
+                         head_dim: int, dtype: torch.dtype) -> int:
+        """How many blocks fit in `budget_bytes`."""
+        per_block = block_size * cls.bytes_per_token(num_layers, kv_heads, head_dim, dtype)
+        return math.floor(budget_bytes / per_block)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_tokens(self) -> int:
+        """Tokens' worth of blocks held by sequences (whole blocks)."""
+        return (self.num_blocks - len(self._free)) * self.block_size
 
     @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
+    def grow(self, table: list[int], num_tokens: int) -> bool:
+        """Extend `table` so it holds `num_tokens` tokens; all or nothing (False: too few free blocks)."""
+        need = blocks_for(num_tokens, self.block_size) - len(table)
+        if need <= 0:
+            return True
+        if need > len(self._free):
+            return False
+        for _ in range(need):
+            table.append(self._free.pop())
+        return True
 
-class KVAllocator:
-    """Hands out SequenceKV objects within a total budget of `max_tokens` cached tokens."""
-
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, max_tokens: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        self._shape = (num_layers, kv_heads, head_dim)
-        self.max_tokens = max_tokens
-        self.dtype = dtype
-        self.device = device
-        self._used = 0
-        self._lock = threading.Lock()
-
-    @property
-    def used_tokens(self) -> int:
-        return self._used
-
-    def bytes_per_token(self) -> int:
-        layers, heads, dim = self._shape
-        return 2 * layers * heads * dim * torch.empty((), dtype=self.dtype).element_size()
-
-    def try_allocate(self, capacity: int) -> SequenceKV | None:
-        """A cache for `capacity` tokens, or None while the budget is used up by others."""
-        if capacity > self.max_tokens:
-            raise ValueError(f"a sequence of {capacity} tokens exceeds the KV budget of {self.max_tokens}")
-        with self._lock:
-            if self._used + capacity > self.max_tokens:
-                return None
-            self._used += capacity
-        layers, heads, dim = self._shape
-        return SequenceKV(layers, heads, dim, capacity, self.dtype, self.device)
-
-    def free(self, kv: SequenceKV) -> None:
-        with self._lock:
-            self._used -= kv.capacity
+    def free(self, table: list[int]) -> None:
+        """Return every block of `table` to the pool and empty it."""
+        self._free.extend(reversed(table))
+        table.clear()

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .batch_context import current_context
-from .lora_ops import LORA_OPS, LoRAOp
+from .lora_ops import LoRAOp, pick_op
 
 # Projections an adapter may target (Llama-family names).
 TARGETABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -77,7 +77,7 @@ class MultiLoRALinear(nn.Module):
 def wrap_linears(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype,
                  device: torch.device, ops: str) -> dict[str, MultiLoRALinear]:
     """Replace every targetable linear of `model` by a MultiLoRALinear; {module name: wrapper}."""
-    op = LORA_OPS[ops]
+    op = pick_op(ops, device)
     targets = [(name, module) for name, module in model.named_modules()
                if name.rsplit(".", 1)[-1] in TARGETABLE and hasattr(module, "in_features")]
     wrapped: dict[str, MultiLoRALinear] = {}

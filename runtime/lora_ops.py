@@ -18,12 +18,15 @@ a row-major right operand; for shrink the layout made no measurable difference.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Protocol
 
 import torch
 
 from .batch_context import LoRABatch, SlotGroups
+from .triton_lora import available as triton_available
+from .triton_lora import triton_lora
 
 
 class LoRAOp(Protocol):
@@ -110,4 +113,17 @@ LORA_OPS: dict[str, LoRAOp] = {
     "segmented": segmented_lora,
     "batched": batched_lora,
     "auto": auto_lora,
+    "triton": triton_lora,
 }
+
+
+def pick_op(name: str, device: torch.device) -> LoRAOp:
+    """The op called `name` for layers on `device`; "auto" means the Triton kernels on CUDA
+    (when Triton is installed), else `auto_lora`."""
+    if name == "auto" and device.type == "cuda" and triton_available():
+        return triton_lora
+    if name == "triton" and (not triton_available() or (
+            device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1")):
+        raise ValueError("lora_ops='triton' needs a CUDA device with Triton installed "
+                         "(on CPU only under TRITON_INTERPRET=1, for tests)")
+    return LORA_OPS[name]

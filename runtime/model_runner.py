@@ -8,16 +8,17 @@ from dataclasses import dataclass
 import torch
 
 from . import batching
-from .batch_context import BatchContext, LoRABatch, SeqSpan, SlotGroups, use_context
-from .kv_cache import SequenceKV
+from .batch_context import AttentionBatch, BatchContext, LoRABatch, SlotGroups, use_context
+from .kv_cache import KVPool
 
 
 @dataclass(frozen=True)
 class StepItem:
     """One sequence's part of a step."""
 
-    kv: SequenceKV
-    tokens: Sequence[int]  # new tokens: a prompt chunk or the last sampled token
+    blocks: Sequence[int]  # its block table, already holding past + len(tokens) tokens
+    past: int  # tokens already in the KV cache
+    tokens: Sequence[int]  # new tokens: a prompt chunk, a recompute chunk or the last sampled token
     slot: int  # adapter slot, 0 = base model
     wants_logits: bool  # the chunk ends the known tokens, so the next token is sampled
 
@@ -34,9 +35,8 @@ class StepLogits:
         return None if r is None else self.logits[r]
 
 
-def lora_batch(token_slots: torch.Tensor, device: torch.device) -> LoRABatch:
+def lora_batch(slot_list: Sequence[int], device: torch.device) -> LoRABatch:
     """The LoRA layers' view of a step from its token -> slot map [T]."""
-    slot_list = token_slots.tolist()
     segments = batching.find_segments(slot_list)
     layout = batching.slot_groups(slot_list, segments)
 
@@ -44,8 +44,11 @@ def lora_batch(token_slots: torch.Tensor, device: torch.device) -> LoRABatch:
         return None if index is None else torch.tensor(index, dtype=torch.long, device=device)
 
     return LoRABatch(
-        token_slots=token_slots.to(device),
+        token_slots=torch.tensor(list(slot_list), dtype=torch.long, device=device),
         segments=tuple(segments),
+        runs=torch.tensor([(start, end - start, slot) for start, end, slot in segments] or [(0, 0, 0)],
+                          dtype=torch.int32, device=device),
+        longest_run=max((end - start for start, end, _ in segments), default=0),
         slots_present=tuple(sorted({s for s in slot_list if s != 0})),
         groups=SlotGroups(
             layout.lo, layout.hi, layout.width, as_tensor(layout.rows), as_tensor(layout.blocked),
@@ -54,34 +57,54 @@ def lora_batch(token_slots: torch.Tensor, device: torch.device) -> LoRABatch:
     )
 
 
+def attention_batch(pool: KVPool, items: Sequence[StepItem], cu_lens: Sequence[int],
+                    device: torch.device) -> AttentionBatch:
+    """The attention function's view of a step: pool slots to write, one group per call."""
+    bs = pool.block_size
+    width = max(len(it.blocks) for it in items)
+    tables = torch.tensor([[*it.blocks, *[0] * (width - len(it.blocks))] for it in items],
+                          dtype=torch.long, device=device)  # [n, blocks]
+    chunks = [len(it.tokens) for it in items]
+    positions = batching.position_ids([it.past for it in items], chunks).to(device)  # [T]
+    owner = torch.repeat_interleave(torch.arange(len(items), device=device),
+                                    torch.tensor(chunks, device=device))  # [T] sequence of each token
+    write_index = batching.slot_index(tables[owner], positions[:, None], bs).view(-1)  # [T]
+    groups = []
+    for members in ([i for i, n in enumerate(chunks) if n == 1], [i for i, n in enumerate(chunks) if n > 1]):
+        if members:
+            groups.append(batching.attention_group(
+                [cu_lens[i] for i in members], [items[i].past for i in members], [chunks[i] for i in members],
+                tables[members], bs))
+    return AttentionBatch(pool.k, pool.v, write_index, tuple(groups))
+
+
 class ModelRunner:
     """Runs the (LoRA-wrapped) model on packed steps. One call = one model forward."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, pool: KVPool, device: torch.device) -> None:
         self.model = model
+        self.pool = pool
         self.device = device
 
     @torch.inference_mode()
     def forward(self, items: Sequence[StepItem]) -> StepLogits:
-        """Run one packed step and commit each item's new tokens to its KV cache."""
+        """Run one packed step; each item's new K/V land in the pool blocks it holds."""
         order = batching.order_by_slot([it.slot for it in items])  # group tokens by adapter
         ordered = [items[i] for i in order]
         chunk_lens = [len(it.tokens) for it in ordered]
         input_ids, cu_lens = batching.pack_tokens([it.tokens for it in ordered])  # [T], [n + 1]
-        positions = batching.position_ids([it.kv.length for it in ordered], chunk_lens)  # [T]
+        positions = batching.position_ids([it.past for it in ordered], chunk_lens)  # [T]
         token_slots = batching.token_slots([it.slot for it in ordered], chunk_lens)  # [T]
         keep = batching.sample_indices(cu_lens, [it.wants_logits for it in ordered])  # [n_sample]
-        lora = lora_batch(token_slots, self.device)
-        spans = tuple(SeqSpan(it.kv, cu_lens[i], cu_lens[i + 1]) for i, it in enumerate(ordered))
-        with use_context(BatchContext(lora=lora, seqs=spans)):
+        ctx = BatchContext(lora=lora_batch(token_slots, self.device),
+                           attention=attention_batch(self.pool, ordered, cu_lens, self.device))
+        with use_context(ctx):
             out = self.model(
                 input_ids=input_ids[None].to(self.device),
                 position_ids=positions[None].to(self.device),
                 use_cache=False,
                 logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device),
             )
-        for it, n in zip(ordered, chunk_lens, strict=True):
-            it.kv.advance(n)
         rows: list[int | None] = [None] * len(items)
         row = 0
         for i, it in zip(order, ordered, strict=True):

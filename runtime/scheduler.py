@@ -6,6 +6,11 @@ budget (`max_batch_tokens`) and `max_running` allow. A long prompt is cut into
 chunks so it never stalls the others' decoding. Waiting requests queue per adapter
 (FCFS inside a queue) and admission takes the queues' heads round-robin, so a
 popular adapter cannot starve a rare one.
+
+Every planned chunk first gets its KV blocks (`grow`). When the pool runs dry, the
+newest running sequence is preempted (`preempt` frees its blocks; it goes back to the
+front of its queue and later recomputes its prompt and output so far), so the oldest
+sequence always makes progress: no deadlock, and no request fails for lack of KV.
 """
 
 from __future__ import annotations
@@ -53,12 +58,22 @@ class Scheduler:
         with self._lock:
             if self._num_waiting >= self.max_queue:
                 raise QueueFullError(f"{self._num_waiting} requests are waiting (max_queue={self.max_queue}); retry later")
-            key = self.queue_key(seq)
-            if key not in self._queues:
-                self._queues[key] = deque()
+            self._enqueue(seq, front=False)
+
+    def _enqueue(self, seq: Sequence, front: bool) -> None:
+        """Into its adapter's queue (at the front: a preempted sequence goes first). Holds the lock."""
+        key = self.queue_key(seq)
+        if key not in self._queues:
+            self._queues[key] = deque()
+            if front:
+                self._order.appendleft(key)
+            else:
                 self._order.append(key)
+        if front:
+            self._queues[key].appendleft(seq)
+        else:
             self._queues[key].append(seq)
-            self._num_waiting += 1
+        self._num_waiting += 1
 
     def remove_waiting(self, seq: Sequence) -> bool:
         with self._lock:
@@ -80,27 +95,56 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
 
-    def schedule(self, admit: Callable[[Sequence], Admission]) -> list[tuple[Sequence, int]]:
-        """The step's plan: [(sequence, number of new tokens)], within the token budget."""
-        budget = self.max_batch_tokens
-        plan: list[tuple[Sequence, int]] = []
-        for seq in self.running:  # decode first: one token each, always fits (budget >= max_running)
-            if not seq.in_prefill:
-                plan.append((seq, 1))
-                budget -= 1
-        for seq in self.running:  # then continue chunked prefills, oldest first
-            if seq.in_prefill and budget > 0:
-                n = min(len(seq.prompt_ids) - seq.computed, budget)
-                plan.append((seq, n))
-                budget -= n
-        while budget > 0 and len(self.running) < self.max_running:
+    def schedule(self, admit: Callable[[Sequence], Admission], grow: Callable[[Sequence, int], bool],
+                 preempt: Callable[[Sequence], None]) -> list[tuple[Sequence, int]]:
+        """The step's plan: [(sequence, number of new tokens)], within the token budget.
+
+        `grow(seq, n)` takes the KV blocks for seq's next n tokens (False: the pool is short);
+        `preempt(seq)` gives back everything seq holds before it re-queues.
+        """
+        plan: dict[Sequence, int] = {}  # insertion-ordered
+
+        def budget() -> int:
+            return self.max_batch_tokens - sum(plan.values())
+
+        def fits(seq: Sequence, n: int) -> bool:
+            """Blocks for seq's n tokens, preempting newer sequences while the pool is short."""
+            while not grow(seq, n):
+                if self.running[-1] is seq:
+                    return False
+                self._preempt(self.running[-1], preempt, plan)
+            return True
+
+        for seq in list(self.running):  # decode first: one token each (budget >= max_running)
+            if seq in self.running and not seq.in_prefill:
+                if fits(seq, 1):
+                    plan[seq] = 1
+                else:  # the newest sequence and the pool is dry: it waits for a recompute
+                    self._preempt(seq, preempt, plan)
+        for seq in list(self.running):  # then continue chunked prefills, oldest first
+            if seq in self.running and seq.in_prefill and budget() > 0:
+                n = min(seq.num_tokens - seq.computed, budget())
+                if fits(seq, n):
+                    plan[seq] = n
+        while budget() > 0 and len(self.running) < self.max_running:
             admitted = self._admit_one(admit)
             if admitted is None:
                 break
-            n = min(len(admitted.prompt_ids), budget)
-            plan.append((admitted, n))
-            budget -= n
-        return plan
+            n = min(admitted.num_tokens - admitted.computed, budget())
+            if not fits(admitted, n):  # admission checked the pool, so only a bug lands here
+                self._preempt(admitted, preempt, plan)
+                break
+            plan[admitted] = n
+        return list(plan.items())
+
+    def _preempt(self, seq: Sequence, preempt: Callable[[Sequence], None], plan: dict[Sequence, int]) -> None:
+        """Stop `seq` for now: out of the plan and the running list, back to the front of its queue."""
+        plan.pop(seq, None)
+        self.running.remove(seq)
+        preempt(seq)
+        seq.status = SeqStatus.WAITING
+        with self._lock:
+            self._enqueue(seq, front=True)
 
     def _admit_one(self, admit: Callable[[Sequence], Admission]) -> Sequence | None:
         """Admit the head of the next adapter queue (round-robin) that can run now."""

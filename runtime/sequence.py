@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 from .detokenize import TextStream
 from .handle import RequestHandle
-from .kv_cache import SequenceKV
 from .sampling import Sampler
 from .types import GenerationRequest, ResolvedAdapter
 
@@ -31,8 +30,9 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
     computed: int = 0  # tokens whose K/V are in the cache
-    kv: SequenceKV | None = None
+    blocks: list[int] = field(default_factory=list)  # KV pool block table
     slot: int = 0
+    preemptions: int = 0
     submitted_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None
     first_token_at: float | None = None
@@ -47,10 +47,14 @@ class Sequence:
 
     @property
     def in_prefill(self) -> bool:
-        return self.computed < len(self.prompt_ids)
+        """More than one token lacks its K/V: a prompt chunk, or a recompute after preemption."""
+        return self.num_tokens - self.computed > 1
 
     def pending_tokens(self, limit: int) -> list[int]:
-        """The next tokens to run through the model (a prompt chunk, or the last sampled token)."""
-        if self.in_prefill:
-            return self.prompt_ids[self.computed:self.computed + limit]
-        return [self.output_ids[-1]]
+        """The next tokens to run through the model: a prompt chunk (after a preemption, the
+        generated tokens follow the prompt), or the last sampled token."""
+        start, end = self.computed, min(self.computed + limit, self.num_tokens)
+        prompt = len(self.prompt_ids)
+        if end <= prompt:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.output_ids[max(start - prompt, 0):end - prompt]

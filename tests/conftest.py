@@ -16,6 +16,11 @@ from loradock.bases import import_base, packaged_gguf_path
 
 TINY_BASE = "tiny-llama"
 
+# Without a GPU, Triton kernels are tested under Triton's CPU interpreter. The variable must be
+# set before anything imports triton (bitsandbytes does, on import), so it is set here.
+if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidia0"):
+    os.environ["TRITON_INTERPRET"] = "1"
+
 
 @pytest.fixture(scope="session")
 def session_home(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -121,16 +121,19 @@ def oracle_quantization_config(quantize: str):
     raise ValueError(f"no oracle for quantization {quantize!r}")
 
 
-def load_peft_oracle(base_path: Path, adapters: dict[str, Path], quantize: str):
-    """A PeftModel on a separately loaded base (same quantization, fp32 compute) holding all adapters."""
+def load_peft_oracle(base_path: Path, adapters: dict[str, Path], quantize: str, device: str = "cpu"):
+    """A PeftModel on a separately loaded base (same quantization, fp32 compute) holding all
+    adapters, on `device`."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     kwargs: dict = {"dtype": torch.float32}
     qconfig = oracle_quantization_config(quantize)
     if qconfig is not None:
-        kwargs.update(quantization_config=qconfig, device_map={"": "cpu"})
+        kwargs.update(quantization_config=qconfig, device_map={"": device})
     base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs).eval()
+    if qconfig is None:
+        base.to(device)
     names = list(adapters)
     model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
     for name in names[1:]:
@@ -152,7 +155,7 @@ def oracle_adapter(model, adapter: str | None) -> Iterator[None]:
 @torch.inference_mode()
 def oracle_logits(model, adapter: str | None, ids: list[int]) -> torch.Tensor:
     """Logits [len(ids), vocab] of `ids` through one adapter alone, in one full forward."""
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=model.device)
     with oracle_adapter(model, adapter):
         return model(input_ids=x).logits[0].float()
 

@@ -18,8 +18,10 @@ import time
 from pathlib import Path
 
 import torch
+from loradock.benchmarks.step_ops import ops_per_decode_step
 from loradock.registry import Registry
 from loradock.runtime import Engine, EngineConfig, GenerationRequest, SamplingParams
+from loradock.runtime.sequence import SeqStatus
 
 from tests.adapters import make_lora_adapter
 from tests.runtime.conftest import ATTN_MLP
@@ -31,7 +33,7 @@ def decode_step_ms(engine: Engine, adapters: list[str | None], steps: int) -> fl
         adapter=a, prompt=f"Request number {i}: tell me about the sea.",
         sampling=SamplingParams(max_new_tokens=steps + 4, ignore_eos=True))) for i, a in enumerate(adapters)]
     seqs = [engine._seqs[h.request_id] for h in handles]
-    while any(s.kv is None or s.in_prefill for s in seqs):  # admission + prefill
+    while any(s.status is not SeqStatus.RUNNING or s.in_prefill for s in seqs):  # admission + prefill
         if not engine.step():
             time.sleep(0.01)
     times = []
@@ -89,6 +91,9 @@ def main() -> None:
             report["base_step_ms"] = round(decode_step_ms(engine, [None] * args.sequences, args.steps), 1)
         report[f"adapters_step_ms[{ops}]"] = round(
             decode_step_ms(engine, names[:args.sequences], args.steps), 1)
+        report[f"ops_per_decode_step[{ops}]"] = ops_per_decode_step(
+            engine, names[:args.sequences], engine.tokenizer.encode("Tell me about the sea."),
+            (1, 8, args.sequences))
         engine.shutdown(drain=False)
     print(json.dumps(report, indent=2))
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import doctest
+
 import pytest
-import torch
-from loradock.runtime import batching
+from loradock.runtime import batching, kv_cache
 
 
 @pytest.mark.parametrize(("slots", "want"), [
@@ -59,7 +60,7 @@ def test_position_ids(past, lens, want):
 ])
 def test_token_slots(seq_slots, lens, want):
     got = batching.token_slots(seq_slots, lens)
-    assert got.dtype == torch.long and got.tolist() == want
+    assert got == want
 
 
 @pytest.mark.parametrize(("cu", "wants", "want"), [
@@ -83,3 +84,9 @@ def test_sample_indices(cu, wants, want):
 ])
 def test_slot_groups(slots, want):
     assert tuple(batching.slot_groups(slots, batching.find_segments(slots))) == want
+
+
+@pytest.mark.parametrize("module", [batching, kv_cache])
+def test_doctests(module):
+    """The examples in the batching maths' docstrings are tests too."""
+    assert doctest.testmod(module).failed == 0

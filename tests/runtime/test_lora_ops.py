@@ -13,8 +13,8 @@ from loradock.runtime.model_runner import lora_batch
 from torch import nn
 
 
-def make_batch(seq_slots: list[int], chunk_lens: list[int]) -> LoRABatch:
-    return lora_batch(batching.token_slots(seq_slots, chunk_lens), torch.device("cpu"))
+def make_batch(seq_slots: list[int], chunk_lens: list[int], device: torch.device | None = None) -> LoRABatch:
+    return lora_batch(batching.token_slots(seq_slots, chunk_lens), device or torch.device("cpu"))
 
 
 def stacked_weights(num_slots: int, ranks: list[int], r_max: int, d_in: int, d_out: int, seed: int):

@@ -6,6 +6,7 @@ import threading
 
 import pytest
 from loradock.runtime import GenerationRequest, SamplingParams
+from loradock.runtime.sequence import SeqStatus
 
 from tests.runtime.conftest import SPECS, drive, load_peft_oracle, oracle_greedy
 
@@ -52,15 +53,15 @@ def test_request_joining_mid_decode_gets_its_solo_tokens(tiny_registry, tiny_bas
 def test_more_adapters_than_slots(tiny_registry, tiny_base, tiny_adapter_dirs, engine_factory):
     engine = engine_factory(tiny_registry, tiny_base.name, run_loop=False, max_slots=3, max_running=16)
     in_use_evictions = []
-    write = engine.cache._write
+    write = engine.cache._write_layers
 
     def checked_write(slot, loaded):  # the slot being (over)written must not serve a running request
-        users = [s.request_id for s in engine.scheduler.running if s.slot == slot and s.kv is not None]
+        users = [s.request_id for s in engine.scheduler.running if s.slot == slot]
         if users and engine.cache._slot_key[slot] is not None:
             in_use_evictions.append((slot, users))
         write(slot, loaded)
 
-    engine.cache._write = checked_write
+    engine.cache._write_layers = checked_write
     names = [s.name for s in SPECS[:6]]
     prompts = ["Alpha beta", "Gamma delta epsilon", "One two"]
     work = [(names[i % 6], prompts[i % 3], 3 + i % 4) for i in range(18)]
@@ -124,7 +125,7 @@ def test_adapter_loading_overlaps_decoding(tiny_registry, tiny_base, engine_fact
     for _ in range(5):
         engine.step()
     assert len(seq.output_ids) == before + 5, "decoding continued while the adapter loaded"
-    assert not waiting.done and engine._seqs[waiting.request_id].kv is None
+    assert not waiting.done and engine._seqs[waiting.request_id].status is SeqStatus.WAITING
     release.set()
     drive(engine, [running, waiting])
     assert waiting.result().completion_tokens == 3

@@ -1,0 +1,97 @@
+"""Which weight format serves the base fastest on this device: a prefill chunk and a decode
+batch through the bare base model (no adapters, no engine) in each format, interleaved rounds,
+medians. Run by hand; the table goes to docs/architecture.md.
+
+    .venv/bin/python -m loradock.benchmarks.quant_formats --base-path DIR [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+DECODE_BATCH, PREFILL_TOKENS = 32, 256
+
+
+def load(base_path: Path, fmt: str):
+    """The base in format `fmt` ("<weights>/<compute dtype>"), on CPU."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    weights, compute = fmt.split("/")
+    dtype = getattr(torch, compute)
+    kwargs: dict = {"dtype": dtype}
+    if weights == "nf4":
+        kwargs.update(device_map={"": "cpu"}, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype))
+    model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs).eval()
+    if weights.startswith("torchao-"):
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+        config = Int8WeightOnlyConfig() if weights == "torchao-int8" else Int4WeightOnlyConfig(group_size=64)
+        quantize_(model.model, config)  # the decoder's linears; lm_head (tied) stays as it is
+    return model
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def measure(model, vocab: int, repeats: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    decode_ids = torch.randint(vocab, (DECODE_BATCH, 1), generator=g)  # one new token per sequence
+    prefill_ids = torch.randint(vocab, (1, PREFILL_TOKENS), generator=g)
+    decode_s = timed(lambda: model(input_ids=decode_ids, use_cache=False, logits_to_keep=1), repeats)
+    prefill_s = timed(lambda: model(input_ids=prefill_ids, use_cache=False, logits_to_keep=1), repeats)
+    return {"decode_ms": decode_s * 1e3, "decode_tokens_per_s": DECODE_BATCH / decode_s,
+            "prefill_ms": prefill_s * 1e3, "prefill_tokens_per_s": PREFILL_TOKENS / prefill_s}
+
+
+FORMATS = ("none/float32", "none/bfloat16", "nf4/float32", "nf4/bfloat16",
+           "torchao-int8/float32", "torchao-int8/bfloat16", "torchao-int4/bfloat16")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-path", type=Path, required=True, help="Hugging Face model directory of the base")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over every format")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per format per round")
+    p.add_argument("--formats", nargs="+", default=list(FORMATS), help="weights/compute-dtype pairs")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    vocab = json.loads((args.base_path / "config.json").read_text())["vocab_size"]
+    models, results = {}, {}
+    for fmt in args.formats:
+        try:
+            models[fmt] = load(args.base_path, fmt)
+        except Exception as e:  # a format this machine or library version cannot run
+            results[fmt] = {"error": f"{type(e).__name__}: {e}"[:200]}
+    rounds: dict[str, list[dict]] = {fmt: [] for fmt in models}
+    for _ in range(args.rounds):
+        for fmt, model in models.items():
+            try:
+                rounds[fmt].append(measure(model, vocab, args.repeats))
+            except Exception as e:
+                results[fmt] = {"error": f"{type(e).__name__}: {e}"[:200]}
+    for fmt, runs in rounds.items():
+        if runs and fmt not in results:
+            results[fmt] = {k: round(statistics.median(r[k] for r in runs), 1) for k in runs[0]}
+    print(json.dumps({"threads": args.threads, "decode_batch": DECODE_BATCH,
+                      "prefill_tokens": PREFILL_TOKENS, "formats": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

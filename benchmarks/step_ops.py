@@ -1,0 +1,51 @@
+"""Torch ops dispatched by one decode step at several batch sizes.
+
+On a GPU every op is at least one kernel launch, so an engine whose op count grows with the
+number of running sequences spends its step in Python and launch overhead, not in the
+hardware. Counted with a `TorchDispatchMode` on an engine driven step by step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from loradock.runtime.engine import Engine
+from loradock.runtime.sequence import SeqStatus
+from loradock.runtime.types import GenerationRequest, SamplingParams
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the torch ops dispatched in this thread while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_decode_step(engine: Engine, adapters: Sequence[str | None], prompt_ids: Sequence[int],
+                        sizes: Sequence[int] = (1, 8, 32)) -> dict[str, int]:
+    """{running sequences: ops of one step} once every sequence decodes; sequence i uses
+    adapters[i % len(adapters)]. `engine` must have been started with run_loop=False."""
+    counts = {}
+    for n in sizes:
+        handles = [engine.submit(GenerationRequest(
+            adapter=adapters[i % len(adapters)], prompt_token_ids=tuple(prompt_ids),
+            sampling=SamplingParams(max_new_tokens=8, ignore_eos=True))) for i in range(n)]
+        seqs = [engine._seqs[h.request_id] for h in handles]
+        while any(s.status is not SeqStatus.RUNNING or s.in_prefill for s in seqs):
+            if not engine.step():  # adapters still loading
+                time.sleep(0.01)
+        counter = OpCounter()
+        with counter:
+            engine.step()
+        counts[str(n)] = counter.count
+        for h in handles:
+            h.cancel()
+        engine.step()
+    return counts

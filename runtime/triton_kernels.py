@@ -1,0 +1,32 @@
+"""Triton kernels (imported only where Triton is installed; see triton_lora.py)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def segmented_matmul_kernel(x_ptr, w_ptr, out_ptr, runs_ptr, K, N,
+                            stride_xt, stride_ws, stride_wk, stride_wn, stride_ot,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[start:start + length] = x[start:start + length] @ W[slot] for run `program_id(0)` of
+    `runs` [G, 3] (start, length, slot); zeros where slot is 0. This program: BLOCK_M tokens of
+    the run (`program_id(1)`), BLOCK_N output columns (`program_id(2)`)."""
+    run, block_m, block_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(runs_ptr + run * 3)
+    length = tl.load(runs_ptr + run * 3 + 1)
+    slot = tl.load(runs_ptr + run * 3 + 2)
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < length
+    col_ok = cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if slot != 0:
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + (start + rows)[:, None] * stride_xt + ks[None, :],
+                        mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
+            w = tl.load(w_ptr + slot * stride_ws + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
+                        mask=(ks[:, None] < K) & col_ok[None, :], other=0.0)
+            acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
+    tl.store(out_ptr + (start + rows)[:, None] * stride_ot + cols[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
