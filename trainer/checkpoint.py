@@ -3,11 +3,13 @@
 A checkpoint is `output_dir/checkpoint-<step>/`, written to a temporary folder
 and renamed into place, so an interrupted save never looks complete. Resuming
 restores everything the next step depends on, so a resumed run ends with the
-same weights as one that was never stopped.
+same weights as one that was never stopped. With `save_only_model` a checkpoint
+holds the adapter and the loop state only; it is refused as a place to resume from.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .config import TrainConfig
 from .errors import CheckpointError
 from .model import ADAPTER_WEIGHTS, load_adapter_weights
 
@@ -27,8 +30,8 @@ MUST_MATCH = (
     "model_name_or_path", "quantization_bit", "dataset", "cutoff_len", "max_samples", "val_size",
     "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "use_dora",
     "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay",
-    "num_train_epochs", "max_steps", "max_grad_norm", "lr_scheduler_type", "warmup_ratio", "seed",
-    "parent",
+    "num_train_epochs", "max_steps", "max_grad_norm", "lr_scheduler_type", "warmup_ratio",
+    "warmup_steps", "seed", "parent", "double_quantization",
 )
 
 
@@ -45,22 +48,27 @@ class TrainState:
 
 def save_checkpoint(
     output_dir: Path, model, optimizer, scheduler, state: TrainState, *,
-    config: dict, dataset_digest: str, rank: int = 0, world_size: int = 1,
+    config: dict, dataset_digest: str, rank: int = 0, world_size: int = 1, model_only: bool = False,
 ) -> Path:
-    """Write checkpoint-<step> (rank 0 writes the shared parts; every rank its RNG state)."""
+    """Write checkpoint-<step> (rank 0 writes the shared parts; every rank its RNG state).
+
+    `model_only` (save_only_model) leaves out optimizer, scheduler and RNG states.
+    """
     final = output_dir / f"{PREFIX}{state.step}"
     staging = output_dir / f".{PREFIX}{state.step}.tmp"
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         model.save_pretrained(staging)
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+        if not model_only:
+            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+            torch.save(scheduler.state_dict(), staging / "scheduler.pt")
         meta = {"state": asdict(state), "config": config, "dataset_digest": dataset_digest,
-                "world_size": world_size}
+                "world_size": world_size, "model_only": model_only}
         (staging / STATE_FILE).write_text(json.dumps(meta, indent=2))
     _barrier(world_size)
-    torch.save(_rng_state(), staging / f"rng_rank{rank}.pt")
+    if not model_only:
+        torch.save(_rng_state(), staging / f"rng_rank{rank}.pt")
     _barrier(world_size)
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -91,7 +99,16 @@ def load_checkpoint(
 ) -> TrainState:
     """Restore a checkpoint into model, optimizer, scheduler and RNG; return the loop state."""
     meta = json.loads((path / STATE_FILE).read_text())
-    differs = [k for k in MUST_MATCH if meta["config"].get(k) != config.get(k)]
+    if meta.get("model_only"):
+        raise CheckpointError(
+            f"resume_from_checkpoint: {path} was saved with save_only_model: true, so it holds the "
+            "adapter weights but no optimizer, scheduler or RNG state, and the run cannot continue "
+            "exactly from it; use a run saved with save_only_model: false (or start afresh with "
+            "parent set to a published version)"
+        )
+    # A key the checkpoint's config lacks was added later; it held its default then.
+    defaults = _field_defaults()
+    differs = [k for k in MUST_MATCH if meta["config"].get(k, defaults.get(k)) != config.get(k)]
     if differs:
         detail = ", ".join(f"{k}: {meta['config'].get(k)!r} -> {config.get(k)!r}" for k in differs)
         raise CheckpointError(f"resume_from_checkpoint: {path} was made with a different config ({detail})")
@@ -107,6 +124,11 @@ def load_checkpoint(
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     _set_rng_state(torch.load(path / f"rng_rank{rank}.pt", weights_only=True))
     return TrainState(**meta["state"])
+
+
+def _field_defaults() -> dict:
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig)
+            if f.default is not dataclasses.MISSING}
 
 
 def _rng_state() -> dict:

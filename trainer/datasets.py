@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from .errors import DatasetError, problems_message
 
@@ -106,11 +108,15 @@ def resolve_dataset(name: str, dataset_dir: str | Path, config_dir: Path | None 
             info = _read_info(info_path)
             if name in info:
                 return _spec_from_info(name, info[name], root, info_path)
-    for root in roots:
-        path = root / name
+    # A file or folder named directly: in dataset_dir, else as given (from the working
+    # directory, then from the config file's folder).
+    candidates = [root / name for root in roots] + [Path(name)]
+    if config_dir is not None and not Path(name).is_absolute():
+        candidates.append(config_dir / name)
+    for path in candidates:
         if path.exists():
             return DatasetSpec(name, _data_files(path), None)
-    tried = ", ".join(str(r / name) for r in roots)
+    tried = ", ".join(dict.fromkeys(str(p) for p in candidates))
     known = []
     for root in roots:
         if (root / "dataset_info.json").is_file():
@@ -202,19 +208,22 @@ def digest(conversations: list[Conversation]) -> str:
 def split(
     conversations: list[Conversation], val_size: float, seed: int
 ) -> tuple[list[Conversation], list[Conversation]]:
-    """Seeded (train, validation) split; val_size is a fraction in (0, 1) or a record count."""
+    """Seeded (train, validation) split; val_size is a fraction in (0, 1) or a record count.
+
+    The draw is LLaMA-Factory's (`datasets.Dataset.train_test_split(test_size, seed=seed)`):
+    a fraction is rounded up to whole records, the records are permuted with
+    `numpy.random.default_rng(seed)`, the first ones of the permutation are held out and
+    both splits keep the permutation's order, so the same data and seed hold out the same
+    records in both tools.
+    """
     if val_size <= 0:
         return list(conversations), []
     n = len(conversations)
-    n_val = int(val_size) if val_size >= 1 else max(1, round(n * val_size))
+    n_val = int(val_size) if val_size >= 1 else math.ceil(n * val_size)
     if n_val >= n:
         raise DatasetError(f"val_size {val_size:g} leaves no training records (only {n} records)")
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    val_idx = set(order[:n_val])
-    train = [c for i, c in enumerate(conversations) if i not in val_idx]
-    val = [c for i, c in enumerate(conversations) if i in val_idx]
-    return train, val
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    return [conversations[i] for i in order[n_val:]], [conversations[i] for i in order[:n_val]]
 
 
 # --- record formats -------------------------------------------------------------------------
@@ -323,6 +332,16 @@ def _spec_from_info(name: str, entry: object, root: Path, info_path: Path) -> Da
         raise DatasetError(f"{where}: {hub[0]} is not supported (loradock trains offline); use file_name")
     if entry.get("ranking"):
         raise DatasetError(f"{where}: ranking (preference) datasets are not supported; loradock trains sft only")
+    columns = entry.get("columns", {})
+    media = [k for k in ("images", "videos", "audios") if isinstance(columns, dict) and k in columns]
+    if media:
+        raise DatasetError(f"{where}: columns {', '.join(media)}: multimodal datasets are not supported; "
+                           "loradock trains on text conversations")
+    if isinstance(columns, dict) and "kto_tag" in columns:
+        raise DatasetError(f"{where}: columns kto_tag: KTO datasets are not supported; loradock trains sft only")
+    if "num_samples" in entry:
+        raise DatasetError(f"{where}: num_samples (random resampling) is not supported; "
+                           "use max_samples in the training config to take the first N records")
     if "file_name" not in entry:
         raise DatasetError(f"{where}: field 'file_name': missing")
     formatting = entry.get("formatting", "alpaca")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -24,14 +25,18 @@ class World:
         return self.rank == 0
 
 
-def init_world(device_type: str) -> World:
-    """Join the process group when launched with several processes (NCCL on CUDA, gloo on CPU)."""
+def init_world(device_type: str, timeout_s: int = 1800) -> World:
+    """Join the process group when launched with several processes (NCCL on CUDA, gloo on CPU).
+
+    `timeout_s` (the config's ddp_timeout) is how long a collective waits for the other processes.
+    """
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
     world = World(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), size)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=timeout_s))
     return world
 
 

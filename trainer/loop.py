@@ -13,6 +13,7 @@ import math
 import sys
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,8 @@ class LoopSettings:
     save_steps: int
     seed: int
     autocast_dtype: torch.dtype | None
+    eval_each_epoch: bool = False  # eval_strategy: epoch
+    model_only_checkpoints: bool = False  # save_only_model
 
 
 def collate(examples: list[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -91,11 +94,13 @@ def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 class StepLog:
-    """One JSON line per step (and per eval) in output_dir/train_log.jsonl."""
+    """One JSON line per step (and per eval) in output_dir/train_log.jsonl, also handed to `sinks`."""
 
-    def __init__(self, output_dir: Path, resume_step: int, enabled: bool) -> None:
+    def __init__(self, output_dir: Path, resume_step: int, enabled: bool,
+                 sinks: Sequence[Callable[[dict], None]] = ()) -> None:
         self.path = output_dir / LOG_FILE
         self.enabled = enabled
+        self.sinks = list(sinks) if enabled else []
         if enabled and resume_step and self.path.exists():
             # Lines past the checkpoint belong to the interrupted attempt; the resumed run rewrites them.
             kept = [ln for ln in self.path.read_text().splitlines() if json.loads(ln)["step"] <= resume_step]
@@ -107,6 +112,8 @@ class StepLog:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink(record)
 
 
 def evaluate(model, examples: list[Example], world: World, s: LoopSettings, pad_id: int, device) -> float | None:
@@ -137,16 +144,17 @@ class FitResult:
 def fit(
     model, inner_model, optimizer, scheduler, train: list[Example], val: list[Example], *,
     state: TrainState, settings: LoopSettings, world: World, device: torch.device, pad_id: int,
-    output_dir: Path, checkpoint_meta: dict,
+    output_dir: Path, checkpoint_meta: dict, sinks: Sequence[Callable[[dict], None]] = (),
 ) -> FitResult:
     """Train until `settings.total_steps`, starting from `state` (0 or a checkpoint).
 
     `model` is what forward/backward run through (DDP-wrapped when distributed);
-    `inner_model` is the PeftModel itself, for eval and saving.
+    `inner_model` is the PeftModel itself, for eval and saving; `sinks` get every
+    step-log record too (rank 0), e.g. a TensorBoard writer.
     """
     s = settings
     params = [p for p in inner_model.parameters() if p.requires_grad]
-    log = StepLog(output_dir, state.step, world.is_main)
+    log = StepLog(output_dir, state.step, world.is_main, sinks)
     recent: deque[float] = deque(maxlen=s.logging_steps)  # losses of the last logging window
     started = time.monotonic()
     model.train()
@@ -175,12 +183,15 @@ def fit(
                 log.write({"step": state.step, "eval_loss": evaluate(inner_model, val, world, s, pad_id, device)})
             if s.save_steps and state.step % s.save_steps == 0:
                 save_checkpoint(output_dir, inner_model, optimizer, scheduler, state,
-                                rank=world.rank, world_size=world.size, **checkpoint_meta)
+                                rank=world.rank, world_size=world.size,
+                                model_only=s.model_only_checkpoints, **checkpoint_meta)
             if state.step >= s.total_steps:
                 break
         else:
             state.epoch += 1
             state.batches_in_epoch = 0
+            if s.eval_each_epoch and state.step < s.total_steps:
+                log.write({"step": state.step, "eval_loss": evaluate(inner_model, val, world, s, pad_id, device)})
     bar.close()
     eval_loss = evaluate(inner_model, val, world, s, pad_id, device)
     if eval_loss is not None:

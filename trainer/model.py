@@ -1,7 +1,8 @@
 """The base model (optionally quantized) with trainable LoRA layers attached.
 
-The base is loaded frozen, in full precision or with bitsandbytes (4-bit NF4 =
-QLoRA, or 8-bit); LoRA weights are float32 whatever the base's dtype. The
+The base is loaded frozen, in the precision `precision.py` picks for the device or
+with bitsandbytes (4-bit NF4 = QLoRA, double quantization unless switched off, or
+8-bit); LoRA weights are float32 whatever the base's dtype. The
 adapter is never merged: only its weights are trained and saved.
 """
 
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from .config import TrainConfig
 from .errors import ConfigError
+from .precision import pick_precision
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +43,19 @@ def load_tokenizer(base_dir: Path):
     return tokenizer
 
 
-def load_base(base_dir: Path, quantization_bit: int | None, device: torch.device) -> torch.nn.Module:
-    """The frozen base model on `device`; quantized with bitsandbytes when asked."""
-    # bfloat16 on CUDA halves memory; on CPU float32 is both faster and exact.
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def load_base(
+    base_dir: Path, quantization_bit: int | None, device: torch.device,
+    dtype: torch.dtype | None = None, double_quantization: bool = True,
+) -> torch.nn.Module:
+    """The frozen base model on `device`, in `dtype`; quantized with bitsandbytes when asked."""
+    # Default: bfloat16 on CUDA halves memory; on CPU float32 is both faster and exact.
+    dtype = dtype or pick_precision(False, False, device).base_dtype
     quant = None
     if quantization_bit == 4:
         quant = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
+            bnb_4bit_use_double_quant=double_quantization,
             bnb_4bit_compute_dtype=dtype,
         )
     elif quantization_bit == 8:
@@ -100,7 +105,9 @@ def build_model(
     config: TrainConfig, base_dir: Path, device: torch.device, parent_dir: Path | None = None
 ) -> PeftModel:
     """Base + fresh LoRA layers (seeded), or + the parent version's LoRA weights."""
-    model = load_base(base_dir, config.quantization_bit, device)
+    precision = pick_precision(config.bf16, config.fp16, device)
+    model = load_base(base_dir, config.quantization_bit, device, precision.base_dtype,
+                      config.double_quantization)
     if config.quantization_bit:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.gradient_checkpointing

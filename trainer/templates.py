@@ -7,6 +7,12 @@ the end of `messages[:i]` rendered with the generation prompt to the end of
 `messages[:i+1]` (trailing whitespace excluded, the end-of-turn token included).
 That needs a template whose renderings of longer prefixes extend shorter ones;
 templates that rewrite earlier turns are refused rather than mis-masked.
+
+`cutoff_len` means what it means in LLaMA-Factory: the conversation is a series of
+(prompt, answer) token pairs (the prompt runs from the end of the previous answer to the
+start of this one), and each pair in turn is cut to the budget left, shared between its
+prompt and its answer by `infer_seqlen`: an answer shorter than half the budget is kept
+whole and the prompt is cut from its end; pairs that find no budget left are dropped.
 """
 
 from __future__ import annotations
@@ -64,18 +70,68 @@ def render_with_spans(tokenizer, conversation: Conversation) -> tuple[str, list[
     return full, spans
 
 
+def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
+    """(prompt, answer) lengths after cutting a pair to `cutoff_len` (LLaMA-Factory's rule).
+
+    >>> infer_seqlen(100, 10, 50)  # a short answer is kept whole, the prompt gets the rest
+    (40, 10)
+    >>> infer_seqlen(10, 100, 50)  # a short prompt is kept whole, the answer gets the rest
+    (10, 40)
+    >>> infer_seqlen(60, 40, 50)   # both long: shared in proportion
+    (30, 20)
+    """
+    if target_len * 2 < cutoff_len:
+        max_target_len = cutoff_len
+    elif source_len * 2 < cutoff_len:
+        max_target_len = cutoff_len - source_len
+    else:
+        max_target_len = int(cutoff_len * (target_len / (source_len + target_len)))
+    new_target_len = min(max_target_len, target_len)
+    new_source_len = min(max(cutoff_len - new_target_len, 0), source_len)
+    return new_source_len, new_target_len
+
+
 def tokenize_conversation(tokenizer, conversation: Conversation, cutoff_len: int) -> tuple[Example, bool]:
     """Token ids and labels for one conversation, cut to `cutoff_len`; returns (example, was_cut)."""
     text, spans = render_with_spans(tokenizer, conversation)
     # The template already wrote any special tokens, so the tokenizer must not add more.
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    starts = [s for s, _e in offsets]
     labels = [
         tok if any(start <= s < end for start, end in spans) else IGNORE_INDEX
-        for tok, (s, _e) in zip(ids, offsets, strict=True)
+        for tok, s in zip(ids, starts, strict=True)
     ]
-    cut = len(ids) > cutoff_len
-    return Example(ids[:cutoff_len], labels[:cutoff_len]), cut
+    # Token boundaries of each (prompt, answer) pair; a token belongs where its first character is.
+    bounds, at = [], 0
+    for start, end in spans:
+        a = _first_token_at(starts, start, at)
+        b = _first_token_at(starts, end, a)
+        bounds.append((at, a, b))
+        at = b
+    keep: list[int] = []
+    total, cut = 0, False
+    for i, (p0, a0, b0) in enumerate(bounds):
+        if total >= cutoff_len:
+            cut = True
+            break
+        source_len, target_len = infer_seqlen(a0 - p0, b0 - a0, cutoff_len - total)
+        cut |= source_len < a0 - p0 or target_len < b0 - a0
+        keep += [*range(p0, p0 + source_len), *range(a0, a0 + target_len)]
+        total += source_len + target_len
+        if i == len(bounds) - 1 and b0 < len(ids):  # text after the last answer (a newline), if it fits
+            room = max(0, cutoff_len - total)
+            keep += list(range(b0, b0 + min(room, len(ids) - b0)))
+            cut |= room < len(ids) - b0
+    return Example([ids[i] for i in keep], [labels[i] for i in keep]), cut
+
+
+def _first_token_at(starts: list[int], char: int, lo: int) -> int:
+    """Index of the first token (from `lo`) whose first character is at or after `char`."""
+    i = lo
+    while i < len(starts) and starts[i] < char:
+        i += 1
+    return i
 
 
 def tokenize_split(tokenizer, conversations: list[Conversation], cutoff_len: int) -> TokenizedSplit:

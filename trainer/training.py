@@ -26,14 +26,18 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from transformers import get_scheduler
 
-from . import publish
+from . import outputs, publish
 from .checkpoint import PREFIX, TrainState, find_checkpoint, load_checkpoint
 from .config import TrainConfig, load_config
 from .datasets import LoadedDatasets, load_datasets, split
 from .distributed import World, broadcast_from_main, close_world, init_world, local_rank_from_env
 from .errors import ConfigError, TrainerError
+from .lf_keys import ignored_warning
+from .lf_templates import check_template
 from .loop import LOG_FILE, FitResult, LoopSettings, fit, steps_per_epoch
 from .model import build_model, load_tokenizer, pick_device
+from .precision import pick_precision
+from .reporting import check_reporters, open_sinks
 from .templates import TokenizedSplit, tokenize_split
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,7 @@ class Run:
     destination: str | None
     output_dir: Path
     data: LoadedDatasets
+    eval_data: LoadedDatasets | None  # eval_dataset, when given
     train: TokenizedSplit
     val: TokenizedSplit
     model: torch.nn.Module  # the PeftModel
@@ -78,18 +83,23 @@ def train(
     """
     config = _as_config(config_or_path, overrides)
     device = pick_device(config.device, local_rank_from_env())
-    world = init_world(device.type)
+    world = init_world(device.type, config.ddp_timeout)
+    sinks = []
     try:
         run = setup(config, publish.open_registry(registry), world, device)
+        sinks = open_sinks(config.reporters, run.output_dir) if world.is_main else []
         result = fit(
             run.model if world.size == 1 else _ddp(run.model, device),
             run.model, run.optimizer, run.scheduler, run.train.examples, run.val.examples,
             state=run.state, settings=run.settings, world=world, device=device,
             pad_id=run.pad_id, output_dir=run.output_dir,
             checkpoint_meta={"config": config.to_dict(), "dataset_digest": run.data.digest},
+            sinks=sinks,
         )
         return finish(run, result)
     finally:
+        for sink in sinks:
+            sink.close()
         close_world(world)
 
 
@@ -97,14 +107,23 @@ def setup(config: TrainConfig, registry: publish.Registry, world: World, device:
     """Check, load and build everything; nothing is trained or written to the registry yet."""
     random.seed(config.seed)
     torch.manual_seed(config.seed)
+    _log_settings(config, device, world)
+    check_reporters(config.reporters)
     base = publish.resolve_base(config.model_name_or_path, registry)
     parent = publish.resolve_parent(config.parent, registry, base) if config.parent else None
     destination = publish.destination(config)
+    tokenizer = load_tokenizer(base.path)
+    check_template(config.template, tokenizer)
 
     data = load_datasets(config.dataset, config.dataset_dir, config_dir=config.config_dir,
                          max_samples=config.max_samples)
-    train_convs, val_convs = split(data.conversations, config.val_size, config.seed)
-    tokenizer = load_tokenizer(base.path)
+    eval_data = None
+    if config.eval_dataset:
+        eval_data = load_datasets(config.eval_dataset, config.dataset_dir, config_dir=config.config_dir,
+                                  max_samples=config.max_samples)
+        train_convs, val_convs = data.conversations, eval_data.conversations
+    else:
+        train_convs, val_convs = split(data.conversations, config.val_size, config.seed)
     train_split = tokenize_split(tokenizer, train_convs, config.cutoff_len)
     val_split = tokenize_split(tokenizer, val_convs, config.cutoff_len)
     if not train_split.examples:
@@ -120,10 +139,10 @@ def setup(config: TrainConfig, registry: publish.Registry, world: World, device:
         [p for p in model.parameters() if p.requires_grad],
         lr=config.learning_rate, weight_decay=config.weight_decay,
     )
-    settings = _loop_settings(config, len(train_split.examples), world)
+    settings = _loop_settings(config, len(train_split.examples), world, device)
     scheduler = get_scheduler(
         config.lr_scheduler_type, optimizer,
-        num_warmup_steps=math.ceil(config.warmup_ratio * settings.total_steps),
+        num_warmup_steps=config.warmup_steps_for(settings.total_steps),
         num_training_steps=settings.total_steps,
     )
     state = TrainState()
@@ -134,7 +153,7 @@ def setup(config: TrainConfig, registry: publish.Registry, world: World, device:
         if world.is_main:
             log.info("resuming from %s at step %d of %d", checkpoint, state.step, settings.total_steps)
     return Run(config, world, device, registry, base, parent, destination, output_dir, data,
-               train_split, val_split, model, optimizer, scheduler, settings, state,
+               eval_data, train_split, val_split, model, optimizer, scheduler, settings, state,
                tokenizer.pad_token_id)
 
 
@@ -167,6 +186,7 @@ def _save_and_publish(run: Run, result: FitResult) -> publish.AdapterVersion | N
     shutil.rmtree(adapter_dir, ignore_errors=True)
     run.model.save_pretrained(adapter_dir)
     metrics = _metrics(run, result)
+    _write_lf_outputs(run, adapter_dir, metrics)
     log.info("trained %d steps in %.1f s: loss %s -> %s, eval loss %s", result.state.step,
              result.wall_time_s, _fmt(metrics["initial_loss"]), _fmt(metrics["train_loss"]),
              _fmt(result.eval_loss))
@@ -185,7 +205,7 @@ def _save_and_publish(run: Run, result: FitResult) -> publish.AdapterVersion | N
 
 def _as_config(config_or_path, overrides) -> TrainConfig:
     if isinstance(config_or_path, TrainConfig):
-        config = load_config(config_or_path.to_dict(), overrides)
+        config = load_config({**config_or_path.to_dict(), **config_or_path.ignored}, overrides)
         config.config_dir = config_or_path.config_dir
         return config
     return load_config(config_or_path, overrides)
@@ -195,7 +215,18 @@ def _ddp(model: torch.nn.Module, device: torch.device) -> DistributedDataParalle
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def _loop_settings(config: TrainConfig, n_train: int, world: World) -> LoopSettings:
+def _write_lf_outputs(run: Run, adapter_dir: Path, metrics: dict) -> None:
+    """The files LLaMA-Factory leaves in its output_dir (see outputs.py)."""
+    outputs.link_adapter(adapter_dir, run.output_dir)
+    records = outputs.read_log(run.output_dir / LOG_FILE)
+    outputs.write_results(run.output_dir, records, epoch=metrics["epochs"],
+                          runtime_s=metrics["wall_time_s"], eval_loss=metrics["eval_loss"])
+    if run.config.plot_loss:
+        for path in outputs.plot_losses(run.output_dir, records):
+            log.info("plot_loss: %s", path)
+
+
+def _loop_settings(config: TrainConfig, n_train: int, world: World, device: torch.device) -> LoopSettings:
     settings = LoopSettings(
         batch_size=config.per_device_train_batch_size,
         eval_batch_size=config.per_device_eval_batch_size,
@@ -203,10 +234,12 @@ def _loop_settings(config: TrainConfig, n_train: int, world: World) -> LoopSetti
         total_steps=0,
         max_grad_norm=config.max_grad_norm,
         logging_steps=config.logging_steps,
-        eval_steps=config.eval_steps,
+        eval_steps=config.eval_interval,
         save_steps=config.save_steps,
         seed=config.seed,
-        autocast_dtype=torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else None,
+        autocast_dtype=pick_precision(config.bf16, config.fp16, device).autocast_dtype,
+        eval_each_epoch=config.periodic_eval == "epoch",
+        model_only_checkpoints=config.save_only_model,
     )
     per_epoch = steps_per_epoch(n_train, world, settings)
     settings.total_steps = (
@@ -233,9 +266,23 @@ def _prepare_output_dir(config: TrainConfig, world: World, destination: str | No
         if earlier and config.overwrite_output_dir and not config.resume_from_checkpoint:
             for old in [*path.glob(f"{PREFIX}*"), path / ADAPTER_SUBDIR]:
                 shutil.rmtree(old, ignore_errors=True)
+            for name in outputs.RUN_FILES:
+                (path / name).unlink(missing_ok=True)
         path.mkdir(parents=True, exist_ok=True)
         (path / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     return path
+
+
+def _log_settings(config: TrainConfig, device: torch.device, world: World) -> None:
+    """One warning for LLaMA-Factory keys that have no effect; a note when bf16/fp16 cannot apply."""
+    if not world.is_main:
+        return
+    warning = ignored_warning(config.ignored)
+    if warning:
+        log.warning("warning: %s", warning)
+    note = pick_precision(config.bf16, config.fp16, device).note
+    if note:
+        log.warning("note: %s", note)
 
 
 def _log_data(data: LoadedDatasets, train: TokenizedSplit, val: TokenizedSplit,
@@ -254,6 +301,7 @@ def _log_data(data: LoadedDatasets, train: TokenizedSplit, val: TokenizedSplit,
 def _dataset_record(run: Run) -> dict:
     return {
         **run.data.summary(),
+        **({"eval": run.eval_data.summary()} if run.eval_data else {}),
         "train_examples": len(run.train.examples),
         "eval_examples": len(run.val.examples),
         "truncated": run.train.truncated + run.val.truncated,

@@ -10,9 +10,13 @@ from loradock.errors import UserError
 
 DESCRIPTION = """\
 Train a LoRA adapter from a YAML config and a dataset, and publish it as the next
-version of adapter_name in the registry (printed as name@N). Key names follow
-LLaMA-Factory, so its SFT LoRA configs work. key=value arguments override the
-file (values are read as YAML: lora_rank=16, dataset=a,b, publish=false).
+version of adapter_name (default: the config file's name) in the registry (printed
+as name@N). Key names follow LLaMA-Factory, so its SFT LoRA and QLoRA configs run as
+they are, from the folder holding its data/: its keys with no effect here are named
+in one warning, deepspeed is refused (use torchrun), and a template name is accepted
+when it renders as the base's own chat template (docs/llamafactory.md). key=value
+arguments override the file (values are read as YAML: lora_rank=16, dataset=a,b,
+publish=false).
 
 Datasets: alpaca (instruction/input/output, optional system and history) or
 sharegpt (conversations with from/value, or OpenAI-style messages with

@@ -49,7 +49,9 @@ def test_bad_records_are_all_reported_and_nothing_is_trained(tiny_config, tmp_pa
         ({"dataset": "nope.json"}, "dataset 'nope.json': no such dataset name or file"),
         ({"lora_target": "q_proj,attn_out"}, "lora_target: attn_out not found in the base model; its linear layers are: down_proj"),
         ({"val_size": 24}, "val_size 24 leaves no training records"),
-        ({"cutoff_len": 8}, "no training examples left: all 20 lost their answers to cutoff_len 8"),
+        # LLaMA-Factory's cut keeps a share of every answer down to a couple of tokens.
+        ({"cutoff_len": 2}, "no training examples left: all 20 lost their answers to cutoff_len 2"),
+        ({"template": "qwen3_nothink"}, "template: 'qwen3_nothink' does not render conversations as the base"),
     ],
 )
 def test_bad_settings_are_named_before_training(tiny_config, registry, override, message):

@@ -62,17 +62,53 @@ def test_conversation_without_system_uses_the_templates_default(tokenizer):
     assert tokenizer.decode(example.input_ids[span[0]:span[1]]) == "Paris<|im_end|>"
 
 
+def test_cutoff_keeps_a_short_answer_whole_and_cuts_the_prompt_as_llama_factory_does(tokenizer):
+    """Guards cutoff_len's LLaMA-Factory meaning: a plain cut from the end (the old rule) loses the
+    answer of a conversation whose prompt is long; infer_seqlen keeps the answer and cuts the prompt."""
+    short = CONVERSATION[1:3]
+    full, was_cut = tokenize_conversation(tokenizer, short, cutoff_len=512)
+    ((a, b),) = runs(full.labels)
+    assert not was_cut and b - a < a  # the answer is shorter than its prompt
+    cut, was_cut = tokenize_conversation(tokenizer, short, cutoff_len=a + 1)
+    keep = a + 1 - (b - a)  # the prompt gets what the whole answer leaves
+    assert was_cut and len(cut.input_ids) == a + 1
+    assert cut.input_ids == full.input_ids[:keep] + full.input_ids[a:b]
+    assert cut.labels == [IGNORE_INDEX] * keep + full.input_ids[a:b]
+
+
+def test_cutoff_gives_each_turn_what_the_earlier_ones_left(tokenizer):
+    """Guards the per-turn budget: once the first (prompt, answer) pair uses it up, later turns go."""
+    full, _ = tokenize_conversation(tokenizer, CONVERSATION, cutoff_len=512)
+    (a1, b1), (a2, b2) = runs(full.labels)
+    cut, was_cut = tokenize_conversation(tokenizer, CONVERSATION, cutoff_len=b1)
+    assert was_cut and cut.input_ids == full.input_ids[:b1]
+    assert runs(cut.labels) == [(a1, b1)]
+    # With room for twice the second answer and one token more, that answer is kept whole and
+    # its prompt (the user turn and the assistant header) gets the rest.
+    answer = b2 - a2
+    assert a2 - b1 > answer + 1  # the second prompt is longer than what it will get
+    cut, _ = tokenize_conversation(tokenizer, CONVERSATION, cutoff_len=b1 + 2 * answer + 1)
+    assert cut.input_ids == full.input_ids[: b1 + answer + 1] + full.input_ids[a2:b2]
+
+
 def test_cutoff_counts_cut_examples_and_drops_those_left_without_an_answer(tokenizer):
     short = CONVERSATION[1:3]
-    full, _ = tokenize_conversation(tokenizer, short, cutoff_len=512)
-    answer_start = runs(full.labels)[0][0]
     long_prompt = [{"role": "user", "content": "Tell me more. " * 50}, {"role": "assistant", "content": "No."}]
-    split = tokenize_split(tokenizer, [short, long_prompt], cutoff_len=answer_start + 1)
-    # Both are cut; the short one keeps one answer token, the long prompt leaves no answer at all.
-    assert (split.truncated, split.dropped_no_target, len(split.examples)) == (2, 1, 1)
-    kept = split.examples[0]
-    assert len(kept.input_ids) == answer_start + 1
-    assert kept.labels[-1] == kept.input_ids[-1] and kept.labels[:-1] == [IGNORE_INDEX] * answer_start
+    split = tokenize_split(tokenizer, [short, long_prompt], cutoff_len=30)
+    # Both are cut; the short answers survive whole, so nothing is dropped.
+    assert (split.truncated, split.dropped_no_target, len(split.examples)) == (2, 0, 2)
+    assert tokenizer.decode(split.examples[1].input_ids).endswith("No.<|im_end|>")
+    # A budget of 2 tokens leaves each answer a share that rounds down to nothing: both dropped.
+    split = tokenize_split(tokenizer, [short, long_prompt], cutoff_len=2)
+    assert (split.truncated, split.dropped_no_target, len(split.examples)) == (2, 2, 0)
+
+
+def test_infer_seqlen_doctests():
+    import doctest
+
+    from loradock.trainer import templates
+
+    assert doctest.testmod(templates).failed == 0
 
 
 def test_template_that_rewrites_earlier_turns_is_refused(tokenizer):
