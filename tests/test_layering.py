@@ -5,7 +5,10 @@
     trainer   never imports the runtime
     runtime   never imports the trainer
     protobuf  only in runtime/server (and proto/)
+    HTTP      schemas and server (fastapi, starlette, pydantic, uvicorn) only in runtime/http
+    edges     runtime/server and runtime/http never import each other
     nothing   imports the CLI package `loradock` itself, except the CLI
+    nothing   but the CLI imports runtime/http
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ FORBIDDEN = {
 }
 # The engine (runtime outside runtime/server) speaks plain dataclasses.
 ENGINE_FORBIDDEN = ("grpc", "google.protobuf", "loradock.proto")
+HTTP_LIBS = ("fastapi", "starlette", "pydantic", "uvicorn")
 
 
 def imports_of(path: Path) -> set[str]:
@@ -64,6 +68,26 @@ def test_layer_imports(folder):
 def test_engine_has_no_protobuf():
     engine = [f for f in python_files("runtime") if "server" not in f.relative_to(ROOT).parts]
     assert violations(engine, ENGINE_FORBIDDEN) == []
+
+
+def test_http_schemas_live_only_in_the_http_edge():
+    """fastapi/pydantic types never leak into the engine, the gRPC edge, the CLI or anything else."""
+    outside = [f for d in ("registry", "trainer", "runtime", "loradock", "benchmarks", "proto")
+               for f in python_files(d) if "http" not in f.relative_to(ROOT).parts]
+    assert violations(outside, HTTP_LIBS) == []
+
+
+def test_the_edges_do_not_import_each_other():
+    http = python_files("runtime/http")
+    assert http, "runtime/http/ has no modules"
+    assert violations(http, ("grpc", "google.protobuf", "loradock.proto", "loradock.runtime.server")) == []
+    assert violations(python_files("runtime/server"), ("loradock.runtime.http",)) == []
+
+
+def test_only_the_cli_imports_the_http_edge():
+    users = [f for d in ("registry", "trainer", "runtime", "benchmarks", "proto", "loradock") for f in python_files(d)
+             if "http" not in f.relative_to(ROOT).parts and "commands" not in f.relative_to(ROOT).parts]
+    assert violations(users, ("loradock.runtime.http",)) == []
 
 
 def test_nothing_imports_the_cli():

@@ -59,30 +59,46 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "serve",
-        help="serve adapters from one base model over gRPC",
+        help="serve adapters from one base model over gRPC and/or an OpenAI-compatible HTTP API",
         description="Load one base model (quantized by default) and serve every adapter in the "
-        "registry over gRPC (service loradock.v1.Runtime, plus grpc.health.v1 and reflection). "
+        "registry over gRPC (service loradock.v1.Runtime, plus grpc.health.v1 and reflection) and, "
+        "with --http-port, over an OpenAI-compatible HTTP API (/v1/models, /v1/chat/completions, "
+        "/v1/completions; every adapter reference is a model), both from one engine. "
         "Adapters are loaded on demand and swapped without a restart; alias moves and new "
-        "versions are picked up while running. Logs 'serving on HOST:PORT' once warm. SIGTERM "
-        "or Ctrl-C drains: new requests get UNAVAILABLE, running ones finish, then it exits 0.",
+        "versions are picked up while running. Logs 'serving on HOST:PORT' (gRPC) and 'serving "
+        "HTTP on URL' once warm. SIGTERM or Ctrl-C drains: new requests get UNAVAILABLE (HTTP 503), "
+        "running ones finish, then it exits 0.",
     )
     parser.add_argument("--base", help="registry base name (default: the only base in the registry)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=50051,
                         help="gRPC port; 0 picks a free one (default: %(default)s)")
+    parser.add_argument("--no-grpc", dest="grpc", action="store_false",
+                        help="do not serve gRPC (then --http-port is required)")
+    parser.add_argument("--http-port", type=int, metavar="PORT",
+                        help="also serve the OpenAI-compatible HTTP API (with /health, /ready and "
+                        "/metrics) on this port; 0 picks a free one")
+    parser.add_argument("--allow-adapter-updates", action="store_true",
+                        help="enable POST /v1/load_lora_adapter (publish a directory on this "
+                        "machine into the registry as a new version, then load it) and "
+                        "/v1/unload_lora_adapter on the HTTP API")
     parser.add_argument("--metrics-port", type=int,
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port)")
     parser.add_argument("--auth-token-file", type=Path, metavar="FILE",
-                        help="require 'authorization: Bearer <token>' on every Runtime call; the "
-                        "token is the file's content (health and reflection stay open)")
-    parser.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve TLS with this certificate chain")
+                        help="require 'authorization: Bearer <token>' on every Runtime call and "
+                        "every /v1/ HTTP request; the token is the file's content (gRPC health and "
+                        "reflection, HTTP /health, /ready and /metrics stay open)")
+    parser.add_argument("--tls-cert", type=Path, metavar="PEM",
+                        help="serve TLS (gRPC and HTTPS) with this certificate chain")
     parser.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")
     parser.add_argument("--drain-timeout", type=float, default=60.0, metavar="SECONDS",
                         help="on SIGTERM, wait this long for running requests (default: %(default)s)")
     parser.add_argument("--max-message-bytes", type=byte_size, default=16 * 1024 * 1024, metavar="SIZE",
-                        help="largest gRPC message accepted or sent (default: 16MiB)")
+                        help="largest gRPC message accepted or sent, and largest HTTP request body "
+                        "(default: 16MiB)")
     parser.add_argument("--workers", type=int, default=64,
-                        help="threads handling RPCs; bounds concurrent calls (default: %(default)s)")
+                        help="threads handling gRPC calls; bounds concurrent gRPC calls (the HTTP "
+                        "API runs on one event loop) (default: %(default)s)")
     add_engine_arguments(parser)
     parser.set_defaults(func=cmd_serve)
 
@@ -113,11 +129,16 @@ def pick_base(registry, name: str | None) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from loradock.runtime import lifecycle
     from loradock.runtime.engine import Engine  # torch loads only when serving
-    from loradock.runtime.server.app import StartupError, TlsFiles, serve
+    from loradock.runtime.metrics import Metrics
 
     if (args.tls_cert is None) != (args.tls_key is None):
         raise UserError("give both --tls-cert and --tls-key, or neither")
+    if not args.grpc and args.http_port is None:
+        raise UserError("--no-grpc leaves nothing to serve: give --http-port too")
+    if args.allow_adapter_updates and args.http_port is None:
+        raise UserError("--allow-adapter-updates is for the HTTP API: give --http-port too")
     registry = registry_from(args)
     base = pick_base(registry, args.base)
     registry.bases.get(base)  # a clear NotFoundError now rather than a traceback later
@@ -126,19 +147,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = EngineConfig(base=base, **knobs)
     except ValueError as e:
         raise UserError(str(e)) from None
-    tls = TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None
+    token = read_token_file(args.auth_token_file)
+    engine = Engine(config, registry)
+    metrics = Metrics(lambda: engine.stats() if engine.ready else {})
     try:
-        return serve(
-            Engine(config, registry),
-            registry,
-            host=args.host,
-            port=args.port,
-            metrics_port=args.metrics_port,
-            drain_timeout=args.drain_timeout,
-            auth_token=read_token_file(args.auth_token_file),
-            tls=tls,
-            max_workers=args.workers,
-            max_message_bytes=args.max_message_bytes,
-        )
-    except (StartupError, OSError) as e:  # bad TLS files, port in use, no such device
+        edges = []
+        if args.grpc:
+            edges.append(_grpc_edge(args, engine, registry, metrics, token))
+        if args.http_port is not None:
+            edges.append(_http_edge(args, engine, registry, metrics, token))
+        return lifecycle.serve(engine, edges, drain_timeout=args.drain_timeout, metrics=metrics,
+                               metrics_host=args.host, metrics_port=args.metrics_port)
+    except (lifecycle.StartupError, OSError) as e:  # bad TLS files, port in use, no such device
         raise UserError(str(e)) from None
+
+
+def _grpc_edge(args: argparse.Namespace, engine, registry, metrics, token: str | None):
+    from loradock.runtime.server.app import TlsFiles, create_server
+
+    tls = TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None
+    server, _ = create_server(engine, registry, host=args.host, port=args.port, auth_token=token, tls=tls,
+                              max_workers=args.workers, max_message_bytes=args.max_message_bytes,
+                              metrics=metrics)
+    return server
+
+
+def _http_edge(args: argparse.Namespace, engine, registry, metrics, token: str | None):
+    from loradock.runtime.http.server import create_http_server
+
+    server, _ = create_http_server(engine, registry, metrics=metrics, host=args.host, port=args.http_port,
+                                   auth_token=token, allow_adapter_updates=args.allow_adapter_updates,
+                                   tls_cert=args.tls_cert, tls_key=args.tls_key,
+                                   max_body_bytes=args.max_message_bytes)
+    return server

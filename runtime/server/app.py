@@ -1,13 +1,12 @@
 """Server assembly: `create_server` wires the servicer, health, reflection, auth, TLS and
-message limits; `serve` runs it: start, warm the engine, report SERVING, wait for
-SIGTERM/SIGINT, drain, exit.
+message limits; `serve` runs it alone through the shared lifecycle (`runtime/lifecycle.py`:
+start, warm the engine, report SERVING, wait for SIGTERM/SIGINT, drain, exit). The CLI runs
+it beside the HTTP edge through the same lifecycle.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,20 +16,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from loradock.proto.loradock.v1 import runtime_pb2 as pb
 from loradock.registry import Registry
+from loradock.runtime import lifecycle
+from loradock.runtime.lifecycle import DEFAULT_DRAIN_TIMEOUT_S, StartupError
+from loradock.runtime.metrics import Metrics
 from loradock.runtime.server.handlers import add_runtime_servicer
 from loradock.runtime.server.interceptors import BearerTokenAuth, DrainGate
-from loradock.runtime.server.metrics import Metrics, start_metrics_http
 from loradock.runtime.server.servicer import RuntimeServicer
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Runtime"].full_name  # "loradock.v1.Runtime"
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-DEFAULT_DRAIN_TIMEOUT_S = 60.0
-
-
-class StartupError(RuntimeError):
-    """The engine refused its configuration while starting (e.g. --device cuda without a GPU)."""
+__all__ = ["DEFAULT_DRAIN_TIMEOUT_S", "RuntimeServer", "StartupError", "TlsFiles", "create_server", "serve"]
 
 
 @dataclass(frozen=True)
@@ -51,10 +48,11 @@ class RuntimeServer:
     """A built, not yet started gRPC server plus the switches `serve` needs."""
 
     def __init__(self, grpc_server: grpc.Server, health_servicer: health.HealthServicer, gate: DrainGate,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, address: str = "") -> None:
         self.grpc_server = grpc_server
         self.health = health_servicer
         self.metrics = metrics
+        self.address = address  # HOST:PORT as bound
         self._gate = gate
 
     def start(self) -> None:
@@ -64,6 +62,7 @@ class RuntimeServer:
         """Health reports SERVING (call once the engine is loaded and warm)."""
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving on %s", self.address)
 
     def drain(self, timeout: float = DEFAULT_DRAIN_TIMEOUT_S) -> bool:
         """Stop accepting calls and wait up to `timeout` s for running ones; True if all finished."""
@@ -120,7 +119,7 @@ def create_server(
         bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
     except RuntimeError as e:  # grpc's "Failed to bind to address"
         raise OSError(f"cannot listen on {address}: the port is in use or the host is not local") from e
-    return RuntimeServer(server, health_servicer, gate, metrics), bound
+    return RuntimeServer(server, health_servicer, gate, metrics, f"{host}:{bound}"), bound
 
 
 def serve(
@@ -133,39 +132,9 @@ def serve(
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S,
     **server_options,
 ) -> int:
-    """Run until SIGTERM/SIGINT, then drain: new calls get UNAVAILABLE, running ones
-    finish, the engine shuts down. Returns the exit status (0 after a clean drain)."""
-    server, bound = create_server(engine, registry, host=host, port=port, **server_options)
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    server.start()  # health answers NOT_SERVING while the base loads
-    metrics_http = None
-    try:
-        if metrics_port is not None:
-            metrics_http = start_metrics_http(lambda: server.metrics.render(engine.stats()), host, metrics_port)
-            log.info("metrics on http://%s:%d/metrics", host, metrics_http.server_address[1])
-        log.info("loading the base model and warming up ...")
-        try:
-            engine.start()
-        except ValueError as e:  # the engine's word for a configuration this machine cannot serve
-            raise StartupError(f"cannot start the engine: {e}") from e
-        if not stop.is_set():
-            server.mark_serving()
-            log.info("serving on %s:%d", host, bound)
-        stop.wait()
-        log.info("draining: refusing new requests, waiting up to %.0f s for running ones", drain_timeout)
-        drained = server.drain(drain_timeout)
-        engine.shutdown(drain=True, timeout=drain_timeout)
-        log.info("stopped" if drained else "stopped; some requests were cut off after the drain timeout")
-        return 0
-    except BaseException:
-        server.stop()
-        if engine.ready:
-            engine.shutdown(drain=False)
-        raise
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if metrics_http is not None:
-            metrics_http.shutdown()
-            metrics_http.server_close()
+    """Serve gRPC alone until SIGTERM/SIGINT, then drain: new calls get UNAVAILABLE, running
+    ones finish, the engine shuts down. Returns the exit status (0 after a clean drain)."""
+    metrics = server_options.pop("metrics", None) or Metrics(lambda: engine.stats() if engine.ready else {})
+    server, _ = create_server(engine, registry, host=host, port=port, metrics=metrics, **server_options)
+    return lifecycle.serve(engine, [server], drain_timeout=drain_timeout, metrics=metrics,
+                           metrics_host=host, metrics_port=metrics_port)

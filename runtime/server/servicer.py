@@ -15,8 +15,8 @@ import grpc
 from loradock.proto.loradock.v1 import runtime_pb2 as pb
 from loradock.proto.loradock.v1 import runtime_pb2_grpc as pb_grpc
 from loradock.registry import InvalidNameError, Registry, parse_ref
+from loradock.runtime.metrics import UNRESOLVED, Metrics
 from loradock.runtime.server import catalog, convert
-from loradock.runtime.server.metrics import UNRESOLVED, Metrics
 from loradock.runtime.server.status import status_for
 from loradock.runtime.types import FinishReason, GenerationResult
 

@@ -40,6 +40,8 @@ def test_serve_parses_sizes_and_choices():
         (["serve", "--base", "tiny-llama", "--max-slots", "0"], "max_slots"),
         (["serve", "--base", "tiny-llama", "--tls-cert", "c.pem"], "--tls-key"),
         (["serve", "--base", "tiny-llama", "--auth-token-file", "/nonexistent/token"], "token file"),
+        (["serve", "--base", "tiny-llama", "--no-grpc"], "--http-port"),
+        (["serve", "--base", "tiny-llama", "--allow-adapter-updates"], "--http-port"),
     ],
 )
 def test_bad_serve_options_exit_2_naming_the_problem(tiny_base, home, capsys, argv, words):
@@ -63,6 +65,15 @@ def test_busy_port_and_missing_tls_files_are_clear_errors(tiny_base, home, tmp_p
         argv = ["--home", str(home), "serve", "--base", "tiny-llama", "--quantize", "none", "--port", port]
         assert main(argv) == 2
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+    with socket.socket() as busy:  # the HTTP port too, before the base is loaded
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        argv = ["--home", str(home), "serve", "--base", "tiny-llama", "--quantize", "none", "--port", "0",
+                "--http-port", port]
+        assert main(argv) == 2
+    assert f"cannot listen on 127.0.0.1:{port} for HTTP" in capsys.readouterr().err
 
     argv = ["--home", str(home), "serve", "--base", "tiny-llama", "--quantize", "none", "--port", "0",
             "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem")]

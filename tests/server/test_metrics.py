@@ -1,13 +1,13 @@
-"""The Prometheus exposition written by hand: format details a scraper relies on."""
+"""The Prometheus exposition (prometheus_client): the names, labels and values scrapers and the
+reliability probes read, on the page and over HTTP."""
 
 from __future__ import annotations
 
-import urllib.error
 import urllib.request
 
-import pytest
-from loradock.runtime.server.metrics import Metrics, start_metrics_http
+from loradock.runtime.metrics import Metrics, start_metrics_http
 from loradock.runtime.types import FinishReason, GenerationResult, ResolvedAdapter, Timings
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def _result(adapter: str | None, ttft_ms: float, total_ms: float) -> GenerationResult:
@@ -15,37 +15,62 @@ def _result(adapter: str | None, ttft_ms: float, total_ms: float) -> GenerationR
     return GenerationResult("r", "x", (1, 2), FinishReason.LENGTH, resolved, 4, 2, Timings(0.0, ttft_ms, total_ms))
 
 
-def test_histograms_are_cumulative_and_labels_escaped():
-    metrics = Metrics()
+def _samples(text: str) -> dict[str, float]:
+    """{'name{labels}': value} as the reliability probes read the page (line by line)."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_names_labels_and_values_are_kept():
+    """Guards the move to prometheus_client: every family name and label the gRPC tests, the
+    reliability probes and dashboards read is unchanged, histograms are cumulative, label
+    values are escaped, engine stats appear per adapter version, and nothing unparseable is
+    written (prometheus_client's own parser reads the page back)."""
+    stats = {"adapters": {"med@1": {"loads": 1}, "<base>": {"loads": 0}}, "running": 2, "waiting": 0}
+    metrics = Metrics(lambda: stats)
     metrics.observe("med", "Generate", "OK", _result("med", 7, 30))
-    metrics.observe("med", "Generate", "OK", _result("med", 300, 3000))
+    metrics.observe("med", "ChatCompletionsStream", "OK", _result("med", 300, 3000))
     metrics.observe('we"ird\\', "Generate", "NOT_FOUND")
-    text = metrics.render({"adapters": {"med@1": {"loads": 1}, "<base>": {"loads": 0}}, "running": 2})
-    lines = text.splitlines()
-    buckets = [float(line.rsplit(" ", 1)[1]) for line in lines
-               if line.startswith('loradock_time_to_first_token_seconds_bucket{adapter="med"')]
+    metrics.observe_http("/v1/chat/completions", "POST", 200, 0.2)
+    text = metrics.render().decode()
+    s = _samples(text)  # prometheus_client writes labels sorted by name
+
+    buckets = [v for k, v in s.items() if k.startswith('loradock_time_to_first_token_seconds_bucket{adapter="med"')]
     assert buckets == sorted(buckets) and buckets[0] == 0 and buckets[-1] == 2
-    assert 'loradock_time_to_first_token_seconds_bucket{adapter="med",le="0.01"} 1' in lines
-    assert 'loradock_request_duration_seconds_sum{adapter="med"} 3.03' in lines
-    assert 'loradock_tokens_total{adapter="med",kind="completion"} 4' in lines
-    assert 'loradock_request_errors_total{adapter="we\\"ird\\\\",code="NOT_FOUND"} 1' in lines
-    assert 'loradock_engine_loads_total{adapter="med",version="1"} 1' in lines
-    assert 'loradock_engine_loads_total{adapter="",version=""} 0' in lines
-    assert "loradock_engine_running 2" in lines
-    assert "# TYPE loradock_time_to_first_token_seconds histogram" in lines
-    assert text.endswith("\n")
+    assert s['loradock_time_to_first_token_seconds_bucket{adapter="med",le="0.01"}'] == 1
+    assert s['loradock_request_duration_seconds_sum{adapter="med"}'] == 3.03
+    assert s['loradock_requests_total{adapter="med",code="OK",method="Generate"}'] == 1
+    assert s['loradock_requests_total{adapter="med",code="OK",method="ChatCompletionsStream"}'] == 1
+    assert s['loradock_tokens_total{adapter="med",kind="completion"}'] == 4
+    assert s['loradock_request_errors_total{adapter="we\\"ird\\\\",code="NOT_FOUND"}'] == 1
+    assert s['loradock_engine_loads_total{adapter="med",version="1"}'] == 1
+    assert s['loradock_engine_loads_total{adapter="",version=""}'] == 0
+    assert s["loradock_engine_running"] == 2
+    assert s['loradock_http_requests_total{method="POST",route="/v1/chat/completions",status="200"}'] == 1
+    assert "# TYPE loradock_time_to_first_token_seconds histogram" in text
+    assert not any("_created" in k for k in s), "no *_created series: they were never part of the page"
+    families = {f.name: f.type for f in text_string_to_metric_families(text)}
+    assert families["loradock_requests"] == "counter" and families["loradock_engine_running"] == "gauge"
 
 
-def test_http_endpoint_serves_metrics_only():
-    server = start_metrics_http(lambda: "up 1\n", "127.0.0.1", 0)
+def test_engine_stats_failing_does_not_break_the_page():
+    """A scrape while the engine starts or stops still answers with the edge's own metrics."""
+    def broken() -> dict:
+        raise AttributeError("engine not started")
+
+    text = Metrics(broken).render().decode()
+    assert "# TYPE loradock_requests_total counter" in text
+    assert "loradock_engine_" not in text
+
+
+def test_http_endpoint_serves_the_page():
+    metrics = Metrics(lambda: {"running": 3})
+    server = start_metrics_http(metrics, "127.0.0.1", 0)
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
-            assert response.read() == b"up 1\n"
+        url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
             assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        with pytest.raises(urllib.error.HTTPError) as info:
-            urllib.request.urlopen(url + "/other", timeout=10)
-        assert info.value.code == 404
+            assert _samples(response.read().decode())["loradock_engine_running"] == 3
     finally:
         server.shutdown()
         server.server_close()

@@ -190,7 +190,7 @@ def _scrape(url: str) -> dict[str, float]:
 
 
 def test_metrics_count_requests_per_adapter(server, client):
-    requests_ok = 'loradock_requests_total{adapter="gamma",method="%s",code="OK"}'
+    requests_ok = 'loradock_requests_total{adapter="gamma",code="OK",method="%s"}'  # labels sorted, as prometheus_client writes them
     failed = 'loradock_request_errors_total{adapter="broken",code="FAILED_PRECONDITION"}'
     tokens = 'loradock_tokens_total{adapter="gamma",kind="completion"}'
     ttft_count = 'loradock_time_to_first_token_seconds_count{adapter="gamma"}'

@@ -136,5 +136,5 @@ def test_queue_full_then_cancel_frees_the_slot_at_once(secure_server, client):
     assert stopped_at < 1900
     time.sleep(0.5)
     assert _metric(url, alpha_tokens) == stopped_at  # the cancelled request no longer decodes
-    assert _metric(url, 'loradock_requests_total{adapter="alpha",method="GenerateStream",code="CANCELLED"}') == 1
+    assert _metric(url, 'loradock_requests_total{adapter="alpha",code="CANCELLED",method="GenerateStream"}') == 1
     assert client.generate("Still serving", adapter="alpha", max_new_tokens=2).completion_tokens == 2

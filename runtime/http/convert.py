@@ -1,0 +1,319 @@
+"""OpenAI bodies <-> the engine's types, both ways. The only module that knows both.
+
+A request becomes a `Plan`: one `GenerationRequest` per choice (`n` per prompt), with the
+sampling OpenAI's fields ask for. Fields loradock does not implement are refused here by name
+unless they hold their "off" value; identification-only fields (`user`, `metadata`,
+`safety_identifier`, `prompt_cache_key`) are accepted and logged at debug level.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from loradock.runtime.types import (
+    ChatMessage,
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+)
+
+from .errors import ApiError, bad_request, unsupported
+from .models import ServedModel
+from .schemas import (
+    SEED_LIMIT,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Usage,
+)
+
+log = logging.getLogger(__name__)
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+# field -> (values that mean "off", why loradock refuses anything else)
+_NOT_IMPLEMENTED = {
+    "frequency_penalty": ((None, 0, 0.0), "repetition penalties are not implemented"),
+    "presence_penalty": ((None, 0, 0.0), "repetition penalties are not implemented"),
+    "logit_bias": ((None, {}), "logit biases are not implemented"),
+}
+_CHAT_NOT_IMPLEMENTED = {
+    **_NOT_IMPLEMENTED,
+    "logprobs": ((None, False), "the engine does not return log probabilities"),
+    "top_logprobs": ((None, 0), "the engine does not return log probabilities"),
+    "response_format": ((None, {"type": "text"}), "only plain text output; no JSON mode or schemas"),
+    "tools": ((None, []), "no tool calling"),
+    "tool_choice": ((None, "none"), "no tool calling"),
+    "functions": ((None, []), "no function calling"),
+    "function_call": ((None, "none"), "no function calling"),
+    "audio": ((None,), "text only"),
+    "modalities": ((None, ["text"]), "text only"),
+    "prediction": ((None,), "no predicted outputs"),
+    "reasoning_effort": ((None,), "the served models do not reason"),
+    "verbosity": ((None,), "no verbosity control"),
+    "web_search_options": ((None,), "no web search"),
+    "store": ((None, False), "completions are not stored"),
+    "service_tier": ((None, "auto", "default"), "one service tier"),
+    "prompt_cache_retention": ((None,), "prompts are not cached"),
+}
+_COMPLETION_NOT_IMPLEMENTED = {
+    **_NOT_IMPLEMENTED,
+    "logprobs": ((None,), "the engine does not return log probabilities"),
+    "suffix": ((None, ""), "no insertion (suffix) mode"),
+}
+# What each endpoint acts on; every other field of its schema is in a table above or identifies
+# the caller (tests/http/test_convert.py checks that the three cover the schema).
+IDENTIFYING = frozenset({"user", "metadata", "safety_identifier", "prompt_cache_key"})
+SHARED_HONOURED = frozenset({"model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream",
+                             "stream_options", "top_k", "ignore_eos"})
+CHAT_HONOURED = SHARED_HONOURED | {"messages", "max_completion_tokens", "parallel_tool_calls"}
+COMPLETION_HONOURED = SHARED_HONOURED | {"prompt", "echo", "best_of"}
+_MESSAGE_NOT_IMPLEMENTED = {
+    "name": "participant names are not rendered by chat templates",
+    "tool_calls": "no tool calling",
+    "tool_call_id": "no tool calling",
+    "function_call": "no function calling",
+    "refusal": "not an input field",
+    "audio": "text only",
+}
+
+
+@dataclass
+class Plan:
+    """What one HTTP request asks the engine for."""
+
+    model: ServedModel
+    requests: list[GenerationRequest]
+    prompt_of: list[int]  # choice -> index of its prompt (usage counts each prompt once)
+    stream: bool
+    include_usage: bool
+    echo: list[str] = field(default_factory=list)  # per choice: text to put before the completion
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+def _refuse_unimplemented(body, table: dict) -> None:
+    for name, (off, why) in table.items():
+        value = getattr(body, name)
+        if not any(value is allowed or (type(value) is type(allowed) and value == allowed) for allowed in off):
+            raise unsupported(name, why)
+
+
+def _stream_flags(body) -> tuple[bool, bool]:
+    stream = bool(body.stream)
+    options = body.stream_options
+    if options is None:
+        return stream, False
+    if not stream:
+        raise bad_request("stream_options", "only allowed when stream is true")
+    if options.include_obfuscation not in (None, False):
+        raise unsupported("stream_options.include_obfuscation", "no obfuscation padding")
+    return stream, bool(options.include_usage)
+
+
+def _stop(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    if any(s == "" for s in stops):
+        raise bad_request("stop", "stop strings must be non-empty")
+    return stops
+
+
+def _sampling(body, max_tokens: int, seed_offset: int) -> SamplingParams:
+    seed = None if body.seed is None else (body.seed + seed_offset) % SEED_LIMIT
+    return SamplingParams(
+        max_new_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,  # OpenAI's default
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=0 if body.top_k in (None, -1) else body.top_k,
+        seed=seed,
+        stop=_stop(body.stop),
+        ignore_eos=bool(body.ignore_eos),
+    )
+
+
+def _log_identity(body, kind: str) -> None:
+    ids = {k: getattr(body, k, None) for k in ("user", "safety_identifier", "prompt_cache_key", "metadata")}
+    ids = {k: v for k, v in ids.items() if v}
+    if ids:
+        log.debug("%s request from %s", kind, ids)
+
+
+def _messages(body: ChatCompletionRequest) -> tuple[ChatMessage, ...]:
+    out = []
+    for i, m in enumerate(body.messages):
+        where = f"messages[{i}]"
+        for name, why in _MESSAGE_NOT_IMPLEMENTED.items():
+            if getattr(m, name) is not None:
+                raise unsupported(f"{where}.{name}", why)
+        if m.role not in ROLES:
+            raise bad_request(f"{where}.role", f"{m.role!r} is not one of {', '.join(ROLES)}"
+                              + (" (no tool calling)" if m.role in ("tool", "function") else ""))
+        if m.content is None:
+            raise bad_request(f"{where}.content", "required (text)", code="missing_required_parameter")
+        if isinstance(m.content, str):
+            text = m.content
+        else:
+            pieces = []
+            for j, part in enumerate(m.content):
+                kind = part.get("type")
+                if kind != "text" or not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
+                    raise unsupported(f"{where}.content[{j}]", f"only {{'type': 'text', 'text': ...}} parts "
+                                      f"(got type {kind!r})")
+                pieces.append(part["text"])
+            text = "".join(pieces)
+        out.append(ChatMessage(ROLES[m.role], text))
+    return tuple(out)
+
+
+def chat_plan(body: ChatCompletionRequest, model: ServedModel, max_model_len: int) -> Plan:
+    """Raises ApiError 400 naming the field for anything loradock cannot honour."""
+    _refuse_unimplemented(body, _CHAT_NOT_IMPLEMENTED)
+    stream, include_usage = _stream_flags(body)
+    if body.max_tokens is not None and body.max_completion_tokens is not None \
+            and body.max_tokens != body.max_completion_tokens:
+        raise bad_request("max_completion_tokens", "give max_completion_tokens or max_tokens, not both")
+    # OpenAI's default: until the context is full (the engine caps at max_model_len).
+    max_tokens = body.max_completion_tokens or body.max_tokens or max_model_len
+    messages = _messages(body)
+    _log_identity(body, "chat")
+    n = body.n or 1
+    plan = Plan(model, [], [0] * n, stream, include_usage)
+    plan.requests = [GenerationRequest(adapter=model.ref, messages=messages,
+                                       sampling=_sampling(body, max_tokens, i), request_id=f"{plan.id}-{i}")
+                     for i in range(n)]
+    return plan
+
+
+def completion_plan(body: CompletionRequest, model: ServedModel) -> Plan:
+    _refuse_unimplemented(body, _COMPLETION_NOT_IMPLEMENTED)
+    stream, include_usage = _stream_flags(body)
+    n = body.n or 1
+    if body.best_of not in (None, n):
+        raise unsupported("best_of", "ranking candidates needs log probabilities; use n")
+    prompts = _prompts(body.prompt)
+    if body.echo and any(not isinstance(p, str) for p in prompts):
+        raise unsupported("echo", "echoing a prompt given as token ids; send text")
+    max_tokens = body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
+    _log_identity(body, "completion")
+    plan = Plan(model, [], [], stream, include_usage)
+    for p, prompt in enumerate(prompts):
+        for j in range(n):
+            choice = len(plan.requests)
+            text = prompt if isinstance(prompt, str) else None
+            ids = None if isinstance(prompt, str) else tuple(prompt)
+            plan.requests.append(GenerationRequest(adapter=model.ref, prompt=text, prompt_token_ids=ids,
+                                                   sampling=_sampling(body, max_tokens, j),
+                                                   request_id=f"{plan.id}-{choice}"))
+            plan.prompt_of.append(p)
+            plan.echo.append(prompt if body.echo else "")
+    return plan
+
+
+def _prompts(prompt: str | list) -> list[str | list[int]]:
+    """One prompt or several: a string, a list of strings, a list of ids, a list of id lists."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise bad_request("prompt", "must not be empty")
+    if all(isinstance(x, int) for x in prompt):
+        return [list(prompt)]
+    for i, p in enumerate(prompt):
+        if not p:
+            raise bad_request(f"prompt[{i}]", "must not be empty")
+    return list(prompt)
+
+
+# ---- results ----
+
+
+def finish_reason(reason: FinishReason) -> str:
+    """OpenAI's finish reasons: EOS and stop strings are both "stop"."""
+    return "length" if reason is FinishReason.LENGTH else "stop"
+
+
+def usage(plan: Plan, results: Sequence[GenerationResult]) -> Usage:
+    """Every prompt counted once (as OpenAI does for n > 1), every choice's completion tokens."""
+    prompt_tokens = {plan.prompt_of[i]: r.prompt_tokens for i, r in enumerate(results)}
+    prompt = sum(prompt_tokens.values())
+    completion = sum(r.completion_tokens for r in results)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def served_id(plan: Plan, result: GenerationResult | None) -> str:
+    """The concrete `name@N` that served it (the base: its name)."""
+    if result is not None and result.adapter is not None:
+        return result.adapter.ref
+    return plan.model.id
+
+
+def chat_completion(plan: Plan, results: Sequence[GenerationResult], created: int) -> ChatCompletion:
+    return ChatCompletion(
+        id=f"chatcmpl-{plan.id}", created=created, model=served_id(plan, results[0]),
+        choices=[ChatChoice(index=i, message=AssistantMessage(content=r.text),
+                            finish_reason=finish_reason(r.finish_reason)) for i, r in enumerate(results)],
+        usage=usage(plan, results),
+    )
+
+
+def completion(plan: Plan, results: Sequence[GenerationResult], created: int) -> Completion:
+    return Completion(
+        id=f"cmpl-{plan.id}", created=created, model=served_id(plan, results[0]),
+        choices=[CompletionChoice(index=i, text=plan.echo[i] + r.text, finish_reason=finish_reason(r.finish_reason))
+                 for i, r in enumerate(results)],
+        usage=usage(plan, results),
+    )
+
+
+class ChunkWriter:
+    """Streamed chunks of one plan, as JSON text (one SSE `data:` each)."""
+
+    def __init__(self, plan: Plan, created: int, chat: bool) -> None:
+        self.plan = plan
+        self.created = created
+        self.chat = chat
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{plan.id}"
+
+    def _dump(self, choices: list, usage_: Usage | None = None) -> str:
+        cls = ChatCompletionChunk if self.chat else Completion
+        chunk = cls(id=self.id, created=self.created, model=self.plan.model.id, choices=choices, usage=usage_)
+        return chunk.model_dump_json(exclude=None if self.plan.include_usage else {"usage"})
+
+    def opening(self, index: int) -> str | None:
+        """Before a choice's first token: the role (chat) or the echoed prompt (completions)."""
+        if self.chat:
+            return self._dump([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
+        if self.plan.echo[index]:
+            return self._dump([CompletionChoice(index=index, text=self.plan.echo[index])])
+        return None
+
+    def token(self, index: int, text: str) -> str:
+        if self.chat:
+            return self._dump([ChatChunkChoice(index=index, delta=ChatDelta(content=text))])
+        return self._dump([CompletionChoice(index=index, text=text)])
+
+    def finished(self, index: int, result: GenerationResult) -> str:
+        reason = finish_reason(result.finish_reason)
+        if self.chat:
+            return self._dump([ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=reason)])
+        return self._dump([CompletionChoice(index=index, text="", finish_reason=reason)])
+
+    def usage(self, results: Sequence[GenerationResult]) -> str:
+        return self._dump([], usage(self.plan, results))
+
+
+def error_event(error: ApiError) -> str:
+    """An error after the stream started (its status is already 200): OpenAI clients raise it."""
+    return error.body().model_dump_json()

@@ -1,0 +1,191 @@
+"""The FastAPI application: the OpenAI routes, runtime adapter management, health, readiness
+and metrics, behind the gate (`gate.py`), with every error in OpenAI's shape."""
+
+from __future__ import annotations
+
+import time
+from importlib import metadata
+from pathlib import Path
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from loradock.registry import (
+    IncompatibleBaseError,
+    InvalidAdapterError,
+    InvalidNameError,
+    NotFoundError,
+    Registry,
+)
+from loradock.runtime.metrics import CONTENT_TYPE, Metrics
+from starlette.exceptions import HTTPException
+
+from . import convert
+from .errors import (
+    ApiError,
+    bad_request,
+    draining,
+    error_for,
+    http_error,
+    loading,
+    validation_error,
+)
+from .gate import EdgeState, Gate
+from .generation import Generation
+from .models import ModelCatalog
+from .schemas import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ErrorResponse,
+    Health,
+    LoadLoraAdapterRequest,
+    LoraAdapterLoaded,
+    LoraAdapterUnloaded,
+    ModelCard,
+    ModelList,
+    UnloadLoraAdapterRequest,
+)
+
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 503)}
+UPDATES_OFF = ("runtime adapter updates are off; start the server with --allow-adapter-updates "
+               "(or publish with `loradock adapters publish`: the server sees new versions by itself)")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("loradock")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def create_app(
+    engine,
+    registry: Registry,
+    *,
+    metrics: Metrics,
+    state: EdgeState | None = None,
+    auth_token: str | None = None,
+    allow_adapter_updates: bool = False,
+    max_body_bytes: int | None = None,
+) -> FastAPI:
+    """The HTTP edge over `engine` (started or not: API calls answer 503 until it is ready)."""
+    state = state or EdgeState()
+    catalog = ModelCatalog(engine, registry)
+    generation = Generation(engine, catalog, metrics)
+    app = FastAPI(title="loradock", version=_version(),
+                  summary="OpenAI-compatible API: every LoRA adapter version in the registry is a model.")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> Response:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        return validation_error(exc).response()
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> Response:
+        return http_error(exc.status_code, str(exc.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> Response:
+        return error_for(exc).response()
+
+    # ---- OpenAI ----
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
+    def list_models() -> ModelList:
+        """The base and every adapter reference: `name`, each `name@alias`, each `name@N`."""
+        return ModelList(data=catalog.cards())
+
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=ERRORS)
+    def get_model(model: str) -> ModelCard:
+        return catalog.card(model)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        """Chat completion; with `stream: true`, server-sent `chat.completion.chunk`s, then `[DONE]`."""
+        max_model_len = engine.info().max_model_len
+        return await generation.run(request, body.model, lambda m: convert.chat_plan(body, m, max_model_len),
+                                    chat=True, stream=bool(body.stream))
+
+    @app.post("/v1/completions", response_model=Completion, responses=ERRORS)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        """Text completion of a prompt (text or token ids, one or several)."""
+        return await generation.run(request, body.model, lambda m: convert.completion_plan(body, m),
+                                    chat=False, stream=bool(body.stream))
+
+    # ---- runtime adapter management (vLLM's routes) ----
+
+    @app.post("/v1/load_lora_adapter", response_model=LoraAdapterLoaded, responses=ERRORS)
+    def load_lora_adapter(body: LoadLoraAdapterRequest) -> LoraAdapterLoaded:
+        """Publish the PEFT directory `lora_path` (on the server) as the next version of
+        `lora_name`, then load it into a device slot."""
+        if not allow_adapter_updates:
+            raise ApiError(403, UPDATES_OFF, type="permission_error", code="adapter_updates_disabled",
+                           canonical="PERMISSION_DENIED")
+        path = Path(body.lora_path)
+        if not path.is_dir():
+            raise bad_request("lora_path", f"{body.lora_path!r} is not a directory on the server")
+        try:
+            version = registry.publish(path, body.lora_name, base=engine.info().base_name)
+        except InvalidNameError as e:
+            raise bad_request("lora_name", str(e)) from None
+        except (InvalidAdapterError, IncompatibleBaseError, NotFoundError) as e:
+            raise bad_request("lora_path", str(e), code="invalid_adapter") from None
+        start = time.perf_counter()
+        try:
+            engine.load_adapter(version.ref)
+        except Exception as e:
+            raise error_for(e, model=version.ref) from None
+        return LoraAdapterLoaded(id=version.ref, lora_name=version.name, version=version.version,
+                                 digest=version.digest, load_ms=(time.perf_counter() - start) * 1000,
+                                 message=f"published and loaded {version.ref}")
+
+    @app.post("/v1/unload_lora_adapter", response_model=LoraAdapterUnloaded, responses=ERRORS)
+    def unload_lora_adapter(body: UnloadLoraAdapterRequest) -> LoraAdapterUnloaded:
+        """Drop the version `lora_name` means now from the engine's caches (the registry keeps
+        it; the next request for it loads it again)."""
+        if not allow_adapter_updates:
+            raise ApiError(403, UPDATES_OFF, type="permission_error", code="adapter_updates_disabled",
+                           canonical="PERMISSION_DENIED")
+        try:
+            served = catalog.resolve(body.lora_name)
+        except ApiError as e:
+            e.param = "lora_name"
+            raise
+        if served.ref is None:
+            raise bad_request("lora_name", f"{body.lora_name!r} is the base model, which stays loaded")
+        try:
+            was_resident = engine.unload_adapter(served.ref)
+        except Exception as e:
+            raise error_for(e, model=served.ref) from None
+        return LoraAdapterUnloaded(id=served.ref, was_resident=was_resident,
+                                   message=f"unloaded {served.ref}" if was_resident else f"{served.ref} was not loaded")
+
+    # ---- probes (no token needed) ----
+
+    @app.get("/health", response_model=Health)
+    def health() -> Health:
+        """Liveness: 200 while the process answers, with what it is doing."""
+        status = "draining" if state.draining else "serving" if engine.ready else "loading"
+        return Health(status=status)
+
+    @app.get("/ready", response_model=Health, responses={503: {"model": ErrorResponse}})
+    def ready() -> Health:
+        """Readiness: 200 once the engine is warm, 503 while loading or draining."""
+        if state.draining:
+            raise draining()
+        if not engine.ready:
+            raise loading()
+        return Health(status="serving")
+
+    @app.get("/metrics", response_class=Response)
+    def prometheus() -> Response:
+        """Prometheus text exposition (the same page as --metrics-port)."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    app.add_middleware(Gate, engine=engine, state=state, metrics=metrics, auth_token=auth_token,
+                       max_body_bytes=max_body_bytes)
+    return app

@@ -1,0 +1,231 @@
+"""The OpenAI request and response bodies, as pydantic models (the HTTP edge's only schemas).
+
+Requests list every field OpenAI defines. Fields loradock implements are typed and checked
+here; fields it does not implement are typed `Any` and refused by `convert.py` unless they
+hold their "off" value, so nothing a client asks for is silently ignored. Fields that are in
+neither list are refused by pydantic (`extra="forbid"`), except the two vLLM extensions
+loradock honours, `top_k` and `ignore_eos`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
+
+SEED_LIMIT = 2**63
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Request):
+    include_usage: bool | None = None
+    """Send one more chunk before `data: [DONE]` with `choices: []` and the request's usage."""
+    include_obfuscation: Any = None  # random padding against side channels: refused when true
+
+
+class ChatMessage(_Request):
+    """One message. `content` is a string or a list of `{"type": "text", "text": ...}` parts."""
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: Any = None
+    tool_calls: Any = None
+    tool_call_id: Any = None
+    function_call: Any = None
+    refusal: Any = None
+    audio: Any = None
+
+
+class _Sampling(_Request):
+    """Fields chat and text completions share."""
+
+    model: str = Field(description="a registry reference (name, name@N, name@alias), the base's "
+                       "name or '' for the base, or BASE:ADAPTER")
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = Field(None, ge=1, le=128)
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    frequency_penalty: Any = None
+    presence_penalty: Any = None
+    logit_bias: Any = None
+    # vLLM's extensions, honoured
+    top_k: int | None = Field(None, ge=-1, description="keep the k most likely tokens (0 or -1: off)")
+    ignore_eos: bool | None = Field(None, description="generate max_tokens tokens even past EOS")
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: Any = None
+    top_logprobs: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    store: Any = None
+    service_tier: Any = None
+    metadata: dict[str, str] | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: Any = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="text, several texts, token ids, or several lists of token ids")
+    echo: bool | None = None
+    best_of: Any = None
+    logprobs: Any = None
+    suffix: Any = None
+
+
+class LoadLoraAdapterRequest(_Request):
+    """vLLM's body: publish the PEFT directory `lora_path` (on the server) as a new version of
+    `lora_name`, then load it."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoraAdapterRequest(_Request):
+    """Drop what `lora_name` (any reference) means now from the engine's caches."""
+
+    lora_name: str
+
+
+# ---- responses ----
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str = Field(description="the concrete name@N (or the base's name) that served it")
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer
+    def _present_only(self) -> dict[str, str]:  # OpenAI omits what a delta does not carry
+        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class Completion(BaseModel):
+    """A text completion, and also each streamed chunk of one (OpenAI uses one object type)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str = Field(description="what to pass as `model`: the base's name, name, name@alias or name@N")
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "loradock"
+    root: str = Field(description="the concrete name@N this id means now (the base: its own name)")
+    parent: str | None = Field(None, description="the base model an adapter runs on")
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class LoraAdapterLoaded(BaseModel):
+    id: str = Field(description="the new version, name@N")
+    lora_name: str
+    version: int
+    digest: str
+    load_ms: float
+    message: str
+
+
+class LoraAdapterUnloaded(BaseModel):
+    id: str
+    was_resident: bool
+    message: str
+
+
+class Health(BaseModel):
+    status: Literal["loading", "serving", "draining"]

@@ -1,0 +1,175 @@
+"""The official `openai` client, sync and async, unary and streaming, against a real
+`loradock serve` (gRPC and HTTP from one engine) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+
+import openai
+from loradock.runtime.types import FinishReason
+
+from loradock.client import Client
+from tests.http.conftest import ADAPTERS, TOKEN
+
+BASE = "tiny-llama"
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
+
+
+def chat(client: openai.OpenAI, model: str, max_tokens: int = 12, **kwargs):
+    kwargs.setdefault("messages", MESSAGES)
+    return client.chat.completions.create(model=model, max_tokens=max_tokens, temperature=0, **kwargs)
+
+
+def test_greedy_chat_equals_grpc_for_the_same_adapter_and_messages(api, client):
+    """Guards: the HTTP edge rendering messages, mapping sampling or reporting results
+    differently from the gRPC edge over the same engine (text, served version, exact usage,
+    finish reason), for every way of naming a model."""
+    texts = set()
+    with Client(api.grpc, token=TOKEN, timeout=60) as grpc_client:
+        for model, ref in [("", None), (BASE, None), ("a1", "a1"), ("a2@1", "a2@1"), ("mover@prod", "mover@prod"),
+                           (f"{BASE}:a3", "a3"), (f"{BASE}:", None)]:
+            http = chat(client, model)
+            grpc = grpc_client.generate(MESSAGES, adapter=ref, max_new_tokens=12)
+            assert http.choices[0].message.content == grpc.text, model
+            assert http.model == (grpc.adapter.ref if grpc.adapter else BASE)
+            assert (http.usage.prompt_tokens, http.usage.completion_tokens) == (grpc.prompt_tokens,
+                                                                                grpc.completion_tokens)
+            assert http.usage.total_tokens == grpc.prompt_tokens + grpc.completion_tokens
+            assert http.choices[0].finish_reason == ("length" if grpc.finish_reason is FinishReason.LENGTH else "stop")
+            assert http.object == "chat.completion" and http.id.startswith("chatcmpl-")
+            texts.add(grpc.text)
+    assert len(texts) >= 4, "the adapters must change the output, or this comparison could not fail"
+
+
+def test_sync_stream_is_the_unary_answer_token_by_token(client):
+    """Guards the SSE path: role chunk first, one chunk per generated token, the finish reason,
+    the usage chunk only when asked for, every chunk naming the concrete version, [DONE] at the end."""
+    unary = chat(client, "a4", max_tokens=10)
+    chunks = list(chat(client, "a4", max_tokens=10, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content == ""
+    tokens = [c for c in chunks[1:] if c.choices and c.choices[0].finish_reason is None]
+    assert len(tokens) == unary.usage.completion_tokens
+    assert "".join(c.choices[0].delta.content for c in tokens) == unary.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        unary.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage == unary.usage
+    assert all(c.usage is None for c in chunks[:-1])
+    assert {c.model for c in chunks} == {"a4@1"} and {c.id for c in chunks} == {chunks[0].id}
+
+    plain = list(chat(client, "a4", max_tokens=10, stream=True))
+    assert all(c.usage is None for c in plain) and plain[-1].choices[0].finish_reason is not None
+
+
+def test_32_concurrent_async_streams_over_8_adapters_and_the_base(client):
+    """Guards: mixed-up streams, lost tokens or errors under concurrency. Async unary answers
+    taken one at a time are the reference; 32 concurrent streams over 8 adapters and the base
+    (4 device slots, so adapters rotate) must each reproduce theirs, with 0 errors."""
+    models = [*ADAPTERS, ""]
+    prompts = [f"Describe thing number {i}." for i in range(4)]
+
+    def messages(prompt: str) -> list[dict]:
+        return [{"role": "user", "content": prompt}]
+
+    async def run() -> tuple[dict, list, list]:
+        async with openai.AsyncOpenAI(base_url=str(client.base_url), api_key=TOKEN, max_retries=0,
+                                      timeout=120) as aclient:
+            reference = {}
+            for model in models:
+                for prompt in prompts:
+                    reference[model, prompt] = await aclient.chat.completions.create(
+                        model=model, messages=messages(prompt), max_tokens=16, temperature=0)
+            jobs = [(models[i % len(models)], prompts[i % len(prompts)]) for i in range(32)]
+
+            async def one(model: str, prompt: str) -> tuple[str, object, set]:
+                stream = await aclient.chat.completions.create(
+                    model=model, messages=messages(prompt), max_tokens=16, temperature=0, stream=True,
+                    stream_options={"include_usage": True})
+                text, usage, served = "", None, set()
+                async for chunk in stream:
+                    served.add(chunk.model)
+                    if chunk.choices:
+                        text += chunk.choices[0].delta.content or ""
+                    else:
+                        usage = chunk.usage
+                return text, usage, served
+
+            results = await asyncio.gather(*(one(m, p) for m, p in jobs), return_exceptions=True)
+            return reference, jobs, results
+
+    reference, jobs, results = asyncio.run(run())
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    for job, (text, usage, served) in zip(jobs, results, strict=True):
+        expected = reference[job]
+        assert text == expected.choices[0].message.content, job
+        assert usage == expected.usage and served == {expected.model}, job
+    assert len({r.choices[0].message.content for r in reference.values()}) > len(prompts)
+
+
+def test_models_list_the_registry_and_follow_an_alias_move(api, client, http_registry):
+    """Guards: /v1/models missing references a client may use, listing what the engine cannot
+    serve, or going stale after an alias move (seen on the next call, no restart)."""
+    cards = {m.id: m for m in client.models.list().data}
+    base = cards[BASE]
+    assert (base.root, base.parent, base.object, base.owned_by) == (BASE, None, "model", "loradock")
+    for name in ADAPTERS:
+        assert cards[name].root == cards[f"{name}@1"].root == f"{name}@1"
+        assert cards[name].parent == BASE
+    assert cards["mover"].root == "mover@2" and cards["mover@prod"].root == "mover@1"
+    assert {"mover@1", "mover@2"} <= set(cards)
+    assert not {"big", "big@1", "broken@0"} & set(cards), "rank 32 is above --max-rank 16: not servable"
+    info_len = cards[BASE].max_model_len
+    assert info_len > 0 and all(c.max_model_len == info_len for c in cards.values())
+    assert cards["a0@1"].created > 1_600_000_000
+    assert client.models.retrieve("mover@prod").root == "mover@1"
+
+    pid = api.proc.pid
+    http_registry.tag("mover@2", "prod")
+    try:
+        assert {m.id: m.root for m in client.models.list().data}["mover@prod"] == "mover@2"
+        assert chat(client, "mover@prod", max_tokens=2).model == "mover@2"
+    finally:
+        http_registry.tag("mover@1", "prod")
+    assert chat(client, "mover@prod", max_tokens=2).model == "mover@1"
+    assert api.proc.pid == pid and api.proc.poll() is None
+
+
+def test_n_choices_seeds_stop_strings_and_text_completions(client):
+    """Guards: n ignored or miscounted in usage, seeds not reproducible, stop strings not
+    applied, and /v1/completions with several prompts, token ids and echo."""
+    greedy = chat(client, "a5", max_tokens=6, n=3)
+    assert [c.index for c in greedy.choices] == [0, 1, 2]
+    assert len({c.message.content for c in greedy.choices}) == 1  # greedy: one answer, three times
+    single = chat(client, "a5", max_tokens=6)
+    assert greedy.usage.prompt_tokens == single.usage.prompt_tokens  # the prompt counts once
+    assert greedy.usage.completion_tokens == 3 * single.usage.completion_tokens
+
+    def sampled():
+        r = client.chat.completions.create(model="a5", messages=MESSAGES, max_tokens=8, n=2, temperature=1.0,
+                                           seed=7)
+        return [c.message.content for c in r.choices]
+
+    first = sampled()
+    assert first == sampled() and first[0] != first[1]  # per-choice seeds: reproducible, not copies
+
+    text = chat(client, "a6", max_tokens=12).choices[0].message.content
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    stopped = chat(client, "a6", max_tokens=12, stop=[stop])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].message.content == text[:text.index(stop)]
+
+    done = client.completions.create(model="a7", prompt=["Once upon", "The end"], n=2, max_tokens=5,
+                                     temperature=0, echo=True, extra_body={"ignore_eos": True})
+    assert done.object == "text_completion" and done.model == "a7@1"
+    assert [c.text.startswith(p) for c, p in zip(done.choices, ["Once upon"] * 2 + ["The end"] * 2,
+                                                  strict=True)] == [True] * 4
+    assert done.choices[0].text == done.choices[1].text != done.choices[2].text
+    assert done.usage.completion_tokens == 4 * 5
+    ids = client.completions.create(model="a7", prompt=[1, 2, 3, 4], max_tokens=3, temperature=0)
+    assert ids.usage.prompt_tokens == 4 and ids.usage.completion_tokens <= 3
+    streamed = list(client.completions.create(model="a7", prompt="Once upon", max_tokens=5, temperature=0,
+                                              stream=True, extra_body={"ignore_eos": True}))
+    unary = client.completions.create(model="a7", prompt="Once upon", max_tokens=5, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in streamed) == unary.choices[0].text
+    assert client.completions.create(model="a7", prompt="Once", temperature=0,
+                                     extra_body={"ignore_eos": True}).usage.completion_tokens == 16
