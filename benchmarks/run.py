@@ -19,11 +19,11 @@ from loradock.registry import AdapterVersion, BaseInfo, NotFoundError, Registry
 from loradock.bases import DEFAULT_BASE_NAME, import_base
 
 from .adapters import publish_random_adapters
-from .hf_generate import DTYPES
 from .job import Job, JobResult
-from .limit import decode_limit
+from .limit import machine_limit
 from .metrics import ratio, summarize
 from .registry_ops import bench_registry_ops
+from .synthetic_base import SYNTHETIC_1B, make_synthetic_base
 from .workload import (
     ATTN_TARGETS,
     MLP_TARGETS,
@@ -35,7 +35,7 @@ from .workload import (
 
 log = logging.getLogger(__name__)
 
-SYSTEMS = ("loradock", "loradock-grpc", "peft-static", "peft-naive", "base-only")
+SYSTEMS = ("loradock", "loradock-grpc", "loradock-http", "peft-static", "peft-naive", "base-only")
 # Systems whose figures do not depend on the number of adapters: measured once per run.
 ADAPTER_FREE = ("base-only",)
 # Cold loads and alias moves use the heaviest adapter kind of the workload.
@@ -91,6 +91,8 @@ def ensure_base(user: Registry, bench: Registry, name: str) -> BaseInfo:
     if user.bases.exists(name):
         info, _ = import_base(bench, user.bases.get(name).path, name=name)
         return info
+    if name == SYNTHETIC_1B:
+        return make_synthetic_base(bench, ensure_base(user, bench, DEFAULT_BASE_NAME))
     if name != DEFAULT_BASE_NAME:
         raise NotFoundError(f"base {name!r} is in neither {user.root} nor {bench.root}; "
                             "add it with `loradock bases add SOURCE --name NAME`")
@@ -176,6 +178,8 @@ class Runner:
             "cold_adapters": list(range(n, n + len(self.cold))) if headline else [],
             "step_adapters": [i % n for i in range(c.max_running)],  # distinct while n >= max_running
             "step_rounds": c.step_rounds,
+            "step_ops_sizes": [1, 8, 32] if headline else [],
+            "kv_concurrency": headline,
             "alias_adapter": n + len(self.cold) if headline else None,
         }
         return Job(system=system, home=str(self.bench.root), base=self.base.name,
@@ -204,10 +208,9 @@ class Runner:
     def limit(self) -> dict:
         """The limit (limit.py), measured once per run in this process with the systems' thread count."""
         if self._limit is None:
-            print(f"measuring the limit: the base's linear layers as bare matmuls at batch "
-                  f"{self.limit_batch}", file=sys.stderr)
-            self._limit = decode_limit(self.base.path, self.limit_batch,
-                                       DTYPES[self.config.dtype], self.config.threads)
+            print(f"measuring the machine limit: the base's linear layers as bare float32 and "
+                  f"bfloat16 matmuls at batch {self.limit_batch}", file=sys.stderr)
+            self._limit = machine_limit(self.base.path, self.limit_batch, self.config.threads)
         return self._limit
 
 
@@ -256,6 +259,7 @@ def assemble_run(n: int, systems: dict, engine_extra: dict, limit: dict) -> dict
             "loradock_vs_peft_static": vs(tps, "loradock", "peft-static"),
             "loradock_vs_peft_naive": vs(tps, "loradock", "peft-naive"),
             "grpc_vs_in_process": vs(tps, "loradock-grpc", "loradock"),
+            "http_vs_grpc": vs(tps, "loradock-http", "loradock-grpc"),
             "peft_static_vs_base_only": vs(tps, "peft-static", "base-only"),
             "loradock_vs_base_only": vs(tps, "loradock", "base-only"),
             # the same comparisons in tokens per CPU-second: robust to other load on the machine

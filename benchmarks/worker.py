@@ -25,6 +25,7 @@ from .job import Job, JobResult
 RUNNERS = {
     "loradock": "loradock_systems:run_engine",
     "loradock-grpc": "loradock_systems:run_grpc",
+    "loradock-http": "http_system:run_http",
     "peft-static": "peft_systems:run_peft_static",
     "peft-naive": "peft_systems:run_peft_naive",
     "base-only": "peft_systems:run_base_only",

@@ -12,6 +12,8 @@ from loradock.errors import UserError
 
 SYSTEM_HELP = (
     "loradock (engine in-process), loradock-grpc (`loradock serve` + concurrent gRPC clients), "
+    "loradock-http (`loradock serve --no-grpc --http-port` + concurrent streaming clients of the "
+    "OpenAI-compatible API), "
     "peft-static (PEFT mixed batches, FCFS static batches of --max-running), peft-naive (PEFT, "
     "one request at a time, set_adapter), base-only (the base alone at the same batch size)"
 )
@@ -48,7 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"), metavar="DIR",
                         help="where the results go (default: %(default)s)")
     parser.add_argument("--base", help="registry base name (default: smollm2-135m-instruct, imported "
-                        "from the packaged GGUF when missing)")
+                        "from the packaged GGUF when missing); 'synthetic-1b' makes a Llama-shaped "
+                        "1.1B-parameter base with random weights locally, to see costs grow with size")
     parser.add_argument("--bench-home", type=Path, default=None, metavar="PATH",
                         help=f"benchmark registry root, kept between runs so adapters are generated "
                         f"once (default: {default_bench_home()})")

@@ -17,7 +17,8 @@ def test_defaults_follow_the_design():
     c = config_of()
     assert (c.base, c.adapters, c.quantize, c.max_running, c.headline) == ("smollm2-135m-instruct", [32], "nf4", 32, 32)
     assert (c.prompt_len, c.output_len, c.rate, c.registry_versions) == ((16, 128), (16, 64), None, 10_000)
-    assert set(c.systems) == {"loradock", "loradock-grpc", "peft-static", "peft-naive", "base-only"}
+    assert set(c.systems) == {"loradock", "loradock-grpc", "loradock-http", "peft-static", "peft-naive",
+                              "base-only"}
 
 
 def test_quick_is_small_and_flags_override_it():

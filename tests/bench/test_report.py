@@ -11,7 +11,8 @@ from loradock.benchmarks.report import flat_summary, markdown, target_checks, wr
 from loradock.benchmarks.run import assemble_run
 
 SUMMARY_KEYS = {"tokens_per_s", "ratio_vs_peft_static", "ratio_vs_naive", "overhead_vs_base",
-                "cold_load_p50_ms", "fraction_of_limit", "n_adapters", "errors"}
+                "cold_load_p50_ms", "fraction_of_limit", "n_adapters", "errors",
+                "machine_limit_tokens_per_s", "fraction_of_machine_limit", "ops_per_decode_step"}
 
 
 def system(name: str, tokens_per_request: int, seconds: float, errors: int = 0) -> dict:
@@ -32,6 +33,8 @@ def results_doc(with_probes: bool = True) -> dict:
         probes = {
             "decode_step": {"batch": 32, "adapters_step_ms": 12.0, "base_step_ms": 10.0, "ratio": 1.2},
             "cold_load": {"n": 5, "load_p50_ms": 45.0, "adapters": ["a@1"]},
+            "ops_per_decode_step": {"1": 1000, "8": 1100, "32": 1300},
+            "kv_concurrency": {"paged_concurrency": 40, "preallocated_concurrency": 8, "ratio": 5.0},
         } if with_probes else {}
         runs.append(assemble_run(n, systems, probes, {"tokens_per_s": 400.0}))
     return {
@@ -57,13 +60,18 @@ def test_flat_summary_figures():
     assert s["ratio_vs_naive"] == pytest.approx(16.0)
     assert s["overhead_vs_base"] == pytest.approx(1.2)
     assert s["fraction_of_limit"]["loradock"] == pytest.approx(0.4)
+    assert s["machine_limit_tokens_per_s"] == 400.0 and s["fraction_of_machine_limit"] == pytest.approx(0.4)
+    assert s["ops_per_decode_step"] == {"1": 1000, "8": 1100, "32": 1300}
+    assert s["ops_per_decode_step_growth"] == pytest.approx(1.3)
+    assert s["kv_concurrency_ratio"] == 5.0
     assert s["errors"] == {"loradock": 0, "peft-static": 0, "peft-naive": 1, "base-only": 0}
 
 
 def test_targets_met_and_missed():
     checks = {c["key"]: c["met"] for c in target_checks(flat_summary(results_doc()))}
-    assert checks == {"ratio_vs_peft_static": True, "ratio_vs_naive": True, "overhead_vs_base": True,
-                      "cold_load_p50_ms": False}
+    assert checks == {"ratio_vs_peft_static": True, "ratio_vs_naive": True, "overhead_vs_base": False,
+                      "cold_load_p50_ms": False, "fraction_of_machine_limit": False,
+                      "ops_per_decode_step_growth": False, "kv_concurrency_ratio": True}
 
 
 def test_unmeasured_figures_become_null_not_nan(tmp_path):

@@ -23,7 +23,7 @@ def test_bench_smoke_every_system(tiny_base, home, tmp_path, capsys):
     ])
     assert code == 0
     summary = json.loads(summary_path.read_text())
-    systems = {"loradock", "loradock-grpc", "peft-static", "peft-naive", "base-only"}
+    systems = {"loradock", "loradock-grpc", "loradock-http", "peft-static", "peft-naive", "base-only"}
     assert set(summary["tokens_per_s"]) == systems
     assert summary["errors"] == dict.fromkeys(systems, 0)
     assert all(v > 0 for v in summary["tokens_per_s"].values())
@@ -31,6 +31,11 @@ def test_bench_smoke_every_system(tiny_base, home, tmp_path, capsys):
     for key in ("ratio_vs_peft_static", "ratio_vs_naive", "overhead_vs_base", "cold_load_p50_ms"):
         assert isinstance(summary[key], float), key
     assert summary["fraction_of_limit"]["loradock"] > 0
+    assert summary["machine_limit_dtype"] in ("float32", "bfloat16")
+    assert 0 < summary["fraction_of_machine_limit"] == summary["fraction_of_limit"]["loradock"]
+    assert set(summary["ops_per_decode_step"]) == {"1", "8", "32"}
+    assert summary["ops_per_decode_step_growth"] < 1.5, "per-step ops must not grow with the batch"
+    assert summary["kv_concurrency_ratio"] >= 2, "the paged pool runs more sequences on the same bytes"
     assert summary["registry_ops"]["versions"] == 12
 
     doc = json.loads((out / "smoke.json").read_text())
@@ -43,4 +48,5 @@ def test_bench_smoke_every_system(tiny_base, home, tmp_path, capsys):
     assert run["probes"]["decode_step"]["distinct_adapters"] == 3
     assert (out / "smoke.png").stat().st_size > 0
     assert "| loradock-grpc |" in (out / "smoke.md").read_text()
+    assert "| loradock-http |" in (out / "smoke.md").read_text()
     assert "| loradock |" in capsys.readouterr().out
