@@ -155,9 +155,9 @@ def attention_group(starts: Sequence[int], past_lens: Sequence[int], chunk_lens:
     batch, its cached length, its chunk length ([N] each) and its block table [N, blocks] (on
     the model's device, where every tensor made here stays).
 
-    >>> g = attention_group([0, 3], [0, 5], [3, 1], torch.tensor([[0], [1]]), 8)
-    >>> g.q_index.tolist(), g.kv_index[1].tolist(), g.out_rows.tolist()
-    ([[0, 1, 2], [3, 3, 3]], [8, 9, 10, 11, 12, 13], [0, 1, 2, 3])
+    >>> g = attention_group([0, 3], [0, 5], [3, 1], torch.tensor([[1], [2]]), 8)
+    >>> g.q_index.tolist(), g.kv_index.tolist(), g.out_rows.tolist()
+    ([[0, 1, 2], [3, 3, 3]], [[8, 9, 10, 0, 0, 0], [16, 17, 18, 19, 20, 21]], [0, 1, 2, 3])
     >>> g.mask[0, 0].int().tolist()  # a prompt chunk: causal
     [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]]
     >>> g.mask[1, 0, 0].int().tolist()  # a decode token after 5 cached ones (padded queries repeat it)
@@ -171,7 +171,10 @@ def attention_group(starts: Sequence[int], past_lens: Sequence[int], chunk_lens:
     q_clamped = torch.minimum(q, (chunk - 1)[:, None])  # [N, Q]: padding repeats the last query
     q_index = start[:, None] + q_clamped  # [N, Q]
     k = torch.arange(kv_max, device=device)[None, :]  # [1, L]
-    kv_index = slot_index(tables, k.expand(len(starts), -1), block_size)  # [N, L]
+    # Keys past a sequence's context read pool slot 0 (the null block, all zeros): masked out,
+    # and never uninitialised memory, which could hold NaN.
+    kv_index = torch.where(k < (past + chunk)[:, None],
+                           slot_index(tables, k.expand(len(starts), -1), block_size), 0)  # [N, L]
     # Query i of a sequence sits at position past + i and sees keys 0..past + i of its own cache.
     mask = (k[:, None, :] <= (past[:, None] + q_clamped)[:, :, None])[:, None]  # [N, 1, Q, L]
     if q_max == 1:

@@ -7,6 +7,11 @@ generate. The pool stores each layer's keys and values as flat token slots
 [num_blocks * block_size, kv_heads, head_dim]: token p of a sequence lives in slot
 `table[p // block_size] * block_size + p % block_size` (`slot_index`).
 
+Block 0 is the null block: all zeros, never handed out. Attention metadata points every padded
+or out-of-context key there, so the rest of the pool may be left uninitialised (`torch.empty`:
+on CPU the memory is committed only as blocks are first written) and a gathered key is always
+either one the sequence wrote or a zero.
+
 Only the engine loop thread touches the pool, so it keeps no lock.
 """
 
@@ -27,18 +32,23 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 
 
 class KVPool:
-    """K and V for every layer: [layers, num_blocks * block_size, kv_heads, head_dim] each."""
+    """K and V for every layer: [layers, (num_blocks + 1) * block_size, kv_heads, head_dim] each:
+    `num_blocks` usable blocks after the null block 0."""
+
+    NULL_BLOCK = 0
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV pool needs at least one block (got {num_blocks})")
-        shape = (num_layers, num_blocks * block_size, kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (num_layers, (num_blocks + 1) * block_size, kv_heads, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.k[:, :block_size] = 0  # the null block
+        self.v[:, :block_size] = 0
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: the last freed block is reused first
+        self._free = list(range(num_blocks, 0, -1))  # a stack: the last freed block is reused first
 
     @staticmethod
     def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -66,7 +76,8 @@ class KVPool:
 
     @property
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        """Bytes of the usable blocks (K and V)."""
+        return self.capacity_tokens * self.k[:, 0].numel() * self.k.element_size() * 2
 
     def grow(self, table: list[int], num_tokens: int) -> bool:
         """Extend `table` so it holds `num_tokens` tokens; all or nothing (False: too few free blocks)."""

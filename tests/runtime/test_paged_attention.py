@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import types
 
 import pytest
@@ -20,6 +21,7 @@ def test_pool_grows_all_or_nothing_and_reuses_freed_blocks():
     assert pool.grow(a, 8) and len(a) == 2, "8 tokens still fit in two blocks of 4"
     assert not pool.grow(b, 9) and b == [] and pool.free_blocks == 2, "3 blocks asked, 2 free: none taken"
     assert pool.grow(b, 8) and pool.free_blocks == 0 and not set(a) & set(b)
+    assert KVPool.NULL_BLOCK not in a + b, "the null block is never handed out"
     assert pool.used_tokens == 16
     pool.free(a)
     assert a == [] and pool.free_blocks == 2 and pool.grow(b, 12) and len(b) == 3
@@ -43,7 +45,10 @@ def test_paged_attention_matches_per_sequence_sdpa(pasts, chunks):
     heads, kv_heads, d, bs = 4, 2, 8, 4
     pool = KVPool(1, kv_heads, d, num_blocks=64, block_size=bs, dtype=torch.float32,
                   device=torch.device("cpu"))
-    pool._free = pool._free[::-1][::3] + [b for b in pool._free if b % 3]  # scatter the blocks
+    random.Random(0).shuffle(pool._free)  # sequences get scattered, interleaved blocks
+    # Whatever a sequence did not write must never reach its attention, even NaN left in
+    # uninitialised memory: padding reads the null block.
+    pool.k[:, bs:], pool.v[:, bs:] = float("nan"), float("nan")
     past_k = [torch.randn(kv_heads, p, d) for p in pasts]
     past_v = [torch.randn(kv_heads, p, d) for p in pasts]
     tables = []
