@@ -75,6 +75,18 @@ def probe_request(job: Job, adapter: int | None, max_new_tokens: int) -> BenchRe
 
 def run_engine(job: Job, progress: Progress, extra: dict) -> list[RequestRecord]:
     """The workload through an in-process Engine, plus the probes (into `extra`)."""
+    records = serve_workload(job, progress, extra)  # its engine is gone once this returns
+    # The system's peak is the serving engine's; the probes below start engines of their own.
+    extra["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if job.probes.get("step_ops_sizes"):
+        extra["ops_per_decode_step"] = measure_step_ops(job, job.probes["step_ops_sizes"])
+    if job.probes.get("kv_concurrency"):
+        extra["kv_concurrency"] = measure_kv_concurrency(job)
+    return records
+
+
+def serve_workload(job: Job, progress: Progress, extra: dict) -> list[RequestRecord]:
+    """The workload and the probes that share its engine (cold load, decode step, alias move)."""
     engine = Engine(EngineConfig(**engine_settings(job)), Registry(job.home))
     engine.start()
     try:
@@ -95,10 +107,6 @@ def run_engine(job: Job, progress: Progress, extra: dict) -> list[RequestRecord]
             extra["alias_move"] = measure_alias_move(job, engine, job.probes["alias_adapter"])
     finally:
         engine.shutdown()
-    if job.probes.get("step_ops_sizes"):
-        extra["ops_per_decode_step"] = measure_step_ops(job, job.probes["step_ops_sizes"])
-    if job.probes.get("kv_concurrency"):
-        extra["kv_concurrency"] = measure_kv_concurrency(job)
     return records
 
 

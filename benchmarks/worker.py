@@ -49,10 +49,11 @@ def run_job(job: Job) -> JobResult:
         return JobResult(job.system, [], peak_rss_mb(), extra, error=f"{type(e).__name__}: {e}")
     finally:
         bar.close()
-    # A runner may report another process's peak (the gRPC server's); then keep ours as the client's.
+    # A runner may report the peak of what it measures (the gRPC server's, or the in-process
+    # engine's before its probes started engines of their own); then keep this whole process's.
     own = peak_rss_mb()
     if "peak_rss_mb" in extra:
-        extra["client_peak_rss_mb"] = own
+        extra["worker_peak_rss_mb"] = own
     return JobResult(job.system, records, extra.pop("peak_rss_mb", own), extra)
 
 
