@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import resource
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,10 +19,9 @@ import httpx
 
 from loradock.server_process import ServerProcess, free_port
 
-from .cputime import CpuMeter
 from .job import Job
-from .load import Progress, drive, timed_stream
-from .loradock_systems import probe_request, server_flags
+from .load import Progress
+from .loradock_systems import drive_server, server_flags
 from .metrics import RequestRecord
 from .workload import BenchRequest
 
@@ -71,10 +69,7 @@ def run_http(job: Job, progress: Progress, extra: dict) -> list[RequestRecord]:
                     "model": model, "prompt": list(request.prompt_token_ids), "max_tokens": request.max_new_tokens,
                     "temperature": 0, "ignore_eos": True, "stream": True})
 
-            timed_stream(probe_request(job, None, 2), time.perf_counter(), send)  # warm-up
-            with CpuMeter([server.pid]) as cpu:  # the server's CPU and the clients'
-                records = drive(job.requests, job.clients, send, progress)
-            extra["workload_cpu_s"] = cpu.seconds
+            records = drive_server(job, server.pid, send, progress, extra)
         # The server exited (SIGTERM, drained) and was waited for: its peak RSS is in RUSAGE_CHILDREN.
         extra["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return records

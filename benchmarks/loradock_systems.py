@@ -136,6 +136,16 @@ def measure_step_ops(job: Job, sizes: list[int]) -> dict[str, int]:
         engine.shutdown(drain=False)
 
 
+def drive_server(job: Job, server_pid: int, send, progress: Progress, extra: dict) -> list[RequestRecord]:
+    """Warm a server child up, then run the workload through `send`, counting the server's CPU
+    and the clients' (into `extra["workload_cpu_s"]`)."""
+    timed_stream(probe_request(job, None, 2), time.perf_counter(), send)
+    with CpuMeter([server_pid]) as cpu:
+        records = drive(job.requests, job.clients, send, progress)
+    extra["workload_cpu_s"] = cpu.seconds
+    return records
+
+
 def measure_cold_load(job: Job, send, adapters: list[int]) -> dict:
     """Registry -> first token for adapters never used before: cold TTFT minus the warm TTFT
     of the same request right after (the difference is what loading put on the request path)."""
@@ -258,10 +268,7 @@ def run_grpc(job: Job, progress: Progress, extra: dict) -> list[RequestRecord]:
                 return client.stream(prompt_token_ids=request.prompt_token_ids, adapter=ref,
                                      max_new_tokens=request.max_new_tokens, ignore_eos=True)
 
-            timed_stream(probe_request(job, None, 2), time.perf_counter(), send)  # warm-up
-            with CpuMeter([server.pid]) as cpu:  # the server's CPU and the clients'
-                records = drive(job.requests, job.clients, send, progress)
-            extra["workload_cpu_s"] = cpu.seconds
+            records = drive_server(job, server.pid, send, progress, extra)
         # The server has exited (SIGTERM, drained) and been waited for: its peak RSS is in
         # RUSAGE_CHILDREN, which is what this system costs (the clients are not the server).
         extra["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
