@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from loradock.registry.quantization import QuantizationRecipe
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
@@ -23,22 +24,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_base(path: Path, quantize: str, dtype: str) -> torch.nn.Module:
-    """The base model as the engine serves it: bitsandbytes NF4 / int8 or unquantized, on the
-    engine's default device (CUDA when there is one)."""
-    torch_dtype = DTYPES[dtype]
-    if quantize == "nf4":
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype
-        )
-    elif quantize == "int8":
-        quant = BitsAndBytesConfig(load_in_8bit=True)
-    elif quantize == "none":
-        quant = None
-    else:
-        raise ValueError(f"unknown quantization {quantize!r}: expected nf4, int8 or none")
+    """The base model as the engine serves it (the same QuantizationRecipe, default double
+    quantization included), on the engine's default device (CUDA when there is one)."""
+    recipe = QuantizationRecipe.named(quantize, dtype)  # ValueError names an unknown quantization
+    bnb = recipe.bnb_kwargs()
     model = AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=quant, dtype=torch_dtype,
-        device_map="cuda:0" if torch.cuda.is_available() else "cpu",
+        path, quantization_config=BitsAndBytesConfig(**bnb) if bnb is not None else None,
+        dtype=DTYPES[dtype], device_map="cuda:0" if torch.cuda.is_available() else "cpu",
     )
     model.eval()
     return model

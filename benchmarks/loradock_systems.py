@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import statistics
@@ -29,6 +30,7 @@ from .job import Job
 from .kv_concurrency import kv_concurrency
 from .load import Progress, drive, timed_stream
 from .metrics import RequestRecord, percentile
+from .prefix_cache import prefix_cache_probe
 from .step_ops import ops_per_decode_step
 from .workload import RANKS, BenchRequest
 
@@ -82,6 +84,8 @@ def run_engine(job: Job, progress: Progress, extra: dict) -> list[RequestRecord]
         extra["ops_per_decode_step"] = measure_step_ops(job, job.probes["step_ops_sizes"])
     if job.probes.get("kv_concurrency"):
         extra["kv_concurrency"] = measure_kv_concurrency(job)
+    if job.probes.get("prefix_cache"):
+        extra["prefix_cache"] = measure_prefix_cache(job)
     return records
 
 
@@ -120,6 +124,18 @@ def measure_kv_concurrency(job: Job, kv_tokens: int = 2048, max_running: int = 6
         return kv_concurrency(engine, job.requests[0].prompt_token_ids[:PROBE_PROMPT_TOKENS])
     finally:
         engine.shutdown(drain=False)
+
+
+def measure_prefix_cache(job: Job, adapters: int = 4) -> dict:
+    """The prefix cache off and on, over requests that share their adapter's system prompt."""
+    settings = {**engine_settings(job), "max_queue": 64, "max_model_len": 512, "max_prompt_tokens": 256}
+
+    def make_engine(prefix_caching: bool) -> Engine:
+        config = EngineConfig(**settings, prefix_caching=prefix_caching)
+        return Engine(config, Registry(job.home)).start(run_loop=False)
+
+    vocab = json.loads((Path(job.base_path) / "config.json").read_text())["vocab_size"]
+    return prefix_cache_probe(make_engine, job.adapter_refs[:adapters], vocab)
 
 
 def measure_step_ops(job: Job, sizes: list[int]) -> dict[str, int]:

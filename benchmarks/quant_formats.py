@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from loradock.registry.quantization import QuantizationRecipe
 
 DECODE_BATCH, PREFILL_TOKENS = 32, 256
 
@@ -26,9 +27,9 @@ def load(base_path: Path, fmt: str):
     weights, compute = fmt.split("/")
     dtype = getattr(torch, compute)
     kwargs: dict = {"dtype": dtype}
-    if weights == "nf4":
-        kwargs.update(device_map={"": "cpu"}, quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype))
+    if weights in ("nf4", "nf4-dq"):  # the engine's recipe, double quantization off or on
+        recipe = QuantizationRecipe.named("nf4", compute, double_quant=weights == "nf4-dq")
+        kwargs.update(device_map={"": "cpu"}, quantization_config=BitsAndBytesConfig(**recipe.bnb_kwargs()))
     model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs).eval()
     if weights.startswith("torchao-"):
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
@@ -59,7 +60,7 @@ def measure(model, vocab: int, repeats: int) -> dict:
             "prefill_ms": prefill_s * 1e3, "prefill_tokens_per_s": PREFILL_TOKENS / prefill_s}
 
 
-FORMATS = ("none/float32", "none/bfloat16", "nf4/float32", "nf4/bfloat16",
+FORMATS = ("none/float32", "none/bfloat16", "nf4/float32", "nf4-dq/float32", "nf4/bfloat16",
            "torchao-int8/float32", "torchao-int8/bfloat16", "torchao-int4/bfloat16")
 
 

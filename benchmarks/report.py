@@ -62,6 +62,7 @@ def flat_summary(results: dict) -> dict:
         "ops_per_decode_step": probes.get("ops_per_decode_step"),
         "ops_per_decode_step_growth": _growth(probes.get("ops_per_decode_step")),
         "kv_concurrency_ratio": probes.get("kv_concurrency", {}).get("ratio", math.nan),
+        "prefix_cache_speedup": probes.get("prefix_cache", {}).get("speedup", math.nan),
         "errors": {name: s["errors"] for name, s in systems.items()},
         "registry_ops": results.get("registry_ops"),
     })
@@ -148,7 +149,8 @@ def markdown(results: dict) -> str:
         met = {True: "yes", False: "**no**", None: "n/a"}[check["met"]]
         lines.append(f"| {check['target']} | {check['goal']} | {_fmt(check['value'], 2)} | {met} |")
     probes = headline_run(results).get("probes", {})
-    for key, title in (("decode_step", "Decode step"), ("cold_load", "Cold load"), ("alias_move", "Alias move")):
+    for key, title in (("decode_step", "Decode step"), ("cold_load", "Cold load"), ("alias_move", "Alias move"),
+                       ("kv_concurrency", "KV concurrency"), ("prefix_cache", "Prefix cache")):
         if probes.get(key):
             lines += ["", f"{title}: " + ", ".join(f"{k} {_fmt(v, 2)}" for k, v in probes[key].items()
                                                       if not isinstance(v, list))]

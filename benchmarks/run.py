@@ -86,10 +86,10 @@ class BenchConfig:
 def ensure_base(user: Registry, bench: Registry, name: str) -> BaseInfo:
     """The base inside the benchmark registry: copied from the user's registry when it is
     there, else imported (the default SmolLM2 is converted from the packaged GGUF)."""
-    if bench.bases.exists(name):
-        return bench.bases.get(name)
-    if user.bases.exists(name):
-        info, _ = import_base(bench, user.bases.get(name).path, name=name)
+    if bench.has_base(name):
+        return bench.base(name)
+    if user.has_base(name):
+        info, _ = import_base(bench, user.base(name).path, name=name)
         return info
     if name == SYNTHETIC_1B:
         return make_synthetic_base(bench, ensure_base(user, bench, DEFAULT_BASE_NAME))
@@ -111,10 +111,13 @@ class Prepared:
 
 
 def prepare_adapters(bench: Registry, base: BaseInfo, config: BenchConfig) -> Prepared:
-    cold = [AdapterSpec(f"bench-cold-{i:02d}", COLD_RANK, COLD_TARGETS) for i in range(config.cold_samples)]
-    alias = AdapterSpec("bench-alias", COLD_RANK, COLD_TARGETS)
+    # Named under the base (`<base>/bench-0000`): the benchmark registry keeps adapters between
+    # runs, and a run on another base must not pick up adapters made for this one.
+    prefix = f"{base.name}/bench"
+    cold = [AdapterSpec(f"{prefix}-cold-{i:02d}", COLD_RANK, COLD_TARGETS) for i in range(config.cold_samples)]
+    alias = AdapterSpec(f"{prefix}-alias", COLD_RANK, COLD_TARGETS)
     return Prepared(
-        workload=publish_random_adapters(bench, base, adapter_specs(max(config.adapters)), config.seed),
+        workload=publish_random_adapters(bench, base, adapter_specs(max(config.adapters), prefix), config.seed),
         cold=publish_random_adapters(bench, base, cold, config.seed + 1),
         alias=publish_random_adapters(bench, base, [alias], config.seed + 2, versions=2)[0],
     )
@@ -180,6 +183,7 @@ class Runner:
             "step_rounds": c.step_rounds,
             "step_ops_sizes": [1, 8, 32] if headline else [],
             "kv_concurrency": headline,
+            "prefix_cache": headline,
             "alias_adapter": n + len(self.cold) if headline else None,
         }
         return Job(system=system, home=str(self.bench.root), base=self.base.name,

@@ -150,8 +150,8 @@ def import_base(
     else:
         raise InvalidBaseError(f"{path}: expected a .gguf file or a Hugging Face model directory")
 
-    if registry.bases.exists(name) and registry.bases.get(name).source_digest == digest:
-        return registry.bases.get(name), False
+    if registry.has_base(name) and registry.base(name).source_digest == digest:
+        return registry.base(name), False
 
     registry.root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=registry.root, prefix=".import-") as tmp:
@@ -160,4 +160,4 @@ def import_base(
             copy_model_dir(path, out)
         else:
             convert_gguf(path, out)
-        return registry.bases.add(out, name, source=source_label, source_digest=digest, move=True)
+        return registry.add_base(out, name, source=source_label, source_digest=digest, move=True)

@@ -32,12 +32,12 @@ from tqdm import tqdm
 
 from loradock.bases import DEFAULT_BASE_NAME, import_base
 from loradock.client import Client, LoradockError
-from loradock.commands.common import print_table
 from loradock.errors import UserError
 from loradock.heldout import HeldOutQuestion, accuracy, answer_matches, load_heldout
 from loradock.registry import BaseInfo, NotFoundError, Registry
 from loradock.registry.version import AdapterVersion
 from loradock.server_process import ServerProcess
+from loradock.tables import print_table
 from loradock.trainer import TrainConfig, TrainerError, load_config, train
 from loradock.trainer.datasets import load_datasets
 
@@ -229,7 +229,7 @@ def ensure_base(registry: Registry, name: str | None) -> BaseInfo:
               f"(fingerprint {info.fingerprint[:12]})")
         return info
     try:
-        info = registry.bases.get(name)
+        info = registry.base(name)
     except NotFoundError:
         raise UserError(
             f"base {name!r} is not in {registry.root}; add it with "

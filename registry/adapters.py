@@ -3,7 +3,8 @@
 Layout under `<root>/adapters/` (a name may be `org/name`):
 
     <name>/versions/<N>/        adapter_config.json, adapter_model.safetensors,
-                                README.md (model card), manifest.json; files read-only
+                                README.md (model card), manifest.json; files read-only;
+                                model.sig when signed (signing.py; not in the digest)
     <name>/aliases/<alias>      text file holding a version number
     <name>/last_version         highest number ever allocated (numbers are never reused)
     .staging/<id>/, <id>.lock   work dirs of running publishes (invisible; gc removes stale ones)
@@ -22,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import lock
 from .base_link import check_fits, link_base
@@ -29,11 +31,21 @@ from .bases import BaseStore
 from .digests import DigestCache, file_problems
 from .errors import (
     DigestMismatchError,
+    DiskFullError,
+    InvalidAdapterError,
     InvalidNameError,
     NotFoundError,
     RegistryError,
+    SigningError,
 )
-from .fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, fsync_tree
+from .fsutil import (
+    atomic_write_bytes,
+    atomic_write_json,
+    fsync_dir,
+    fsync_tree,
+    is_no_space,
+    no_space_errors,
+)
 from .generation import Generation
 from .manifest import (
     MANIFEST_FILE,
@@ -44,14 +56,25 @@ from .manifest import (
     files_digest,
     read_manifest,
 )
-from .modelcard import render_model_card
+from .modelcard import CARD_FILE, render_model_card
 from .names import parse_ref, validate_alias, validate_name
+from .signing import (
+    SIGNATURE_FILE,
+    claimed_signer,
+    install_signature,
+    private_key_id,
+    short_id,
+    sign_dir,
+    signature_problems,
+)
 from .validate import ADAPTER_FILES, AdapterSpec, check_files, validate_adapter_dir
 from .version import AdapterVersion, VerifyResult
 
+if TYPE_CHECKING:
+    from .trust import TrustPolicy
+
 log = logging.getLogger(__name__)
 
-CARD_FILE = "README.md"
 READ_ONLY = 0o444
 STALE_TEMP_S = 60  # an atomic-write temp file older than this belongs to a dead writer
 
@@ -59,12 +82,13 @@ STALE_TEMP_S = 60  # an atomic-write temp file older than this belongs to a dead
 class AdapterStore:
     """The `adapters/` half of a registry root."""
 
-    def __init__(self, root: Path, bases: BaseStore) -> None:
+    def __init__(self, root: Path, bases: BaseStore, digest_dir: Path | None = None) -> None:
         self.dir = Path(root) / "adapters"
         self.bases = bases
         self.generation = Generation(self.dir / ".generation")
         self._staging_dir = self.dir / ".staging"
-        self._digests = DigestCache(self.dir / ".digests")
+        self.digest_dir = Path(digest_dir) if digest_dir is not None else self.dir / ".digests"
+        self._digests = DigestCache(self.digest_dir)
 
     # ----- paths
 
@@ -222,9 +246,14 @@ class AdapterStore:
         aliases: Iterable[str] = (),
         metadata: dict | None = None,
         reuse: Callable[[AdapterVersion], bool] | None = None,
+        sign_key: str | Path | None = None,
     ) -> AdapterVersion:
         """Store the PEFT adapter in `src_dir` as the next version of `name` and point `aliases` at it,
-        unless a version of `name` satisfies `reuse` by the time the name's lock is held."""
+        unless a version of `name` satisfies `reuse` by the time the name's lock is held.
+
+        With `sign_key` (an EC private key PEM) the version is signed; without it, a `model.sig`
+        that `src_dir` holds (a pulled, signed version) is kept if it signs exactly these files.
+        A full disk fails with DiskFullError and leaves nothing behind."""
         validate_name(name)
         aliases = [validate_alias(a) for a in aliases]
         src = Path(src_dir).expanduser()
@@ -233,6 +262,15 @@ class AdapterStore:
             metadata["source"] = {"kind": "import", "path": str(src.resolve())}
         self._check_namespace(name)
         check_files(src)
+        if sign_key is not None:
+            private_key_id(sign_key)  # an unusable key fails now, before any copying
+        with no_space_errors(f"publishing {src} as {name}", self.dir):
+            return self._publish(src, name, base, aliases, metadata, reuse, sign_key)
+
+    def _publish(
+        self, src: Path, name: str, base: str | None, aliases: list[str], metadata: dict,
+        reuse: Callable[[AdapterVersion], bool] | None, sign_key: str | Path | None,
+    ) -> AdapterVersion:
         with self.staging() as work:
             staged = work / "version"
             staged.mkdir()
@@ -244,6 +282,7 @@ class AdapterStore:
             link = link_base(self.bases, base, spec)
             check_fits(src, spec, link)
             weights = file_entries(staged, list(ADAPTER_FILES))  # the slow hashing, outside the lock
+            signer = self._stage_signature(src, staged, work, weights, sign_key)
             with self._publish_locks(name):
                 self._check_namespace(name)  # again: `org` and `org/x` publishing at once share a lock
                 existing = self._reusable(name, reuse)
@@ -252,16 +291,34 @@ class AdapterStore:
                     return existing
                 number = self._next_number(name)
                 version = self._finish_staged(
-                    staged, name, number, spec, weights, link.record(), metadata, upstream_card
+                    staged, name, number, spec, weights, link.record(), metadata, upstream_card, signer
                 )
                 self._install(staged, name, number)
                 for rel, entry in version.manifest["files"].items():  # so no later load rehashes them
                     self._digests.remember(version.path / rel, entry["sha256"])
-                for alias in aliases:
-                    self._write_alias(name, alias, number)
-                self.generation.bump()
+                with no_space_errors_after(version.ref, aliases, self.dir):
+                    for alias in aliases:
+                        self._write_alias(name, alias, number)
+                    self.generation.bump()
         log.info("published %s (%s)", version.ref, version.digest[:12])
         return version
+
+    def _stage_signature(self, src: Path, staged: Path, work: Path, weights: dict,
+                         sign_key: str | Path | None) -> dict | None:
+        """Sign the staged files with `sign_key`, or carry over the signature `src` came with.
+        Returns the manifest's `signature` record (None when unsigned)."""
+        if sign_key is not None:
+            key_id = sign_dir(staged, sign_key, work / SIGNATURE_FILE)
+            install_signature(work / SIGNATURE_FILE, staged)
+            return {"file": SIGNATURE_FILE, "signer": key_id}
+        if not (src / SIGNATURE_FILE).is_file():
+            return None
+        shutil.copyfile(src / SIGNATURE_FILE, staged / SIGNATURE_FILE)
+        problems = signature_problems(staged / SIGNATURE_FILE, weights)
+        if problems:
+            raise InvalidAdapterError(f"{src}: {'; '.join(problems)}; remove {SIGNATURE_FILE} to "
+                                      "publish it unsigned, or re-sign it")
+        return {"file": SIGNATURE_FILE, "signer": claimed_signer(staged)}
 
     @contextmanager
     def _publish_locks(self, name: str) -> Iterator[None]:
@@ -292,10 +349,11 @@ class AdapterStore:
     def _finish_staged(
         self, staged: Path, name: str, number: int, spec: AdapterSpec,
         weights: dict, base_record: dict, metadata: dict, upstream_card: str | None,
+        signer: dict | None,
     ) -> AdapterVersion:
         """Add the model card and manifest (they name the version), make files read-only, fsync."""
         ref = f"{name}@{number}"
-        draft = build_manifest(spec, weights, base_record, metadata)
+        draft = {**build_manifest(spec, weights, base_record, metadata), "signature": signer}
         (staged / CARD_FILE).write_text(render_model_card(ref, draft, upstream_card), encoding="utf-8")
         manifest = {**draft, "files": {**weights, **file_entries(staged, [CARD_FILE])}}
         atomic_write_json(staged / MANIFEST_FILE, manifest)
@@ -306,12 +364,61 @@ class AdapterStore:
         return AdapterVersion(name, number, files_digest(manifest["files"]), final, manifest)
 
     def _install(self, staged: Path, name: str, number: int) -> None:
-        """The atomic step: rename the finished dir into place, then record the number."""
+        """The atomic step: rename the finished dir into place, then record the number. A kill in
+        between leaves no gap in the numbers. The record only keeps a deleted version's number
+        from coming back (`_next_number` also counts the directories), so a full disk there is
+        logged, not raised: the version is whole and visible."""
         versions = self._name_dir(name) / "versions"
         versions.mkdir(parents=True, exist_ok=True)
         staged.rename(versions / str(number))
         fsync_dir(versions)
-        atomic_write_bytes(self._name_dir(name) / "last_version", f"{number}\n".encode())
+        try:
+            atomic_write_bytes(self._name_dir(name) / "last_version", f"{number}\n".encode())
+        except OSError as e:
+            if not is_no_space(e):
+                raise
+            log.warning("published %s@%d, but recording its number failed: %s", name, number, e)
+
+    # ----- signing
+
+    def sign(self, ref: str, key: str | Path, *, replace: bool = False) -> tuple[AdapterVersion, str]:
+        """Sign the existing version `ref` with the EC private key `key`; returns (version, key id).
+
+        The signature is written beside the files (its digest does not change) after they are
+        rehashed against the manifest. A version signed by another key is refused unless
+        `replace`; signing again with the same key changes nothing."""
+        key_id = private_key_id(key)
+        name = parse_ref(ref).name
+        with (no_space_errors(f"signing {ref}", self.dir), self.staging() as work,
+              lock.held(self._lock_path(name))):
+            version = self.resolve(ref, verify=False)
+            problems = file_problems(version.path, version.manifest["files"], cache=None)
+            if problems:
+                raise DigestMismatchError(f"{version.ref} no longer matches its manifest, so it is not "
+                                          "signed: " + "; ".join(problems))
+            current = self._current_signer(version)
+            if current == key_id:
+                return version, key_id
+            if current is not None and not replace:
+                raise SigningError(f"{version.ref} is already signed by {short_id(current)}; "
+                                   f"replace that signature to sign it with {short_id(key_id)}")
+            bundle = work / SIGNATURE_FILE
+            sign_dir(version.path, key, bundle)
+            problems = signature_problems(bundle, version.manifest["files"])
+            if problems:  # e.g. a stray file in the version directory was signed too
+                raise SigningError(f"{version.ref}: " + "; ".join(problems))
+            install_signature(bundle, version.path)
+            self.generation.bump()  # servers re-check trust
+        log.info("signed %s with %s", version.ref, short_id(key_id))
+        return version, key_id
+
+    def _current_signer(self, version: AdapterVersion) -> str | None:
+        """The key id of a version's intact signature ("" if it names none); None when unsigned or
+        when the signature is for other files (then it may be replaced freely)."""
+        path = version.path / SIGNATURE_FILE
+        if not path.is_file() or signature_problems(path, version.manifest["files"]):
+            return None
+        return claimed_signer(version.path)
 
     # ----- aliases and deletion
 
@@ -322,7 +429,7 @@ class AdapterStore:
         """Point `alias` of ref's adapter at the version `ref` means (moving it if it exists)."""
         validate_alias(alias)
         name = parse_ref(ref).name
-        with lock.held(self._lock_path(name)):
+        with no_space_errors(f"pointing alias {alias} at {ref}", self.dir), lock.held(self._lock_path(name)):
             version = self.resolve(ref, verify=False)
             self._write_alias(name, alias, version.version)
             self.generation.bump()
@@ -365,15 +472,17 @@ class AdapterStore:
 
     # ----- checking and cleaning
 
-    def verify(self, ref: str | None = None) -> list[VerifyResult]:
-        """Rehash every file of one version (`ref`) or of all versions; also report dangling aliases."""
+    def verify(self, ref: str | None = None, policy: TrustPolicy | None = None) -> list[VerifyResult]:
+        """Rehash every file of one version (`ref`) or of all versions and check their signatures
+        (against `policy` when given: then an untrusted version is a failure); also report
+        dangling aliases."""
         if ref is not None:
             name, number = self._pick_version(ref)
-            return [self._verify_one(name, number)]
+            return [self._verify_one(name, number, policy)]
         results = []
         for name in self.names():
             numbers = self._version_numbers(name)
-            results += [self._verify_one(name, n) for n in numbers]
+            results += [self._verify_one(name, n, policy) for n in numbers]
             results += [
                 VerifyResult(f"{name}@{alias}", (f"alias points to missing version {v}",))
                 for alias, v in self.aliases(name).items()
@@ -381,17 +490,26 @@ class AdapterStore:
             ]
         return results
 
-    def _verify_one(self, name: str, number: int) -> VerifyResult:
+    def _verify_one(self, name: str, number: int, policy: TrustPolicy | None) -> VerifyResult:
         path = self._name_dir(name) / "versions" / str(number)
         ref = f"{name}@{number}"
         try:
-            files = read_manifest(path)["files"]
+            manifest = read_manifest(path)
         except ManifestError as e:
             return VerifyResult(ref, (str(e),))
+        files = manifest["files"]
         problems = file_problems(path, files, cache=None)
-        extra = sorted(p.name for p in path.iterdir() if p.name not in files and p.name != MANIFEST_FILE)
+        extra = sorted(p.name for p in path.iterdir()
+                       if p.name not in files and p.name not in (MANIFEST_FILE, SIGNATURE_FILE))
         problems += [f"{rel}: not listed in the manifest" for rel in extra]
-        return VerifyResult(ref, tuple(problems))
+        problems += signature_problems(path / SIGNATURE_FILE, files)
+        signer, trust = claimed_signer(path), ""
+        if policy is not None:
+            status = policy.check(AdapterVersion(name, number, files_digest(files), path, manifest))
+            signer, trust = status.signer or signer, status.state
+            if not status.trusted:
+                problems.append(f"not trusted: {status.reason}")
+        return VerifyResult(ref, tuple(problems), signer=signer, trust=trust)
 
     def gc(self) -> list[Path]:
         """Remove staging dirs of publishes that died, and lock files of names that no longer
@@ -441,6 +559,21 @@ class AdapterStore:
                     tmp.unlink(missing_ok=True)
                     removed.append(tmp)
         return removed
+
+
+@contextmanager
+def no_space_errors_after(ref: str, aliases: list[str], where: Path) -> Iterator[None]:
+    """A full disk after `ref` was installed: say what exists and what did not happen."""
+    try:
+        yield
+    except OSError as e:
+        if not is_no_space(e):
+            raise
+        raise DiskFullError(
+            f"published {ref}, but the disk holding {where} filled up before "
+            f"{'its aliases (' + ', '.join(aliases) + ') were set and ' if aliases else ''}running "
+            f"servers were told; free some space, then run `loradock adapters tag {ref} ALIAS`"
+        ) from e
 
 
 def _upstream_card(src: Path, source: dict) -> str | None:

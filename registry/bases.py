@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import AlreadyExistsError, InvalidBaseError, NotFoundError
+from .errors import AlreadyExistsError, InvalidBaseError, InvalidNameError, NotFoundError
 from .fsutil import atomic_write_json, fsync_dir, fsync_tree, read_json
 from .names import validate_name
 from .safetensors_header import SafetensorsFormatError, read_header
@@ -83,6 +83,16 @@ def fingerprint(model_dir: Path) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+@dataclass(frozen=True)
+class ResolvedBase:
+    """The base a run uses: a registry base (`registered`) or a model directory given by path."""
+
+    name: str  # the registry name, or the directory's name
+    path: Path
+    fingerprint: str
+    registered: bool
+
+
 class BaseStore:
     """The `bases/` half of a registry root."""
 
@@ -105,6 +115,26 @@ class BaseStore:
         data = read_json(path)
         data["path"] = path.parent
         return BaseInfo(**data)
+
+    def resolve(self, spec: str) -> ResolvedBase:
+        """A model directory path, else a registry base name -> ResolvedBase.
+
+        The one rule the trainer and the runtime share: an existing directory wins (it must
+        hold a safetensors model: InvalidBaseError otherwise), anything else is a base name
+        (NotFoundError lists the known bases).
+        """
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            check_model_dir(path)
+            path = path.resolve()
+            return ResolvedBase(path.name, path, fingerprint(path), registered=False)
+        if path.exists():
+            raise InvalidBaseError(f"{spec}: not a directory (give a registry base name or a model directory)")
+        try:
+            info = self.get(spec)
+        except InvalidNameError as e:
+            raise NotFoundError(f"{spec}: no such model directory, and {e}") from e
+        return ResolvedBase(info.name, Path(info.path), info.fingerprint, registered=True)
 
     def list(self) -> list[BaseInfo]:
         if not self.dir.is_dir():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 from .fsutil import sha256_file
 
 RACY_NS = 2_000_000_000
+log = logging.getLogger(__name__)
 
 
 def _stat_key(st: os.stat_result) -> list[int]:
@@ -43,6 +45,7 @@ class DigestCache:
         self._max = max_entries
         self._lock = threading.Lock()
         self._store = store
+        self._write_failed = False  # warned once
 
     def sha256(self, path: Path, st: os.stat_result | None = None) -> str:
         path = Path(os.path.abspath(path))  # records are shared by processes with other cwds
@@ -125,9 +128,14 @@ class DigestCache:
             record.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(body)
             os.replace(tmp, record)
-        except OSError:  # e.g. a read-only registry: serve without the cache
+        except OSError as e:  # a read-only registry or a full disk: serve on, rehashing on open
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
+            if not self._write_failed:
+                self._write_failed = True
+                log.warning("cannot write digest records to %s (%s); serving on, rehashing files when "
+                            "they are opened (give a writable digest cache directory to avoid that)",
+                            self._store, e.strerror or e)
 
 
 def file_problems(version_dir: Path, files: dict[str, dict], cache: DigestCache | None) -> list[str]:

@@ -34,3 +34,15 @@ class DigestMismatchError(RegistryError):
 
 class AlreadyExistsError(RegistryError):
     """Something with this name already exists and differs from what was offered."""
+
+
+class SigningError(RegistryError):
+    """A signing key or signature file cannot be used (unreadable, wrong kind, already signed)."""
+
+
+class TrustPolicyError(RegistryError, ValueError):
+    """A trust policy file is malformed or names key files that cannot be used."""
+
+
+class DiskFullError(RegistryError):
+    """The registry's disk (or the user's quota) ran out of space during a write."""

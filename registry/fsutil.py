@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import DiskFullError
 
 CHUNK = 1 << 20
 
@@ -68,3 +73,43 @@ def read_json(path: Path) -> dict:
     """Read a JSON object from `path`."""
     with Path(path).open(encoding="utf-8") as f:
         return json.load(f)
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_no_space(e: BaseException) -> bool:
+    """True for the errors a full disk or an exhausted quota raise, however deeply wrapped."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+@contextmanager
+def no_space_errors(what: str, where: Path) -> Iterator[None]:
+    """Turn ENOSPC / EDQUOT inside the body into a DiskFullError saying what failed and what to do."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:
+        if not is_no_space(e):
+            raise
+        raise DiskFullError(
+            f"{what} failed: no space left on the disk (or quota) holding {where}. Nothing was "
+            "changed; free some space and retry (`loradock adapters gc` removes leftovers of "
+            "interrupted publishes)"
+        ) from e
+
+
+def probe_writable(directory: Path) -> bool:
+    """Whether a file can be created in `directory` now (tried and removed at once)."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".write-probe.", suffix=".tmp")
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(tmp)
+    return True

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 from .errors import InvalidAdapterError, NotFoundError, RegistryError
+from .fsutil import is_no_space, no_space_errors
 from .names import validate_name
+from .signing import SIGNATURE_FILE
 from .validate import CONFIG_FILE, CONVERT_HINT, PICKLE_SUFFIXES
 from .version import AdapterVersion
 
@@ -24,7 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PULL_PATTERNS = [CONFIG_FILE, "*.safetensors", "README.md"]
+PULL_PATTERNS = [CONFIG_FILE, "*.safetensors", "README.md", SIGNATURE_FILE]
 DEFAULT_REVISION = "main"
 
 
@@ -49,6 +52,8 @@ class _HubErrors:
         if exc is None:
             return False
         where = _endpoint() or "the Hugging Face Hub"
+        if is_no_space(exc):
+            return False  # a full local disk, not the Hub's fault: no_space_errors reports it
         if isinstance(exc, RevisionNotFoundError | RepositoryNotFoundError):
             raise NotFoundError(
                 f"{self.what}: not found on {where} (check the repo id and revision; a private repo "
@@ -104,11 +109,14 @@ def pull(
     revision: str | None = None,
     name: str | None = None,
     base: str | None = None,
+    sign_key: str | Path | None = None,
 ) -> AdapterVersion:
     """Publish the adapter in Hub repo `repo_id` at `revision` (default main) as `name` (default repo_id).
 
     The revision is resolved to a commit first; if that commit of that repo is already a
-    version of `name`, it is returned and nothing is downloaded.
+    version of `name`, it is returned and nothing is downloaded. A `model.sig` in the repo
+    comes along (so a pushed, signed version stays signed); `sign_key` signs the new version
+    instead. A full disk fails with DiskFullError and leaves nothing behind.
     """
     name = validate_name(name or repo_id)
     revision = revision or DEFAULT_REVISION
@@ -121,7 +129,8 @@ def pull(
         log.info("%s@%s (commit %s) is already %s; nothing to do", repo_id, revision, commit[:12], existing.ref)
         return registry.resolve(existing.ref)
     _check_repo_files(repo_id, commit, [s.rfilename for s in info.siblings or []])
-    with registry.adapters.staging() as work:
+    with (no_space_errors(f"pulling {repo_id}@{commit[:12]}", registry.root),
+          registry.staging() as work):
         with _HubErrors(f"{repo_id}@{commit[:12]}"):
             local = snapshot_download(
                 repo_id,
@@ -134,7 +143,7 @@ def pull(
         source = {"kind": "hub", "repo": repo_id, "revision": revision, "commit": commit}
         # Checked again under the name's lock: another pull of this commit may have won the race.
         return registry.publish(local, name, base=base, metadata={"source": source},
-                                reuse=lambda v: _pulled_from(v, repo_id, commit))
+                                reuse=lambda v: _pulled_from(v, repo_id, commit), sign_key=sign_key)
 
 
 def push(registry: Registry, ref: str, repo_id: str, private: bool = True) -> str:

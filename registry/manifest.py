@@ -2,8 +2,9 @@
 
 Keys other modules code against (see docs/architecture.md, "Registry"):
 files {relpath: {sha256, size}}, created_at, base {name, fingerprint}, peft_type,
-rank, alpha, target_modules, use_rslora, source {kind, ...}, training, dataset,
-metrics, parent.
+rank, alpha, target_modules, use_rslora, use_dora, lora_bias, servable (whether loradock's
+runtime serves this PEFT adapter) and not_servable_because (the reasons when it does not),
+source {kind, ...}, training, dataset, metrics, parent, parents (a merge's inputs).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from .names import parse_ref
 from .validate import AdapterSpec
 
 MANIFEST_FILE = "manifest.json"
-SOURCE_KINDS = {"trained": (), "hub": ("repo", "revision", "commit"), "import": ("path",)}
-METADATA_KEYS = ("source", "training", "dataset", "metrics", "parent")
+SOURCE_KINDS = {"trained": (), "hub": ("repo", "revision", "commit"), "import": ("path",),
+                "merge": ("strategy",)}
+METADATA_KEYS = ("source", "training", "dataset", "metrics", "parent", "parents")
 
 
 class ManifestError(ValueError):
@@ -105,6 +107,7 @@ def check_metadata(metadata: dict | None) -> dict:
             ok = False
         if not ok:
             problems.append(f"parent must be a version reference like 'name@3', got {parent!r}")
+    problems += _parents_problems(metadata.get("parents"))
     try:
         json.dumps(metadata, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -115,7 +118,27 @@ def check_metadata(metadata: dict | None) -> dict:
     metadata.setdefault("dataset", None)
     metadata.setdefault("metrics", {})
     metadata.setdefault("parent", None)
+    metadata.setdefault("parents", None)
     return metadata
+
+
+def _parents_problems(parents: object) -> list[str]:
+    """A merge's lineage: [{ref: "name@N", digest, weight}, ...] (None for anything else)."""
+    if parents is None:
+        return []
+    if not isinstance(parents, list) or not parents:
+        return [f"parents must be a non-empty list, got {parents!r}"]
+    problems = []
+    for entry in parents:
+        ok = isinstance(entry, dict) and isinstance(entry.get("digest"), str) \
+            and isinstance(entry.get("weight"), int | float) and not isinstance(entry.get("weight"), bool)
+        try:
+            ok = ok and parse_ref(entry["ref"]).version is not None
+        except (InvalidNameError, TypeError):
+            ok = False
+        if not ok:
+            problems.append(f"each parent needs ref ('name@3'), digest and weight, got {entry!r}")
+    return problems
 
 
 def build_manifest(
@@ -134,9 +157,14 @@ def build_manifest(
         "alpha": spec.alpha,
         "target_modules": spec.target_modules,
         "use_rslora": spec.use_rslora,
+        "use_dora": bool(spec.config.get("use_dora")),
+        "lora_bias": bool(spec.config.get("lora_bias")),
+        "servable": spec.servable,  # by loradock's runtime; if not, why:
+        "not_servable_because": list(spec.serving_problems),
         "source": metadata["source"],
         "training": metadata["training"],
         "dataset": metadata["dataset"],
         "metrics": metadata["metrics"],
         "parent": metadata["parent"],
+        "parents": metadata["parents"],  # a merge's inputs: ref, digest, weight
     }

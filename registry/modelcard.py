@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import yaml
 
+CARD_FILE = "README.md"
+
 
 def strip_front_matter(card: str) -> str:
     """A model card's markdown without its leading `---` YAML block."""
@@ -33,6 +35,8 @@ def render_model_card(ref: str, manifest: dict, upstream: str | None = None) -> 
         "trained": "trained with loradock",
         "hub": f"pulled from {source.get('repo')} at commit {source.get('commit')}",
         "import": f"imported from {source.get('path')}",
+        "merge": f"merged with strategy {source.get('strategy')} from "
+                 + ", ".join(f"{p['ref']} (weight {p['weight']})" for p in manifest.get("parents") or []),
     }.get(source["kind"], source["kind"])
     lines = [
         "---",

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .adapters import AdapterStore
-from .bases import BaseStore
+from .bases import BaseInfo, BaseStore, ResolvedBase
+from .fsutil import probe_writable
 from .paths import default_root
 from .version import AdapterVersion, VerifyResult
+
+if TYPE_CHECKING:
+    from .trust import TrustPolicy
 
 
 class Registry:
@@ -17,10 +23,46 @@ class Registry:
     Adapter references are `name` (latest), `name@3` (a version) or `name@alias`.
     """
 
-    def __init__(self, root: str | Path | None = None) -> None:
+    def __init__(self, root: str | Path | None = None, *, digest_dir: str | Path | None = None) -> None:
+        """`digest_dir` keeps the digest records (a cache, see digests.py) somewhere other than
+        inside the root: for serving from a registry this process cannot write."""
         self.root = Path(root).expanduser() if root is not None else default_root()
         self.bases = BaseStore(self.root)
-        self.adapters = AdapterStore(self.root, self.bases)
+        self.adapters = AdapterStore(self.root, self.bases, digest_dir)
+
+    def is_writable(self) -> bool:
+        """Whether this process can create files in the registry (tried, not guessed from modes:
+        root ignores modes, a read-only mount does not)."""
+        return probe_writable(self.root / "adapters" if (self.root / "adapters").is_dir() else self.root)
+
+    # ---- bases: Hugging Face model directories under bases/ (see bases.py) ----
+
+    def base(self, name: str) -> BaseInfo:
+        """The stored base `name`; NotFoundError lists the bases that exist."""
+        return self.bases.get(name)
+
+    def has_base(self, name: str) -> bool:
+        return self.bases.exists(name)
+
+    def list_bases(self) -> list[BaseInfo]:
+        return self.bases.list()
+
+    def add_base(self, model_dir: str | Path, name: str, *, source: str, source_digest: str,
+                 move: bool = False) -> tuple[BaseInfo, bool]:
+        """Store a ready model directory as base `name`; returns (info, created)."""
+        return self.bases.add(Path(model_dir), name, source=source, source_digest=source_digest, move=move)
+
+    def resolve_base(self, spec: str) -> ResolvedBase:
+        """A model directory path, else a registry base name: the one rule trainer and runtime use."""
+        return self.bases.resolve(spec)
+
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A private work dir inside the root (on the registry's disk), removed afterwards."""
+        with self.adapters.staging() as work:
+            yield work
+
+    # ---- adapters: immutable versions and aliases under adapters/ (see adapters.py) ----
 
     def publish(
         self,
@@ -31,16 +73,23 @@ class Registry:
         aliases: Iterable[str] = (),
         metadata: dict | None = None,
         reuse: Callable[[AdapterVersion], bool] | None = None,
+        sign_key: str | Path | None = None,
     ) -> AdapterVersion:
         """Validate the PEFT LoRA adapter in `src_dir` and store it as the next version of `name`.
 
         `base` names a registry base (default: adapter_config's base_model_name_or_path).
         `metadata` may set source, training, dataset, metrics and parent. With `reuse`, an
         existing version of `name` it accepts (checked under the name's lock, so concurrent
-        publishers agree) is returned instead of publishing a new one.
+        publishers agree) is returned instead of publishing a new one. With `sign_key` (an EC
+        private key PEM file) the new version is signed (see signing.py).
         """
         return self.adapters.publish(src_dir, name, base=base, aliases=aliases, metadata=metadata,
-                                     reuse=reuse)
+                                     reuse=reuse, sign_key=sign_key)
+
+    def sign(self, ref: str, key: str | Path, *, replace: bool = False) -> tuple[AdapterVersion, str]:
+        """Sign an existing version (its digest does not change); returns (version, signer key id).
+        This is the one way to sign what another command produced (merge, export)."""
+        return self.adapters.sign(ref, key, replace=replace)
 
     def resolve(self, ref: str, *, verify: bool = True) -> AdapterVersion:
         """The version `ref` means; its files are checked against the manifest unless verify=False."""
@@ -70,9 +119,10 @@ class Registry:
         """Delete one version (refused while an alias points at it, unless `force`)."""
         return self.adapters.delete(ref, force=force)
 
-    def verify(self, ref: str | None = None) -> list[VerifyResult]:
-        """Fully rehash one version or all of them; every result with problems is a failure."""
-        return self.adapters.verify(ref)
+    def verify(self, ref: str | None = None, policy: TrustPolicy | None = None) -> list[VerifyResult]:
+        """Fully rehash one version or all of them and check signatures (trust too, given a
+        policy); every result with problems is a failure."""
+        return self.adapters.verify(ref, policy)
 
     def gc(self) -> list[Path]:
         """Remove leftovers of crashed publishes and orphaned locks; returns what was removed."""
@@ -83,12 +133,14 @@ class Registry:
         return self.adapters.generation.read()
 
     def pull(
-        self, repo_id: str, revision: str | None = None, name: str | None = None, base: str | None = None
+        self, repo_id: str, revision: str | None = None, name: str | None = None, base: str | None = None,
+        sign_key: str | Path | None = None,
     ) -> AdapterVersion:
-        """Download a LoRA adapter from a Hugging Face Hub repo and publish it (see registry/hub.py)."""
+        """Download a LoRA adapter from a Hugging Face Hub repo and publish it (see registry/hub.py);
+        a signature the repo holds is kept, or `sign_key` signs the new version."""
         from .hub import pull
 
-        return pull(self, repo_id, revision=revision, name=name, base=base)
+        return pull(self, repo_id, revision=revision, name=name, base=base, sign_key=sign_key)
 
     def push(self, ref: str, repo_id: str, private: bool = True) -> str:
         """Upload a version (with its model card) to a Hub repo; returns the commit sha."""

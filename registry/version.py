@@ -33,6 +33,8 @@ class VerifyResult:
 
     ref: str
     problems: tuple[str, ...] = ()
+    signer: str = ""  # key id the signature names ("" when unsigned)
+    trust: str = ""  # trust state under the policy verify was given ("" without one)
 
     @property
     def ok(self) -> bool:

@@ -43,7 +43,8 @@ class LoadState(enum.Enum):
 class SlotLayer(Protocol):
     """A layer holding one LoRA slot buffer per slot (`lora_layer.MultiLoRALinear`)."""
 
-    def set_slot(self, slot: int, shrink: torch.Tensor | None, expand: torch.Tensor | None) -> None: ...
+    def set_slot(self, slot: int, shrink: torch.Tensor | None, expand: torch.Tensor | None,
+                 bias: torch.Tensor | None = None, dora_scale: torch.Tensor | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,9 @@ class AdapterCache:
             if m is None:
                 layer.set_slot(slot, None, None)
             else:
-                layer.set_slot(slot, m.shrink.to(self._device), m.expand.to(self._device))
+                extras = {k: None if t is None else t.to(self._device)
+                          for k, t in (("bias", m.bias), ("dora_scale", m.dora_scale))}
+                layer.set_slot(slot, m.shrink.to(self._device), m.expand.to(self._device), **extras)
 
     def _evict_slot(self, slot: int) -> None:
         key = self._slot_key[slot]

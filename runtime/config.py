@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+
+from loradock.registry.docstrings import field_docs as dataclass_field_docs
+from loradock.registry.quantization import DEFAULT_DOUBLE_QUANT
 
 QUANTIZATIONS = ("nf4", "int8", "none")
 DEVICES = ("auto", "cpu", "cuda")
@@ -20,6 +22,10 @@ class EngineConfig:
 
     quantize: str = "nf4"
     """Weight quantization of the base: "nf4" (bitsandbytes 4-bit), "int8" (LLM.int8) or "none"."""
+
+    double_quant: bool = DEFAULT_DOUBLE_QUANT
+    """With nf4: also quantize the 4-bit blocks' scales (QLoRA's double quantization). Serve an
+    adapter with the recipe it was trained with; ListAdapters reports the ones that differ."""
 
     device: str = "auto"
     """Where to run: "cuda" when available with "auto", else "cpu"."""
@@ -70,6 +76,11 @@ class EngineConfig:
     kv_block_size: int = 16
     """Tokens per KV pool block: the unit a sequence grows by."""
 
+    prefix_caching: bool = True
+    """Keep full KV blocks after their sequence ends and reuse them for a new sequence of the same
+    adapter version whose prompt starts with the same tokens (a domain's system prompt, a chat's
+    earlier turns, a preempted sequence's recompute): those tokens are not prefilled again."""
+
     lora_ops: str = "auto"
     """LoRA kernels: "reference" (per-adapter loop), "segmented" (one matmul pair per run of tokens
     on one adapter), "batched" (two bmm over the batch's slot range for decode tokens, padded per
@@ -79,6 +90,11 @@ class EngineConfig:
 
     registry_poll_s: float = 1.0
     """How often (seconds) the engine checks the registry's generation for alias moves / new versions."""
+
+    trust: str = ""
+    """Trust policy file (YAML: adapter-name pattern -> list of PEM public key files, first match
+    wins). With one, only versions signed by a key trusted for their name are served; the others
+    are refused with FAILED_PRECONDITION naming why. Empty: every version is served."""
 
     cpu_threads: int = 0
     """torch intra-op threads for CPU inference (process-wide); 0 keeps torch's default. On a shared
@@ -100,6 +116,8 @@ class EngineConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 problems.append(f"{name}={value!r}: expected a positive integer")
 
+        if not isinstance(self.double_quant, bool):
+            problems.append(f"double_quant={self.double_quant!r}: expected true or false")
         if not isinstance(self.base, str) or not self.base.strip():
             problems.append("base: give a registry base name or a model directory")
         choice("quantize", QUANTIZATIONS)
@@ -128,6 +146,8 @@ class EngineConfig:
             problems.append(f"kv_cache_bytes={self.kv_cache_bytes!r}: expected an integer >= 0")
         if not isinstance(self.kv_cache_memory_fraction, (int, float)) or not 0 <= self.kv_cache_memory_fraction < 1:
             problems.append(f"kv_cache_memory_fraction={self.kv_cache_memory_fraction!r}: expected a number in [0, 1)")
+        if not isinstance(self.prefix_caching, bool):
+            problems.append(f"prefix_caching={self.prefix_caching!r}: expected true or false")
         if not isinstance(self.cpu_threads, int) or self.cpu_threads < 0:
             problems.append(f"cpu_threads={self.cpu_threads!r}: expected an integer >= 0")
         if not isinstance(self.registry_poll_s, (int, float)) or self.registry_poll_s < 0:
@@ -138,15 +158,4 @@ class EngineConfig:
     @classmethod
     def field_docs(cls) -> dict[str, str]:
         """{field name: its docstring}, for building CLI `--help` text."""
-        import ast
-        import inspect
-        import textwrap
-
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-        body = tree.body[0].body  # type: ignore[attr-defined]
-        docs: dict[str, str] = {}
-        for node, nxt in itertools.pairwise(body):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)):
-                docs[node.target.id] = " ".join(str(nxt.value.value).split())
-        return {f.name: docs.get(f.name, "") for f in fields(cls)}
+        return dataclass_field_docs(cls)

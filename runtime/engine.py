@@ -24,6 +24,7 @@ from typing import TypeVar
 
 import torch
 from loradock.registry import Registry
+from loradock.registry.trust import TrustPolicy
 
 from .adapter_cache import AdapterCache, CacheCapacity, LoadState
 from .adapter_source import AdapterSource
@@ -39,7 +40,14 @@ from .errors import (
 from .handle import RequestHandle
 from .kv_cache import KVPool, blocks_for
 from .lora_layer import MultiLoRALinear, wrap_linears
-from .model_loader import load_base_model, load_tokenizer, pick_device, pick_dtype, resolve_base
+from .model_loader import (
+    load_base_model,
+    load_tokenizer,
+    pick_device,
+    pick_dtype,
+    resolve_base,
+    serving_recipe,
+)
 from .model_runner import ModelRunner, StepItem
 from .prompts import PromptEncoder
 from .sampling import Sampler
@@ -89,10 +97,14 @@ class Engine:
         cfg = self.config
         if cfg.cpu_threads:
             torch.set_num_threads(cfg.cpu_threads)
+        trust = TrustPolicy.load(cfg.trust) if cfg.trust else None  # a bad policy fails before loading
+        if trust is not None:
+            log.info("trust policy %s: %s", trust.path, trust.describe())
         self.base = resolve_base(cfg.base, self.registry)
         self.device = pick_device(cfg.device)
         self.dtype = pick_dtype(cfg.dtype, self.device)
-        model = load_base_model(self.base, cfg, self.device, self.dtype)
+        self.recipe = serving_recipe(cfg, self.dtype)  # one recipe for the base, whatever the adapter
+        model = load_base_model(self.base, self.recipe, self.device, self.dtype)
         self.layers: dict[str, MultiLoRALinear] = wrap_linears(
             model, cfg.max_slots + 1, cfg.max_rank, self.dtype, self.device, cfg.lora_ops)
         self.tokenizer = load_tokenizer(self.base)
@@ -115,8 +127,10 @@ class Engine:
             fingerprint=self.base.fingerprint,
             linear_shapes={name: (m.in_features, m.out_features) for name, m in self.layers.items()},
             max_rank=cfg.max_rank,
+            base_weight=lambda name: self.layers[name].dequantized_weight(),
         )
-        self.adapters = AdapterSource(self.registry, self.served, self.dtype, cfg.registry_poll_s)
+        self.adapters = AdapterSource(self.registry, self.served, self.dtype, cfg.registry_poll_s,
+                                      recipe=self.recipe, trust=trust)
         self.encoder = PromptEncoder(self.tokenizer, mc.vocab_size,
                                      min(cfg.max_prompt_tokens, self.max_model_len - 1))
         self.eos_ids = self._eos_ids(model)
@@ -195,7 +209,11 @@ class Engine:
                 f"{blocks_for(len(prompt_ids) + 1, self.kv.block_size)} KV blocks; the whole pool has "
                 f"{self.kv.num_blocks} ({self.kv.capacity_tokens} tokens, {self.kv.nbytes} bytes)")
         adapter = None
-        if request.adapter:
+        if request.mixture is not None:
+            if request.adapter:
+                raise InvalidRequestError("give adapter or mixture, not both")
+            adapter = self.adapters.mixture_key(request.mixture)  # cached like a version, by recipe
+        elif request.adapter:
             adapter = self.adapters.key(request.adapter)
         # Capped by the pool too, so a sequence alone always fits and preemption always ends.
         max_len = min(len(prompt_ids) + request.sampling.max_new_tokens, self.max_model_len,
@@ -273,6 +291,11 @@ class Engine:
 
         return self._on_loop(drop)
 
+    def unpin(self, ref: str) -> None:
+        """Undo `load_adapter(ref, pin=True)`: the version stays resident until the cache needs
+        its slot (the cluster's per-replica LRU unpins what it evicts)."""
+        self.cache.set_sticky(self.adapters.key(ref), False)
+
     def resident_adapters(self) -> list[ResidentAdapter]:
         """Adapter versions in device slots and in host memory."""
         snap = self.cache.resident()
@@ -300,6 +323,7 @@ class Engine:
             "running": len(self.scheduler.running),
             "waiting": self.scheduler.num_waiting,
             "kv_tokens_reserved": self.kv.used_tokens,
+            "kv_cached_blocks": self.kv.cached_blocks,
             "preemptions": self.preemptions,
             "host_cache_bytes_used": self.cache.host_bytes,
             "steps": self.steps,
@@ -375,6 +399,8 @@ class Engine:
         greedy = step.logits.argmax(dim=-1).tolist()  # one batched argmax for every greedy request
         for (seq, _), item, row in zip(plan, items, step.rows, strict=True):
             seq.computed += len(item.tokens)
+            if self.config.prefix_caching:
+                self._cache_full_blocks(seq, seq.computed - len(item.tokens))
             if row is None:
                 continue
             try:
@@ -411,17 +437,34 @@ class Engine:
             if acquired is None:
                 return Admission.WAIT
             slot = acquired
-        # Room for its prompt (and, after a preemption, its output so far), plus the watermark
-        # that running sequences grow into; with nothing running the whole pool is its.
-        need = blocks_for(seq.num_tokens, self.kv.block_size)
+        # Its leading full blocks from the prefix cache, always leaving one token to compute (its
+        # logits pick the next token) ...
+        bs = self.kv.block_size
+        cached = (self.kv.take_cached(seq.full_block_hashes(bs)[:(seq.num_tokens - 1) // bs])
+                  if self.config.prefix_caching else [])
+        # ... and room for the rest of its prompt (after a preemption, its output so far too), plus
+        # the watermark that running sequences grow into; with nothing running the pool is its.
+        need = blocks_for(seq.num_tokens, bs) - len(cached)
         if self.kv.free_blocks < need + (self._kv_watermark if self.scheduler.running else 0):
+            self.kv.free(cached)
             if seq.adapter is not None:
                 self.cache.release(seq.adapter)
             return Admission.WAIT
         seq.slot = slot
+        if cached:
+            seq.blocks, seq.computed = cached, len(cached) * self.kv.block_size
+            self._stats.add(seq.adapter.ref if seq.adapter else BASE_KEY, cached_prompt_tokens=seq.computed)
         if seq.admitted_at is None:
             seq.admitted_at = time.monotonic()
         return Admission.ADMIT
+
+    def _cache_full_blocks(self, seq: Sequence, before: int) -> None:
+        """Register the blocks this step filled (tokens `before`..computed) in the prefix cache."""
+        bs = self.kv.block_size
+        if seq.computed // bs > before // bs:
+            hashes = seq.full_block_hashes(bs)
+            for i in range(before // bs, seq.computed // bs):
+                self.kv.register(seq.blocks[i], hashes[i])
 
     def _grow(self, seq: Sequence, n: int) -> bool:
         """Take the KV blocks for seq's next n tokens (False: the pool is short)."""

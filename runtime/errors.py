@@ -18,6 +18,11 @@ class AdapterUnavailableError(EngineError):
     rank above the configured maximum, unknown target modules.  -> FAILED_PRECONDITION"""
 
 
+class AdapterUntrustedError(AdapterUnavailableError):
+    """The server's trust policy refuses the version: unsigned, signed by a key not trusted for
+    its name, or a signature that does not match its files.  -> FAILED_PRECONDITION"""
+
+
 class QueueFullError(EngineError):
     """The waiting queue is at capacity; retry later.  -> RESOURCE_EXHAUSTED"""
 

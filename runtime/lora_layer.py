@@ -5,6 +5,10 @@ folded in) and expand [slots, r_max, out] (lora_B transposed); slot 0 means
 "no adapter" and stays zero. Writing an adapter into a slot zero-pads its rank to
 r_max, so every op is a plain x @ shrink.T @ expand. Which token uses which slot
 comes from the step's batch context.
+
+Two more per-slot buffers, [slots, out] each, zero for plain LoRA and slot 0: LoRA biases
+(scaling * lora_B.bias) and DoRA's per-output scale minus one, both applied after the op by
+`lora_ops.apply_bias_and_dora`, only in steps where a slot present uses them.
 """
 
 from __future__ import annotations
@@ -12,18 +16,33 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+from loradock.registry.peft_format import SERVED_PROJECTIONS
 from torch import nn
 
 from .batch_context import current_context
-from .lora_ops import LoRAOp, pick_op
-
-# Projections an adapter may target (Llama-family names).
-TARGETABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from .lora_ops import LoRAOp, apply_bias_and_dora, pick_op
 
 
 def linear_shape(layer: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of nn.Linear, bnb Linear4bit or Linear8bitLt."""
     return int(layer.in_features), int(layer.out_features)
+
+
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight [out, in] a plain, 4-bit or 8-bit bitsandbytes linear computes with, float32
+    (what PEFT's DoRA norms are taken of: peft.utils.integrations.dequantize_module_weight)."""
+    weight = layer.weight
+    kind = type(weight).__name__
+    if kind == "Params4bit":
+        from bitsandbytes.functional import dequantize_4bit
+
+        weight = dequantize_4bit(weight.data, weight.quant_state)
+    elif kind == "Int8Params":
+        from bitsandbytes.functional import int8_vectorwise_dequant
+
+        scb = weight.SCB if weight.SCB is not None else layer.state.SCB
+        weight = int8_vectorwise_dequant(weight.data, scb.to(weight.device))
+    return weight.detach().to(torch.float32)
 
 
 class MultiLoRALinear(nn.Module):
@@ -37,27 +56,47 @@ class MultiLoRALinear(nn.Module):
                                                         device=device), persistent=False)
         self.register_buffer("lora_expand", torch.zeros(num_slots, max_rank, self.out_features, dtype=dtype,
                                                         device=device), persistent=False)
+        for name in ("lora_bias", "lora_dora_scale"):  # [slots, out]: zero = plain LoRA
+            self.register_buffer(name, torch.zeros(num_slots, self.out_features, dtype=dtype, device=device),
+                                 persistent=False)
         self.ranks = [0] * num_slots  # rank of the adapter in each slot here (0: none)
+        # Slots whose adapter has a LoRA bias / is DoRA here: usually none, so the check per step
+        # is one empty-set test, not a loop over the step's slots.
+        self.bias_slots: set[int] = set()
+        self.dora_slots: set[int] = set()
 
-    def set_slot(self, slot: int, shrink: torch.Tensor | None, expand: torch.Tensor | None) -> None:
-        """Write an adapter's shrink [r, in] (scaling * lora_A) and expand [r, out] (lora_B^T)
-        into `slot`; None clears the slot."""
+    def set_slot(self, slot: int, shrink: torch.Tensor | None, expand: torch.Tensor | None,
+                 bias: torch.Tensor | None = None, dora_scale: torch.Tensor | None = None) -> None:
+        """Write an adapter's shrink [r, in] (scaling * lora_A), expand [r, out] (lora_B^T) and,
+        when it has them, bias [out] (scaling * lora_B.bias) and dora_scale [out] (DoRA's
+        magnitude / weight norm - 1) into `slot`; shrink None clears the slot."""
         if slot == 0:
             raise ValueError("slot 0 is reserved for requests without an adapter")
         r = 0 if shrink is None or expand is None else shrink.shape[0]
-        if r and (shrink.shape != (r, self.in_features) or expand.shape != (r, self.out_features)):
+        extras = [t for t in (bias, dora_scale) if t is not None and r]
+        if r and (shrink.shape != (r, self.in_features) or expand.shape != (r, self.out_features)
+                  or any(t.shape != (self.out_features,) for t in extras)):
             raise ValueError(  # before any write: a refused adapter leaves the slot as it was
-                f"LoRA shapes shrink{tuple(shrink.shape)} expand{tuple(expand.shape)} do not fit a "
+                f"LoRA shapes shrink{tuple(shrink.shape)} expand{tuple(expand.shape)} "
+                f"{' '.join(str(tuple(t.shape)) for t in extras)} do not fit a "
                 f"{self.in_features}->{self.out_features} layer"
             )
         self.ranks[slot] = 0
+        self.bias_slots.discard(slot)
+        self.dora_slots.discard(slot)
         if r:
             self.lora_shrink[slot, :r] = shrink
             self.lora_expand[slot, :r] = expand
         if r < self.lora_shrink.shape[1]:  # the rank padding (or the whole slot when clearing)
             self.lora_shrink[slot, r:] = 0
             self.lora_expand[slot, r:] = 0
+        self.lora_bias[slot] = bias if bias is not None and r else 0
+        self.lora_dora_scale[slot] = dora_scale if dora_scale is not None and r else 0
         self.ranks[slot] = r
+        if r and bias is not None:
+            self.bias_slots.add(slot)
+        if r and dora_scale is not None:
+            self.dora_slots.add(slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
@@ -71,7 +110,17 @@ class MultiLoRALinear(nn.Module):
         r = max(self.ranks[s] for s in slots)
         flat = x.reshape(-1, self.in_features).to(self.lora_shrink.dtype)  # [T, in]
         delta = self.op(flat, self.lora_shrink[:, :r], self.lora_expand[:, :r], ctx.lora, slots)  # [T, out]
-        return result + delta.reshape(result.shape).to(result.dtype)
+        out = result + delta.reshape(result.shape).to(result.dtype)
+        bias = self.lora_bias if self.bias_slots and not self.bias_slots.isdisjoint(slots) else None
+        dora = self.lora_dora_scale if self.dora_slots and not self.dora_slots.isdisjoint(slots) else None
+        if bias is not None or dora is not None:
+            out = apply_bias_and_dora(out.reshape(-1, self.out_features), ctx.lora.token_slots, bias, dora,
+                                      getattr(self.base_layer, "bias", None)).reshape(result.shape)
+        return out
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The base layer's weight [out, in] as served, float32 (for DoRA's norms)."""
+        return dequantized_weight(self.base_layer)
 
 
 def wrap_linears(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype,
@@ -79,7 +128,7 @@ def wrap_linears(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.d
     """Replace every targetable linear of `model` by a MultiLoRALinear; {module name: wrapper}."""
     op = pick_op(ops, device)
     targets = [(name, module) for name, module in model.named_modules()
-               if name.rsplit(".", 1)[-1] in TARGETABLE and hasattr(module, "in_features")]
+               if name.rsplit(".", 1)[-1] in SERVED_PROJECTIONS and hasattr(module, "in_features")]
     wrapped: dict[str, MultiLoRALinear] = {}
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")

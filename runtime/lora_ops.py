@@ -12,6 +12,9 @@ is the reference op below: PEFT's mixed-batch forward, one masked matmul pair pe
 adapter present. The faster ops must return the same values (up to float rounding);
 tests compare them.
 
+DoRA and LoRA biases are not part of the ops: after any op, the layer calls
+`apply_bias_and_dora` (plain torch, gathers by slot index) on base output + delta.
+
 expand is stored transposed because the decode step's bmm runs about 20% faster with
 a row-major right operand; for shrink the layout made no measurable difference.
 """
@@ -106,6 +109,24 @@ def auto_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, batch
     if g.num_blocked > 1 and g.rows <= 2 * g.num_blocked:
         return batched_lora(x, shrink, expand, batch, slots)
     return segmented_lora(x, shrink, expand, batch, slots)
+
+
+def apply_bias_and_dora(y: torch.Tensor, token_slots: torch.Tensor, bias: torch.Tensor | None,
+                        dora_scale: torch.Tensor | None, base_bias: torch.Tensor | None) -> torch.Tensor:
+    """The per-slot post-step shared by every op, PEFT's eval forward (dropout off) in one formula:
+
+        z   = y + bias[slot[t]]                          # y [T, out]: base output + LoRA delta
+        out = z + dora_scale[slot[t]] * (z - base_bias)
+
+    bias [S, out] = scaling * lora_B.bias; dora_scale [S, out] = magnitude / ||W + scaling B A|| - 1
+    per output row (PEFT's `mag_norm_scale - 1`); both zero for plain LoRA and slot 0, so those
+    rows come out exactly as they went in (None: no slot in the step has one, skip it). For DoRA
+    this equals PEFT's base + (m/n - 1) * (base - base_bias) + (m/n) * scaling * B A x."""
+    z = y if bias is None else y + bias.index_select(0, token_slots).to(y.dtype)
+    if dora_scale is None:
+        return z
+    z_base = z if base_bias is None else z - base_bias.to(y.dtype)
+    return torch.addcmul(z, dora_scale.index_select(0, token_slots).to(y.dtype), z_base)
 
 
 LORA_OPS: dict[str, LoRAOp] = {

@@ -36,13 +36,16 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 UNRESOLVED = "(unresolved)"
 
 EngineStats = Callable[[], Mapping[str, Any]]
+# {replica: {"name@N" or BASE_KEY: {stat: value}}}, as the cluster's ingress collects them.
+ReplicaStats = Callable[[], Mapping[str, Mapping[str, Mapping[str, float]]]]
 
 
 class Metrics:
     """Thread-safe counters for finished requests, on a registry of their own (so several
     servers in one process, as in tests, do not collide)."""
 
-    def __init__(self, engine_stats: EngineStats | None = None) -> None:
+    def __init__(self, engine_stats: EngineStats | None = None,
+                 replica_stats: ReplicaStats | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._requests = Counter("loradock_requests", "Generation requests finished, by adapter, "
@@ -62,6 +65,8 @@ class Metrics:
                                         ("route",), buckets=LATENCY_BUCKETS, registry=r)
         if engine_stats is not None:
             r.register(EngineCollector(engine_stats))
+        if replica_stats is not None:
+            r.register(ReplicaCollector(replica_stats))
 
     def observe(self, adapter: str, method: str, code: str, result: GenerationResult | None = None) -> None:
         """Count one finished generation request; `result` is given when it completed."""
@@ -124,6 +129,30 @@ class EngineCollector(Collector):
         for key, value in sorted(stats.items()):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 yield GaugeMetricFamily(f"loradock_engine_{key}", f"Engine '{key}' when scraped.", value=value)
+
+
+class ReplicaCollector(Collector):
+    """Each cluster replica's engine counters, `loradock_replica_<stat>_total{replica,adapter,
+    version}`, as the replicas last reported them to the ingress."""
+
+    def __init__(self, replica_stats: ReplicaStats) -> None:
+        self._stats = replica_stats
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        by_replica = self._stats()
+        stats = sorted({s for by_key in by_replica.values() for values in by_key.values() for s in values})
+        for stat in stats:
+            family = CounterMetricFamily(f"loradock_replica_{stat}", f"Engine counter '{stat}' of "
+                                         "each replica, by adapter version.",
+                                         labels=("replica", "adapter", "version"))
+            for replica, by_key in sorted(by_replica.items()):
+                for key, values in sorted(by_key.items()):
+                    if stat in values:
+                        family.add_metric((replica, *_split_key(key)), values[stat])
+            yield family
 
 
 def start_metrics_http(metrics: Metrics, host: str, port: int):

@@ -1,4 +1,4 @@
-"""Load the served base model: transformers, optionally bitsandbytes-quantized, plus its tokenizer.
+"""Load the served base model: transformers, quantized by the engine's one recipe, plus its tokenizer.
 
 Never `trust_remote_code`: only architectures transformers ships are served.
 """
@@ -6,12 +6,12 @@ Never `trust_remote_code`: only architectures transformers ships are served.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from loradock.registry import Registry
-from loradock.registry.bases import check_model_dir, fingerprint
+from loradock.registry.bases import ResolvedBase
+from loradock.registry.devices import device_name
+from loradock.registry.quantization import QuantizationRecipe
 
 from .attention import ATTENTION_NAME, register_attention
 from .config import EngineConfig
@@ -19,33 +19,13 @@ from .config import EngineConfig
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class BaseModelSource:
-    """Which base is served: its name, HF directory and fingerprint."""
-
-    name: str
-    path: Path
-    fingerprint: str
-
-
-def resolve_base(spec: str, registry: Registry | None) -> BaseModelSource:
-    """A registry base name, or a model directory path, -> BaseModelSource."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        check_model_dir(path)
-        return BaseModelSource(name=path.name, path=path, fingerprint=fingerprint(path))
-    if registry is None:
-        registry = Registry()
-    info = registry.bases.get(spec)  # NotFoundError lists the known bases
-    return BaseModelSource(name=info.name, path=Path(info.path), fingerprint=info.fingerprint)
+def resolve_base(spec: str, registry: Registry | None) -> ResolvedBase:
+    """A model directory path, or a registry base name (the registry's one rule for both)."""
+    return (registry or Registry()).resolve_base(spec)
 
 
 def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' requested but torch sees no CUDA device")
-    return torch.device(device)
+    return torch.device(device_name(device, torch.cuda.is_available()))
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -54,43 +34,37 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def quantization_config(quantize: str, dtype: torch.dtype):
-    """The BitsAndBytesConfig for `quantize`, or None for full precision."""
-    if quantize == "none":
-        return None
-    from transformers import BitsAndBytesConfig
-
-    if quantize == "nf4":
-        return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_use_double_quant=False,
-        )
-    if quantize == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    raise ValueError(f"unknown quantization {quantize!r}")
+def serving_recipe(config: EngineConfig, dtype: torch.dtype) -> QuantizationRecipe:
+    """The one recipe this engine serves its base with."""
+    return QuantizationRecipe.named(config.quantize, dtype_name(dtype), config.double_quant)
 
 
-def load_base_model(source: BaseModelSource, config: EngineConfig, device: torch.device,
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def load_base_model(source: ResolvedBase, recipe: QuantizationRecipe, device: torch.device,
                     dtype: torch.dtype, *, attn_implementation: str = ATTENTION_NAME):
-    """The causal LM at `source.path`, in eval mode, using loradock's packed-batch attention."""
-    from transformers import AutoModelForCausalLM
+    """The causal LM at `source.path`, quantized by `recipe`, in eval mode, using loradock's
+    packed-batch attention."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     register_attention()
     kwargs: dict = {"dtype": dtype, "attn_implementation": attn_implementation}
-    qconfig = quantization_config(config.quantize, dtype)
-    if qconfig is not None:
-        kwargs["quantization_config"] = qconfig
+    bnb = recipe.bnb_kwargs()
+    if bnb is not None:
+        kwargs["quantization_config"] = BitsAndBytesConfig(**bnb)
         kwargs["device_map"] = {"": (device.index or 0) if device.type == "cuda" else "cpu"}
-    log.info("loading base %s from %s (%s, %s, %s)", source.name, source.path, config.quantize, device, dtype)
+    log.info("loading base %s from %s (%s, %s)", source.name, source.path, recipe.describe(), device)
     model = AutoModelForCausalLM.from_pretrained(source.path, trust_remote_code=False, **kwargs)
-    if qconfig is None:
+    if bnb is None:
         model.to(device)
     model.eval()
     model.requires_grad_(False)
     return model
 
 
-def load_tokenizer(source: BaseModelSource):
+def load_tokenizer(source: ResolvedBase):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from .detokenize import TextStream
 from .handle import RequestHandle
+from .kv_cache import block_hashes
 from .sampling import Sampler
 from .types import GenerationRequest, ResolvedAdapter
 
@@ -31,6 +32,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     computed: int = 0  # tokens whose K/V are in the cache
     blocks: list[int] = field(default_factory=list)  # KV pool block table
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks (prefix cache)
     slot: int = 0
     preemptions: int = 0
     submitted_at: float = field(default_factory=time.monotonic)
@@ -44,6 +46,17 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def kv_context(self) -> str:
+        """What besides the tokens decides this sequence's K/V: its adapter version."""
+        return "" if self.adapter is None else f"{self.adapter.ref}:{self.adapter.digest}"
+
+    def full_block_hashes(self, block_size: int) -> list[bytes]:
+        """Prefix-cache hashes of every full block of its tokens (computed once, extended as it grows)."""
+        if len(self.block_hashes) < self.num_tokens // block_size:
+            block_hashes(self.kv_context, self.prompt_ids + self.output_ids, block_size, self.block_hashes)
+        return self.block_hashes
 
     @property
     def in_prefill(self) -> bool:

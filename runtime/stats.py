@@ -12,6 +12,7 @@ BASE_KEY = "<base>"  # counters of requests served by the base model alone
 class AdapterCounters:
     requests: int = 0
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # taken from the KV prefix cache instead of prefilled
     generated_tokens: int = 0
     errors: int = 0
     cache_hits: int = 0  # admitted while already in a device slot

@@ -28,15 +28,35 @@ class ChatMessage:
 
 
 @dataclass(frozen=True)
+class MixtureComponent:
+    adapter: str  # registry reference
+    weight: float
+
+
+@dataclass(frozen=True)
+class AdapterMixture:
+    """A weighted set of adapters served as one adapter, merged as PEFT's `add_weighted_adapter`
+    merges them (`runtime/adapter_merge.py`). `density` is for ties / dare_*, `seed` for DARE."""
+
+    components: tuple[MixtureComponent, ...]
+    strategy: str = "linear"  # linear | cat | svd | ties | dare_linear | dare_ties
+    density: float | None = None
+    majority_sign_method: str = "total"  # total | frequency
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """One request. Exactly one of `prompt`, `messages`, `prompt_token_ids` is given.
 
     `adapter` is a registry reference (`name`, `name@3`, `name@alias`); None or ""
-    means the base model alone. `messages` are rendered with the base's chat template;
-    `prompt` is used verbatim.
+    means the base model alone. `mixture`, instead of `adapter`, serves a weighted merge of
+    several adapters. `messages` are rendered with the base's chat template; `prompt` is used
+    verbatim.
     """
 
     adapter: str | None = None
+    mixture: AdapterMixture | None = None
     prompt: str | None = None
     messages: tuple[ChatMessage, ...] = ()
     prompt_token_ids: tuple[int, ...] | None = None
@@ -63,6 +83,23 @@ class ResolvedAdapter:
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class ResolvedMixture(ResolvedAdapter):
+    """A mixture with its components resolved to concrete versions: the cache key of the merged
+    adapter. `name` is "mixture-" + the start of `digest`, a sha256 over the canonical recipe, so
+    identical recipes share one cache entry; `version` is 0."""
+
+    components: tuple[tuple[ResolvedAdapter, float], ...] = ()
+    strategy: str = "linear"
+    density: float | None = None
+    majority_sign_method: str = "total"
+    seed: int = 0
+
+    @property
+    def ref(self) -> str:
+        return self.name
 
 
 @dataclass(frozen=True)

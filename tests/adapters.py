@@ -23,12 +23,16 @@ def make_lora_adapter(
     use_rslora: bool = False,
     base_model_name_or_path: str | None = None,
     scale: float = 0.5,
+    use_dora: bool = False,
+    lora_bias: bool = False,
 ) -> Path:
     """Save a LoRA adapter for the model at `base_path` into `out_dir` and return `out_dir`.
 
     Every lora_A / lora_B weight is drawn from N(0, scale^2) with `seed`, so two seeds
     give different adapters and each visibly changes the base model's outputs.
     `base_model_name_or_path` is written into adapter_config.json (default: `base_path`).
+    `use_dora` / `lora_bias` make a DoRA adapter (its magnitudes scaled by 1 + N(0, scale^2), so
+    they differ from the weight norms) or one with lora_B biases (drawn like lora_B).
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -42,6 +46,8 @@ def make_lora_adapter(
         lora_alpha=alpha,
         target_modules=list(targets),
         use_rslora=use_rslora,
+        use_dora=use_dora,
+        lora_bias=lora_bias,
         lora_dropout=0.0,
         bias="none",
         task_type="CAUSAL_LM",
@@ -52,6 +58,8 @@ def make_lora_adapter(
         for name, param in peft_model.named_parameters():
             if "lora_A" in name or "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
+            elif "lora_magnitude_vector" in name:
+                param.mul_(1 + torch.randn(param.shape, generator=generator) * scale)
     peft_model.save_pretrained(out_dir, safe_serialization=True)
     if base_model_name_or_path is not None:
         # patched after saving: PEFT would otherwise try to fetch that name's config from the Hub

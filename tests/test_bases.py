@@ -20,7 +20,7 @@ def test_tiny_base_is_stored_with_fingerprint(tiny_base, session_home):
     assert (tiny_base.path / "model.safetensors").is_file()
     assert (tiny_base.path / "tokenizer.json").is_file()
     assert fingerprint(tiny_base.path) == tiny_base.fingerprint
-    assert Registry(session_home).bases.get(TINY_BASE) == tiny_base
+    assert Registry(session_home).base(TINY_BASE) == tiny_base
 
 
 def test_fingerprint_ignores_dtype_but_not_shapes(tiny_base, tmp_path, tokenizer_dir):
@@ -97,7 +97,7 @@ def test_pickle_only_model_refused(tmp_path, home, tiny_base):
 
 def test_unknown_base_lists_known(tiny_base, home):
     with pytest.raises(NotFoundError, match=TINY_BASE):
-        Registry(home).bases.get("nope")
+        Registry(home).base("nope")
 
 
 def test_cli_list_and_show_json(tiny_base, home, capsys):

@@ -10,11 +10,8 @@ field's docstring is its documentation and is rendered by `loradock train --help
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
-import inspect
-import itertools
 import math
 import re
 import types
@@ -23,7 +20,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import loradock.registry.peft_format as peft_format
 import yaml
+from loradock.registry.docstrings import field_docs as dataclass_field_docs
+from loradock.registry.quantization import DEFAULT_DOUBLE_QUANT
 
 from .errors import ConfigError, problems_message
 from .lf_keys import IGNORED_KEYS, ignored_help, split_ignored
@@ -53,8 +53,9 @@ class TrainConfig:
     """Load the base with bitsandbytes in 4 bit (QLoRA, NF4) or 8 bit; empty = full precision."""
     quantization_method: str = "bnb"
     """On-the-fly quantization library: bnb (bitsandbytes, also spelled bitsandbytes) is the only one."""
-    double_quantization: bool = True
-    """4-bit only: also quantize the quantization constants (bitsandbytes double quantization)."""
+    double_quantization: bool = DEFAULT_DOUBLE_QUANT
+    """4-bit only: also quantize the quantization constants (bitsandbytes double quantization).
+    Recorded in the manifest; `loradock serve` uses the same default (--double-quant)."""
     device: str = "auto"
     """Where to train: auto (CUDA when available, else CPU), cpu, cuda or cuda:N."""
     bf16: bool = False
@@ -159,6 +160,8 @@ class TrainConfig:
     """Continue from an existing version (e.g. medical@3): LoRA weights start from it."""
     publish: bool = True
     """Publish the trained adapter as a new registry version (false: only write output_dir)."""
+    sign_key: str | None = None
+    """Sign the published version with this EC private key file (PEM; OpenSSF model signing), so servers with a trust policy accept it."""
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -259,7 +262,22 @@ class TrainConfig:
                 )
         if self.publish and not (self.adapter_name or self.parent):
             p.append("adapter_name: required to publish (or set parent, or publish: false)")
-        return p
+        return p + self.serving_problems()
+
+    def serving_problems(self) -> list[str]:
+        """The adapter this run would save, against the registry's PEFT format rules (one home:
+        registry/peft_format.py), so no run trains and then cannot be published or served."""
+        targets = [] if self.lora_target == ["all"] else list(self.lora_target)
+        adapter = {"peft_type": "LORA", "r": self.lora_rank, "lora_alpha": self.lora_alpha or 2 * self.lora_rank,
+                   "target_modules": targets or ["all"], "use_rslora": self.use_rslora,
+                   "use_dora": self.use_dora, "bias": "none"}
+        found = peft_format.config_problems(adapter) if self.lora_rank >= 1 else []
+        found += peft_format.serving_problems(adapter, dict.fromkeys(targets))
+        # The rules' messages name PEFT's keys ("target_modules: ..."); name the trainer's instead.
+        keys = {"r": "lora_rank", "target_modules": "lora_target"}
+        named = [problem.partition(": ") for problem in found]
+        return [f"{keys[key]}: {rest}" if sep and key in keys else f"lora settings: {key}{sep}{rest}"
+                for key, sep, rest in named]
 
     def to_dict(self) -> dict:
         """The resolved config as plain JSON-able values (recorded in the manifest)."""
@@ -297,19 +315,7 @@ class TrainConfig:
 
 def field_docs(cls: type = TrainConfig) -> dict[str, str]:
     """{field name: docstring}, read from the string literal under each field."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, nxt in itertools.pairwise(body):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
+    return dataclass_field_docs(cls)
 
 
 def config_help() -> str:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from loradock.registry.fsutil import sha256_file
 
 from .errors import DatasetError, problems_message
 
@@ -87,7 +88,7 @@ def load_datasets(
                 conv = normalize(record, spec, where, problems)
                 if conv is not None:
                     conversations.append(conv)
-            files.append({"dataset": spec.name, "path": str(path), "sha256": _sha256(path),
+            files.append({"dataset": spec.name, "path": str(path), "sha256": sha256_file(path),
                           "records": count})
     if problems:
         raise DatasetError(problems_message("bad dataset records; nothing was trained", problems))
@@ -382,11 +383,3 @@ def _is_single_object(text: str) -> bool:
 
 def _canonical(conv: Conversation) -> str:
     return json.dumps(conv, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()

@@ -1,8 +1,9 @@
 """The base model (optionally quantized) with trainable LoRA layers attached.
 
-The base is loaded frozen, in the precision `precision.py` picks for the device or
-with bitsandbytes (4-bit NF4 = QLoRA, double quantization unless switched off, or
-8-bit); LoRA weights are float32 whatever the base's dtype. The
+The base is loaded frozen, in the precision `precision.py` picks for the device, quantized
+as the run's `QuantizationRecipe` says (the registry's one recipe type: 4-bit NF4 = QLoRA,
+or 8-bit; the trainer records it in the manifest so the runtime can tell when it serves
+the adapter on a base quantized otherwise); LoRA weights are float32 whatever the base's dtype. The
 adapter is never merged: only its weights are trained and saved.
 """
 
@@ -12,6 +13,8 @@ import logging
 from pathlib import Path
 
 import torch
+from loradock.registry.devices import device_name
+from loradock.registry.quantization import QuantizationRecipe
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -26,14 +29,11 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """`auto` -> this process's CUDA device when there is one, else CPU."""
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device: {name!r} asked for, but no CUDA device is available")
-    if name == "cuda":
-        return torch.device(f"cuda:{local_rank}")
-    return torch.device(name)
+    """`auto` -> this process's CUDA device when there is one, else CPU (the registry's rule)."""
+    try:
+        return torch.device(device_name(name, torch.cuda.is_available(), local_rank))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def load_tokenizer(base_dir: Path):
@@ -43,25 +43,20 @@ def load_tokenizer(base_dir: Path):
     return tokenizer
 
 
-def load_base(
-    base_dir: Path, quantization_bit: int | None, device: torch.device,
-    dtype: torch.dtype | None = None, double_quantization: bool = True,
-) -> torch.nn.Module:
-    """The frozen base model on `device`, in `dtype`; quantized with bitsandbytes when asked."""
-    # Default: bfloat16 on CUDA halves memory; on CPU float32 is both faster and exact.
-    dtype = dtype or pick_precision(False, False, device).base_dtype
-    quant = None
-    if quantization_bit == 4:
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=double_quantization,
-            bnb_4bit_compute_dtype=dtype,
-        )
-    elif quantization_bit == 8:
-        quant = BitsAndBytesConfig(load_in_8bit=True)
+def quantization_recipe(config: TrainConfig, device: torch.device) -> QuantizationRecipe:
+    """The recipe this run quantizes its base with (and records in the manifest)."""
+    compute = str(pick_precision(config.bf16, config.fp16, device).base_dtype).removeprefix("torch.")
+    quantize = {4: "nf4", 8: "int8", None: "none"}[config.quantization_bit]
+    return QuantizationRecipe.named(quantize, compute, config.double_quantization)
+
+
+def load_base(base_dir: Path, recipe: QuantizationRecipe, device: torch.device) -> torch.nn.Module:
+    """The frozen base model on `device`, quantized (or not) as `recipe` says."""
+    bnb = recipe.bnb_kwargs()
     model = AutoModelForCausalLM.from_pretrained(
-        base_dir, dtype=dtype, quantization_config=quant, device_map={"": str(device)}
+        base_dir, dtype=recipe.compute_dtype,
+        quantization_config=BitsAndBytesConfig(**bnb) if bnb is not None else None,
+        device_map={"": str(device)},
     )
     model.config.use_cache = False  # no KV cache needed while training
     return model
@@ -105,9 +100,7 @@ def build_model(
     config: TrainConfig, base_dir: Path, device: torch.device, parent_dir: Path | None = None
 ) -> PeftModel:
     """Base + fresh LoRA layers (seeded), or + the parent version's LoRA weights."""
-    precision = pick_precision(config.bf16, config.fp16, device)
-    model = load_base(base_dir, config.quantization_bit, device, precision.base_dtype,
-                      config.double_quantization)
+    model = load_base(base_dir, quantization_recipe(config, device), device)
     if config.quantization_bit:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.gradient_checkpointing

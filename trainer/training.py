@@ -35,7 +35,7 @@ from .errors import ConfigError, TrainerError
 from .lf_keys import ignored_warning
 from .lf_templates import check_template
 from .loop import LOG_FILE, FitResult, LoopSettings, fit, steps_per_epoch
-from .model import build_model, load_tokenizer, pick_device
+from .model import build_model, load_tokenizer, pick_device, quantization_recipe
 from .precision import pick_precision
 from .reporting import check_reporters, open_sinks
 from .templates import TokenizedSplit, tokenize_split
@@ -54,7 +54,7 @@ class Run:
     world: World
     device: torch.device
     registry: publish.Registry
-    base: publish.BaseModel
+    base: publish.ResolvedBase
     parent: publish.Parent | None
     destination: str | None
     output_dir: Path
@@ -196,7 +196,9 @@ def _save_and_publish(run: Run, result: FitResult) -> publish.AdapterVersion | N
     return publish.publish_adapter(
         run.registry, adapter_dir, run.destination, run.base,
         aliases=run.config.aliases, training=run.config.to_dict(),
+        quantization=quantization_recipe(run.config, run.device),
         dataset=_dataset_record(run), metrics=metrics, parent=run.parent,
+        sign_key=run.config.sign_key,
     )
 
 

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from loradock.commands.common import print_json, print_table, registry_from
+from loradock.commands.merge import add_merge_parser
+from loradock.commands.signing import add_sign_key_argument, add_sign_parser
 from loradock.registry import AdapterVersion, Registry
+from loradock.registry.quantization import QuantizationRecipe, recorded_recipe
+from loradock.registry.trust import TrustPolicy
 
 REF_HELP = "adapter reference: NAME (latest), NAME@N (version N) or NAME@ALIAS"
 
@@ -27,7 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     show = actions.add_parser("show", help="show one version's manifest",
                               description="Show a version: name, version, digest, path, aliases "
-                              "and its manifest. Files are checked against the manifest first.")
+                              "and its manifest, with the quantization recipe it was trained on "
+                              "(and how `loradock serve`'s default differs). Files are checked "
+                              "against the manifest first.")
     show.add_argument("ref", help=REF_HELP)
     show.add_argument("--json", action="store_true", help="print JSON instead of text")
     show.set_defaults(func=cmd_show)
@@ -44,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pub.add_argument("--alias", action="append", default=[], metavar="ALIAS",
                      help="point ALIAS at the new version (repeatable)")
     pub.add_argument("--json", action="store_true", help="print the new version as JSON")
+    add_sign_key_argument(pub)
     pub.set_defaults(func=cmd_publish)
 
     tag = actions.add_parser("tag", help="point an alias at a version",
@@ -69,6 +77,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                 "and report mismatches and dangling aliases. Exit status 1 when any.")
     verify.add_argument("ref", nargs="?", help=REF_HELP + " (default: everything)")
     verify.add_argument("--json", action="store_true", help="print JSON results")
+    verify.add_argument("--trust", type=Path, metavar="POLICY",
+                        help="also require each version to be signed by a key this trust policy "
+                        "(as for `serve --trust`) trusts for its name; without it a signature is "
+                        "checked only against the files it claims to sign")
     verify.set_defaults(func=cmd_verify)
 
     pull = actions.add_parser(
@@ -82,6 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pull.add_argument("--name", help="registry name (default: the repo id)")
     pull.add_argument("--base", help="registry base the adapter is for (default: from adapter_config.json)")
     pull.add_argument("--json", action="store_true", help="print the version as JSON")
+    add_sign_key_argument(pull)
     pull.set_defaults(func=cmd_pull)
 
     push = actions.add_parser(
@@ -93,6 +106,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     push.add_argument("repo_id", help="Hub repo, e.g. ORG/NAME")
     push.add_argument("--public", action="store_true", help="create the repo public (default: private)")
     push.set_defaults(func=cmd_push)
+
+    add_merge_parser(actions)
+    add_sign_parser(actions)
 
     gc = actions.add_parser("gc", help="clean up after crashed publishes",
                             description="Remove staging dirs of publishes that died and lock files of "
@@ -133,17 +149,30 @@ def cmd_show(args: argparse.Namespace) -> int:
         print_json(data)
         return 0
     for key in ("ref", "digest", "path", "aliases", "created_at", "base", "peft_type", "rank", "alpha",
-                "target_modules", "use_rslora", "source", "parent", "dataset", "training", "metrics"):
-        print(f"{key:15} {data[key]}")
+                "target_modules", "use_rslora", "source", "parent", "parents", "dataset", "training", "metrics",
+                "signature"):
+        print(f"{key:15} {data.get(key)}")
+    print(f"{'quantization':15} {quantization_line(data)}")
     print("files:")
     print_table(("  FILE", "SIZE", "SHA256"),
                 [(f"  {rel}", e["size"], e["sha256"][:16]) for rel, e in data["files"].items()])
     return 0
 
 
+def quantization_line(manifest: dict) -> str:
+    """The recipe a version was trained with, and how `loradock serve`'s default differs."""
+    trained = recorded_recipe(manifest)
+    if trained is None:
+        return "not recorded (not trained by loradock)"
+    served = QuantizationRecipe.named("nf4", trained.compute_dtype)  # serve's default on this dtype
+    differences = trained.differences(served)
+    return trained.describe() + (f" (serve's default nf4 differs: {'; '.join(differences)})"
+                                 if differences else "")
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     registry = registry_from(args)
-    v = registry.publish(args.dir, args.name, base=args.base, aliases=args.alias)
+    v = registry.publish(args.dir, args.name, base=args.base, aliases=args.alias, sign_key=args.sign_key)
     if args.json:
         print_json(version_json(registry, v))
     else:
@@ -170,16 +199,21 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    results = registry_from(args).verify(args.ref)
+    policy = TrustPolicy.load(args.trust) if args.trust else None
+    results = registry_from(args).verify(args.ref, policy)
     bad = [r for r in results if not r.ok]
     if args.json:
-        print_json([{"ref": r.ref, "ok": r.ok, "problems": list(r.problems)} for r in results])
+        print_json([{"ref": r.ref, "ok": r.ok, "problems": list(r.problems), "signer": r.signer,
+                     "trust": r.trust} for r in results])
     else:
         for r in bad:
             print(f"{r.ref}: FAILED")
             for problem in r.problems:
                 print(f"  {problem}")
-        print(f"{len(results) - len(bad)} ok, {len(bad)} failed")
+        signed = sum(1 for r in results if r.signer)
+        trusted = f", {sum(r.trust == 'trusted' for r in results)} trusted" if policy else ""
+        summary = f" ({signed} signed{trusted})" if signed or policy else ""
+        print(f"{len(results) - len(bad)} ok, {len(bad)} failed{summary}")
     return 1 if bad else 0
 
 
@@ -195,7 +229,8 @@ def _show_hub_progress() -> None:
 def cmd_pull(args: argparse.Namespace) -> int:
     _show_hub_progress()
     registry = registry_from(args)
-    v = registry.pull(args.repo_id, revision=args.revision, name=args.name, base=args.base)
+    v = registry.pull(args.repo_id, revision=args.revision, name=args.name, base=args.base,
+                      sign_key=args.sign_key)
     if args.json:
         print_json(version_json(registry, v))
     else:

@@ -53,7 +53,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    bases = registry_from(args).bases.list()
+    bases = registry_from(args).list_bases()
     if args.json:
         print_json([b.to_json() for b in bases])
     elif not bases:
@@ -65,7 +65,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    info = registry_from(args).bases.get(args.name)
+    info = registry_from(args).base(args.name)
     if args.json:
         print_json(info.to_json())
     else:

@@ -79,6 +79,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--cold-samples", type=int, help="adapters cold-loaded for the latency probe (default: 5)")
     parser.add_argument("--registry-versions", type=int,
                         help="versions published for the registry timing; 0 skips it (default: 10000)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="instead: the Ray Serve routing benchmark (stub replicas, needs "
+                        "loradock[cluster]): adapter-cache hit rate and cold loads per 1,000 requests "
+                        "with adapter-affine (multiplexed) routing against Ray's default routing; "
+                        "--adapters, --requests, --clients and --seed apply (defaults 50, 2000, 16, 0)")
+    parser.add_argument("--cluster-replicas", type=int, nargs="+", default=[2, 4], metavar="N",
+                        help="with --cluster: replica counts to measure (default: 2 4)")
+    parser.add_argument("--cluster-slots", type=int, default=8, metavar="N",
+                        help="with --cluster: adapters one replica holds (default: 8)")
     parser.set_defaults(func=cmd_bench)
 
 
@@ -107,7 +116,27 @@ def bench_config(args: argparse.Namespace):
         raise UserError(str(e)) from None
 
 
+def cmd_cluster_bench(args: argparse.Namespace) -> int:
+    try:
+        from loradock.runtime.cluster import routing_bench
+    except ImportError as e:
+        raise UserError(f"the routing benchmark needs Ray Serve ({e}): pip install 'loradock[cluster]'") from None
+    fields = {"adapters": args.adapters[0] if args.adapters else None, "requests": args.requests,
+              "clients": args.clients, "seed": args.seed}
+    config = routing_bench.RoutingBenchConfig(
+        replicas=tuple(args.cluster_replicas), slots=args.cluster_slots,
+        **{k: v for k, v in fields.items() if v is not None})
+    results = routing_bench.run_routing_bench(config)
+    paths = routing_bench.write_results(config, results, args.out_dir, args.name or "cluster-routing")
+    print(routing_bench.markdown(config, results))
+    for kind, path in paths.items():
+        print(f"wrote {kind}: {path}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.cluster:
+        return cmd_cluster_bench(args)
     from loradock.benchmarks.report import markdown, write_reports
     from loradock.benchmarks.run import run_benchmark
     from loradock.registry import Registry

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import re
 from pathlib import Path
 
-from loradock.commands.common import registry_from
 from loradock.errors import UserError
+from loradock.registry.readonly import serving_registry
 from loradock.runtime import config as engine_config
 from loradock.runtime.config import EngineConfig
+
+log = logging.getLogger(__name__)
 
 # Fields whose values come from a fixed list, and the engine's own list of them.
 CHOICES = {
@@ -43,6 +46,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     docs = EngineConfig.field_docs()
     for field in dataclasses.fields(EngineConfig):
         if field.name == "base":
+            continue
+        if str(field.type) == "bool":
+            group.add_argument("--" + field.name.replace("_", "-"), dest=field.name,
+                               action=argparse.BooleanOptionalAction, default=field.default,
+                               help=f"{docs[field.name]} (default: {field.default})")
             continue
         # Annotations are strings here (`from __future__ import annotations`): "int", "int | None".
         kind = byte_size if field.name.endswith("_bytes") else _TYPES[str(field.type).removesuffix(" | None")]
@@ -99,6 +107,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=int, default=64,
                         help="threads handling gRPC calls; bounds concurrent gRPC calls (the HTTP "
                         "API runs on one event loop) (default: %(default)s)")
+    parser.add_argument("--digest-cache", type=Path, metavar="DIR",
+                        help="keep the digest records (a cache that spares rehashing adapter files "
+                        "on open) in DIR instead of inside the registry; a registry this process "
+                        "cannot write (a read-only mount) uses $XDG_CACHE_HOME/loradock/digests/ "
+                        "by default, and the server says so at start")
     add_engine_arguments(parser)
     parser.set_defaults(func=cmd_serve)
 
@@ -120,7 +133,7 @@ def pick_base(registry, name: str | None) -> str:
     """`name` if given, else the registry's only base."""
     if name:
         return name
-    bases = [b.name for b in registry.bases.list()]
+    bases = [b.name for b in registry.list_bases()]
     if len(bases) == 1:
         return bases[0]
     if not bases:
@@ -139,9 +152,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserError("--no-grpc leaves nothing to serve: give --http-port too")
     if args.allow_adapter_updates and args.http_port is None:
         raise UserError("--allow-adapter-updates is for the HTTP API: give --http-port too")
-    registry = registry_from(args)
+    registry, note = serving_registry(args.home, args.digest_cache)
+    if note:
+        log.info("%s", note)
+        if args.allow_adapter_updates and not registry.is_writable():
+            raise UserError("--allow-adapter-updates publishes into the registry, which this "
+                            "process cannot write")
     base = pick_base(registry, args.base)
-    registry.bases.get(base)  # a clear NotFoundError now rather than a traceback later
+    registry.base(base)  # a clear NotFoundError now rather than a traceback later
     knobs = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if f.name != "base"}
     try:
         config = EngineConfig(base=base, **knobs)

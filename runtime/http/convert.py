@@ -14,10 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from loradock.runtime.types import (
+    AdapterMixture,
     ChatMessage,
     FinishReason,
     GenerationRequest,
     GenerationResult,
+    MixtureComponent,
     SamplingParams,
 )
 
@@ -77,7 +79,7 @@ _COMPLETION_NOT_IMPLEMENTED = {
 # the caller (tests/http/test_convert.py checks that the three cover the schema).
 IDENTIFYING = frozenset({"user", "metadata", "safety_identifier", "prompt_cache_key"})
 SHARED_HONOURED = frozenset({"model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream",
-                             "stream_options", "top_k", "ignore_eos"})
+                             "stream_options", "top_k", "ignore_eos", "mixture"})
 CHAT_HONOURED = SHARED_HONOURED | {"messages", "max_completion_tokens", "parallel_tool_calls"}
 COMPLETION_HONOURED = SHARED_HONOURED | {"prompt", "echo", "best_of"}
 _MESSAGE_NOT_IMPLEMENTED = {
@@ -144,6 +146,18 @@ def _sampling(body, max_tokens: int, seed_offset: int) -> SamplingParams:
     )
 
 
+def _mixture(body, model: ServedModel) -> AdapterMixture | None:
+    """The `mixture` extension (the engine checks the recipe); `model` must then be the base."""
+    mix = body.mixture
+    if mix is None:
+        return None
+    if model.ref is not None:
+        raise bad_request("mixture", f"give the base as model ('' or its name) when mixing adapters, "
+                          f"not {model.id!r}")
+    return AdapterMixture(tuple(MixtureComponent(c.adapter, c.weight) for c in mix.components), mix.strategy,
+                          mix.density, mix.majority_sign_method, mix.seed)
+
+
 def _log_identity(body, kind: str) -> None:
     ids = {k: getattr(body, k, None) for k in ("user", "safety_identifier", "prompt_cache_key", "metadata")}
     ids = {k: v for k, v in ids.items() if v}
@@ -191,7 +205,8 @@ def chat_plan(body: ChatCompletionRequest, model: ServedModel, max_model_len: in
     _log_identity(body, "chat")
     n = body.n or 1
     plan = Plan(model, [], [0] * n, stream, include_usage)
-    plan.requests = [GenerationRequest(adapter=model.ref, messages=messages,
+    mixture = _mixture(body, model)
+    plan.requests = [GenerationRequest(adapter=model.ref, mixture=mixture, messages=messages,
                                        sampling=_sampling(body, max_tokens, i), request_id=f"{plan.id}-{i}")
                      for i in range(n)]
     return plan
@@ -209,12 +224,14 @@ def completion_plan(body: CompletionRequest, model: ServedModel) -> Plan:
     max_tokens = body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
     _log_identity(body, "completion")
     plan = Plan(model, [], [], stream, include_usage)
+    mixture = _mixture(body, model)
     for p, prompt in enumerate(prompts):
         for j in range(n):
             choice = len(plan.requests)
             text = prompt if isinstance(prompt, str) else None
             ids = None if isinstance(prompt, str) else tuple(prompt)
-            plan.requests.append(GenerationRequest(adapter=model.ref, prompt=text, prompt_token_ids=ids,
+            plan.requests.append(GenerationRequest(adapter=model.ref, mixture=mixture, prompt=text,
+                                                   prompt_token_ids=ids,
                                                    sampling=_sampling(body, max_tokens, j),
                                                    request_id=f"{plan.id}-{choice}"))
             plan.prompt_of.append(p)

@@ -107,7 +107,7 @@ class ModelCatalog:
         info = self._engine.info()
         base = info.base_name
         try:
-            base_created = _unix(self._registry.bases.get(base).created_at)
+            base_created = _unix(self._registry.base(base).created_at)
         except (NotFoundError, InvalidNameError):  # served from a directory, not the registry
             base_created = 0
         cards = [ModelCard(id=base, created=base_created, root=base, max_model_len=info.max_model_len)]

@@ -4,7 +4,7 @@ Requests list every field OpenAI defines. Fields loradock implements are typed a
 here; fields it does not implement are typed `Any` and refused by `convert.py` unless they
 hold their "off" value, so nothing a client asks for is silently ignored. Fields that are in
 neither list are refused by pydantic (`extra="forbid"`), except the two vLLM extensions
-loradock honours, `top_k` and `ignore_eos`.
+loradock honours, `top_k` and `ignore_eos`, and its own `mixture` (a weighted merge of adapters).
 """
 
 from __future__ import annotations
@@ -39,6 +39,22 @@ class ChatMessage(_Request):
     audio: Any = None
 
 
+class MixtureComponent(_Request):
+    adapter: str = Field(description="a registry reference: name, name@N or name@alias")
+    weight: float = Field(description="> 0")
+
+
+class Mixture(_Request):
+    """loradock's extension: serve a weighted merge of adapters instead of one (PEFT's
+    add_weighted_adapter semantics; `model` then names the base)."""
+
+    components: list[MixtureComponent] = Field(min_length=1)
+    strategy: str = Field("linear", description="linear | cat | svd | ties | dare_linear | dare_ties")
+    density: float | None = Field(None, description="fraction kept by ties and dare_*, in (0, 1]")
+    majority_sign_method: str = Field("total", description="ties and dare_ties: total | frequency")
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="seed of DARE's random pruning")
+
+
 class _Sampling(_Request):
     """Fields chat and text completions share."""
 
@@ -59,6 +75,8 @@ class _Sampling(_Request):
     # vLLM's extensions, honoured
     top_k: int | None = Field(None, ge=-1, description="keep the k most likely tokens (0 or -1: off)")
     ignore_eos: bool | None = Field(None, description="generate max_tokens tokens even past EOS")
+    # loradock's extension
+    mixture: Mixture | None = None
 
 
 class ChatCompletionRequest(_Sampling):

@@ -9,7 +9,14 @@ from importlib import metadata
 
 import psutil
 from loradock.registry import Registry
-from loradock.runtime.server.views import AdapterVersionView, AdapterView, LoadResult, ServerInfo
+from loradock.registry.quantization import QuantizationRecipe, recipe_mismatch, recorded_recipe
+from loradock.runtime.server.views import (
+    AdapterVersionView,
+    AdapterView,
+    LoadResult,
+    ServerInfo,
+    TrustView,
+)
 
 
 def _residency(engine) -> tuple[set[tuple[str, int]], set[tuple[str, int]], set[tuple[str, int]]]:
@@ -21,6 +28,26 @@ def _residency(engine) -> tuple[set[tuple[str, int]], set[tuple[str, int]], set[
         if entry.pinned:
             pinned.add(key)
     return device, host, pinned
+
+
+def _quantization(manifest: dict, served: QuantizationRecipe) -> dict[str, str]:
+    """The recipe a version was trained with and how the served one differs, for its view."""
+    trained = recorded_recipe(manifest)
+    return {"trained_quantization": trained.describe() if trained else "",
+            "quantization_mismatch": recipe_mismatch(manifest, served)}
+
+
+def _trust(engine, version) -> dict:
+    """Who signed a version and whether the server's trust policy lets it be served."""
+    status = engine.adapters.trust_status(version)
+    return {"signer": status.signer, "trust": TrustView(status.state, status.reason)}
+
+
+def _servable(manifest: dict) -> dict:
+    """Whether the runtime serves the version, as its manifest records (versions published before
+    the record existed say nothing: the engine decides when it reads them)."""
+    reasons = manifest.get("not_servable_because") or []
+    return {"servable": manifest.get("servable", True) is not False, "not_servable_reason": "; ".join(reasons)}
 
 
 def list_adapters(registry: Registry, engine, name: str | None = None) -> list[AdapterView]:
@@ -46,6 +73,9 @@ def list_adapters(registry: Registry, engine, name: str | None = None) -> list[A
                     on_device=(v.name, v.version) in device,
                     in_host_memory=(v.name, v.version) in host,
                     pinned=(v.name, v.version) in pinned,
+                    **_quantization(v.manifest, engine.recipe),
+                    **_trust(engine, v),
+                    **_servable(v.manifest),
                 )
                 for v in versions
             ),

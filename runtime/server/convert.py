@@ -15,12 +15,15 @@ from loradock.runtime.server.views import (
     AdapterView,
     LoadResult,
     ServerInfo,
+    TrustView,
 )
 from loradock.runtime.types import (
+    AdapterMixture,
     ChatMessage,
     FinishReason,
     GenerationRequest,
     GenerationResult,
+    MixtureComponent,
     ResolvedAdapter,
     SamplingParams,
     Timings,
@@ -71,10 +74,33 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
     )
 
 
-def _check_unsigned(name: str, value: int, bits: int = 32) -> None:
+def _check_unsigned(name: str, value: int, bits: int = 32, field: str = "sampling") -> None:
     # protobuf would raise a bare ValueError; say which field is wrong instead.
     if not isinstance(value, int) or not 0 <= value < 2**bits:
-        raise InvalidRequestError(f"sampling.{name}={value!r}: expected an integer in [0, 2**{bits})")
+        raise InvalidRequestError(f"{field}.{name}={value!r}: expected an integer in [0, 2**{bits})")
+
+
+# ---- mixtures ----
+
+
+def mixture_from_proto(msg: pb.AdapterMixture) -> AdapterMixture:
+    """Empty strings take the defaults; the engine checks the recipe."""
+    return AdapterMixture(
+        components=tuple(MixtureComponent(c.adapter, c.weight) for c in msg.components),
+        strategy=msg.strategy or "linear",
+        density=msg.density if msg.HasField("density") else None,
+        majority_sign_method=msg.majority_sign_method or "total",
+        seed=msg.seed,
+    )
+
+
+def mixture_to_proto(mixture: AdapterMixture) -> pb.AdapterMixture:
+    _check_unsigned("seed", mixture.seed, bits=64, field="mixture")
+    return pb.AdapterMixture(
+        components=[pb.MixtureComponent(adapter=c.adapter, weight=c.weight) for c in mixture.components],
+        strategy=mixture.strategy, density=mixture.density,
+        majority_sign_method=mixture.majority_sign_method, seed=mixture.seed,
+    )
 
 
 # ---- generation requests ----
@@ -86,6 +112,10 @@ def request_from_proto(msg: pb.GenerateRequest) -> GenerationRequest:
     if which is None:
         raise InvalidRequestError("the request has no input: set one of prompt, messages or prompt_token_ids")
     extra = {"request_id": msg.request_id} if msg.request_id else {}
+    if msg.HasField("mixture"):
+        if msg.adapter:
+            raise InvalidRequestError("give adapter or mixture, not both")
+        extra["mixture"] = mixture_from_proto(msg.mixture)
     return GenerationRequest(
         adapter=msg.adapter or None,
         prompt=msg.prompt if which == "prompt" else None,
@@ -111,6 +141,8 @@ def request_to_proto(req: GenerationRequest) -> pb.GenerateRequest:
         sampling=sampling_to_proto(req.sampling),
         request_id=req.request_id,
     )
+    if req.mixture is not None:
+        msg.mixture.CopyFrom(mixture_to_proto(req.mixture))
     if req.prompt is not None:
         msg.prompt = req.prompt
     elif req.messages:
@@ -199,6 +231,9 @@ def adapter_view_from_proto(msg: pb.AdapterInfo) -> AdapterView:
         AdapterVersionView(
             version=v.version, digest=v.digest, aliases=tuple(v.aliases), created_at=v.created_at,
             rank=v.rank, on_device=v.on_device, in_host_memory=v.in_host_memory, pinned=v.pinned,
+            trained_quantization=v.trained_quantization, quantization_mismatch=v.quantization_mismatch,
+            signer=v.signer, trust=TrustView(v.trust.state, v.trust.reason),
+            servable=v.servable, not_servable_reason=v.not_servable_reason,
         )
         for v in msg.versions
     )

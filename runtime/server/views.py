@@ -14,6 +14,12 @@ from loradock.runtime.types import EngineInfo, ResolvedAdapter
 
 
 @dataclass(frozen=True)
+class TrustView:
+    state: str  # trusted / unsigned / untrusted / invalid / unchecked (registry/signing.py)
+    reason: str = ""  # why not trusted
+
+
+@dataclass(frozen=True)
 class AdapterVersionView:
     version: int
     digest: str
@@ -23,6 +29,12 @@ class AdapterVersionView:
     on_device: bool = False  # in a device slot now
     in_host_memory: bool = False  # in the host-memory cache now
     pinned: bool = False
+    trained_quantization: str = ""  # the recipe it was trained with, in words
+    quantization_mismatch: str = ""  # how the served base's recipe differs from it ("" when not)
+    signer: str = ""  # key id the signature names ("" when unsigned)
+    trust: TrustView = field(default_factory=lambda: TrustView("unchecked"))
+    servable: bool = True  # the runtime serves this PEFT adapter (manifest "servable")
+    not_servable_reason: str = ""  # why not ("" when servable)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,9 @@ def test_bench_smoke_every_system(tiny_base, home, tmp_path, capsys):
     assert len(outputs) == 1, f"systems disagree on the workload's output tokens: {outputs}"
     assert run["probes"]["alias_move"]["version_before"] == 1
     assert run["probes"]["decode_step"]["distinct_adapters"] == 3
+    # 3 of each adapter's 4 requests take its 192-token system prompt from the prefix cache.
+    assert run["probes"]["prefix_cache"]["cached_prompt_fraction"] == pytest.approx(3 * 192 / (4 * 208))
+    assert summary["prefix_cache_speedup"] > 0
     assert (out / "smoke.png").stat().st_size > 0
     assert "| loradock-grpc |" in (out / "smoke.md").read_text()
     assert "| loradock-http |" in (out / "smoke.md").read_text()

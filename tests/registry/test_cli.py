@@ -77,7 +77,7 @@ def test_verify_reports_tampering_and_rm_untag_gc(home, lora_dir, capsys):
     code, _, err = run(capsys, "adapters", "show", "medical")
     assert code == 2 and "medical@2 no longer matches its manifest" in err
     assert json.loads(run(capsys, "adapters", "verify", "medical@1", "--json")[1]) == [
-        {"ref": "medical@1", "ok": True, "problems": []}
+        {"ref": "medical@1", "ok": True, "problems": [], "signer": "", "trust": ""}
     ]
     assert run(capsys, "adapters", "rm", "medical@2")[0] == 0
     assert run(capsys, "adapters", "untag", "medical", "prod")[1] == "removed alias medical@prod\n"

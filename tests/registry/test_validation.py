@@ -73,12 +73,42 @@ def test_not_a_lora(registry, editable_lora):
 
 
 def test_all_config_problems_in_one_message(registry, editable_lora):
-    edit_config(editable_lora, peft_type="PREFIX_TUNING", r=0, use_dora=True, rank_pattern={"q_(proj": 4})
+    edit_config(editable_lora, peft_type="PREFIX_TUNING", r=0, use_dora=True, lora_bias=True,
+                rank_pattern={"q_(proj": 4})
     msg = publish_fails(registry, editable_lora)
     assert "'q_(proj' is not a valid regular expression" in msg
     assert "peft_type is 'PREFIX_TUNING'" in msg
     assert "r (rank) must be a positive integer, got 0" in msg
-    assert "DoRA" in msg
+    assert "use_dora and lora_bias cannot both be true" in msg
+
+
+@pytest.mark.parametrize("variant", ["use_dora", "lora_bias"])
+def test_dora_and_lora_bias_adapters_publish_as_servable(registry, tiny_base, tmp_path, variant):
+    src = make_lora_adapter(tiny_base.path, tmp_path / variant, rank=4, alpha=8, **{variant: True})
+    manifest = registry.publish(src, "medical").manifest
+    assert manifest[variant] is True and manifest["servable"] is True
+    assert manifest["not_servable_because"] == []
+
+
+def test_dora_and_bias_tensors_must_agree_with_the_config(registry, tiny_base, tmp_path):
+    src = make_lora_adapter(tiny_base.path, tmp_path / "dora", rank=4, alpha=8, use_dora=True)
+    edit_config(src, use_dora=False)
+    msg = publish_fails(registry, src)
+    assert "self_attn.q_proj: has lora_magnitude_vector but use_dora is not true" in msg
+    edit_config(src, use_dora=True)
+    rewrite_tensors(src, lambda k: None if k.endswith("layers.0.self_attn.v_proj.lora_magnitude_vector") else k)
+    assert "layers.0.self_attn.v_proj: use_dora is true but it has no lora_magnitude_vector" in publish_fails(
+        registry, src)
+
+
+def test_well_formed_but_unservable_is_stored_with_the_reasons(registry, editable_lora):
+    """A valid PEFT adapter the runtime does not serve is kept (it can be exported or served
+    elsewhere) and its manifest says why the runtime will not serve it."""
+    edit_config(editable_lora, fan_in_fan_out=True, bias="all", alora_invocation_tokens=[7, 8])
+    manifest = registry.publish(editable_lora, "medical").manifest
+    assert manifest["servable"] is False
+    reasons = " | ".join(manifest["not_servable_because"])
+    assert "fan_in_fan_out=true" in reasons and "bias='all'" in reasons and "activated LoRA" in reasons
 
 
 def test_pickle_weights_refused_with_conversion_hint(registry, editable_lora):

@@ -95,7 +95,8 @@ json_values = st.recursive(
     max_leaves=6,
 )
 CONFIG_KEYS = ["r", "lora_alpha", "target_modules", "peft_type", "rank_pattern", "alpha_pattern", "use_rslora",
-               "base_model_name_or_path", "bias", "use_dora", "modules_to_save", "fan_in_fan_out", "task_type"]
+               "base_model_name_or_path", "bias", "use_dora", "lora_bias", "modules_to_save", "fan_in_fan_out",
+               "layer_replication", "task_type"]
 MANIFEST_KEYS = ["files", "base", "rank", "alpha", "target_modules", "peft_type", "source", "parent",
                  "created_at"]
 
@@ -234,8 +235,8 @@ def _remove(registry: Registry, name: str) -> None:
 @example(edits=[("bias", ("set", "all"))])
 @example(edits=[("fan_in_fan_out", ("set", True))])
 def test_fuzzed_adapter_config(fuzz_registry, fuzz_engine, templates, tmp_path_factory, edits):
-    """Guards against internal crashes passing as refusals: a config the registry accepts must
-    load and generate; one it refuses is refused with its validator's message, and the engine,
+    """Guards against internal crashes passing as refusals: a config the registry accepts as
+    servable must load and generate (as not servable: be refused for the manifest's reasons); one it refuses is refused with its validator's message, and the engine,
     given it behind the registry's back, serves it or refuses it with its own validator's words."""
     from loradock.registry.validate import validate_adapter_dir
 
@@ -254,9 +255,14 @@ def test_fuzzed_adapter_config(fuzz_registry, fuzz_engine, templates, tmp_path_f
             validate_adapter_dir(src)
         assert str(refused) == str(direct.value)
     else:
-        event("registry accepted")
         assert fuzz_registry.resolve(version.ref).digest == version.digest
-        _generates(fuzz_engine, name, version.ref)
+        if version.manifest["servable"]:
+            event("registry accepted")
+            _generates(fuzz_engine, name, version.ref)
+        else:  # stored, and the engine refuses it for the reasons the manifest records
+            event("registry accepted as not servable")
+            for reason in version.manifest["not_servable_because"]:
+                _refuses(fuzz_engine, name, reason)
         return
     # the runtime's own checks, on the same config planted where the registry cannot refuse it
     planted = next(_names)

@@ -25,6 +25,8 @@ class Spec:
     targets: tuple[str, ...]
     seed: int
     use_rslora: bool = False
+    use_dora: bool = False
+    lora_bias: bool = False
 
     @property
     def alpha(self) -> int:
@@ -49,7 +51,8 @@ def make_adapters(base: BaseInfo, out: Path, specs=SPECS, scale: float = 0.5) ->
     with one_thread():
         return {
             s.name: make_lora_adapter(base.path, out / s.name, rank=s.rank, alpha=s.alpha,
-                                      targets=s.targets, seed=s.seed, use_rslora=s.use_rslora, scale=scale)
+                                      targets=s.targets, seed=s.seed, use_rslora=s.use_rslora, scale=scale,
+                                      use_dora=s.use_dora, lora_bias=s.lora_bias)
             for s in specs
         }
 

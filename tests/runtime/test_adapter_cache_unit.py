@@ -20,7 +20,7 @@ class FakeLayer:
         self.slots: dict[int, float | None] = {}
         self.fail_next = False
 
-    def set_slot(self, slot, shrink, expand) -> None:
+    def set_slot(self, slot, shrink, expand, bias=None, dora_scale=None) -> None:
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("device write failed")

@@ -1,4 +1,5 @@
-"""Reading adapter versions: PEFT's config semantics (rank/alpha patterns, rsLoRA) and clear refusals."""
+"""Reading adapter versions: PEFT's config semantics (rank/alpha patterns, rsLoRA, lora_bias, DoRA)
+and clear refusals."""
 
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ def write_adapter(path: Path, config: dict, ranks: dict[str, int], extra: dict |
         tensors[f"{PREFIX}{module}.lora_B.weight"] = torch.randn(8, r)
     tensors.update(extra or {})
     save_file(tensors, path / "adapter_model.safetensors")
-    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **config}))
+    targets = sorted({m.rsplit(".", 1)[-1] for m in ranks}) or ["q_proj"]
+    (path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "lora_alpha": 8, "target_modules": targets, **config}))
     return path
 
 
@@ -49,13 +52,21 @@ def test_rank_and_alpha_patterns_and_rslora(tmp_path):
     assert rs.modules[q0].scaling == pytest.approx(8 / math.sqrt(4))
 
 
+Q0 = "model.layers.0.self_attn.q_proj"
+
+
 @pytest.mark.parametrize(("config", "ranks", "extra", "message"), [
-    ({"r": 4, "use_dora": True}, {"model.layers.0.self_attn.q_proj": 4}, None, "DoRA"),
-    ({"r": 4, "bias": "all"}, {"model.layers.0.self_attn.q_proj": 4}, None, "biases"),
-    ({"r": 4, "modules_to_save": ["lm_head"]}, {"model.layers.0.self_attn.q_proj": 4}, None, "modules_to_save"),
+    ({"r": 4, "use_dora": True}, {Q0: 4}, None, "use_dora is true but it has no lora_magnitude_vector"),
+    ({"r": 4}, {Q0: 4}, {f"{PREFIX}{Q0}.lora_B.bias": torch.zeros(8)}, "lora_bias is not true"),
+    ({"r": 4, "use_dora": True}, {Q0: 4}, {f"{PREFIX}{Q0}.lora_magnitude_vector": torch.ones(4)},
+     r"lora_magnitude_vector has shape \[4\], expected \[8\]"),
+    ({"r": 4, "use_dora": True, "lora_bias": True}, {Q0: 4}, None, "cannot both be true"),
+    ({"r": 4, "bias": "all"}, {Q0: 4}, None, "trained base-layer biases"),
+    ({"r": 4, "modules_to_save": ["lm_head"]}, {Q0: 4}, None, "modules_to_save"),
+    ({"r": 4, "alora_invocation_tokens": [5, 6]}, {Q0: 4}, None, "activated LoRA"),
     ({"r": 4}, {"model.layers.0.mlp.gate_proj": 4}, None, "no such targetable linear"),
-    ({"r": 16}, {"model.layers.0.self_attn.q_proj": 16}, None, "exceeds the engine's max_rank 8"),
-    ({"r": 2}, {"model.layers.0.self_attn.q_proj": 4}, None, "rank 4 in the weights but 2"),
+    ({"r": 16}, {Q0: 16}, None, "exceeds the engine's max_rank 8"),
+    ({"r": 2}, {Q0: 4}, None, "does not match rank r=2"),
     ({"r": 4}, {}, {f"{PREFIX}model.embed_tokens.lora_embedding_A": torch.zeros(4, 8)}, "unexpected tensor"),
 ])
 def test_refusals_name_the_problem(tmp_path, config, ranks, extra, message):
@@ -71,4 +82,34 @@ def test_wrong_base_fingerprint_and_corrupt_weights(tmp_path):
         read_adapter(KEY, path, manifest, SERVED)
     (path / "adapter_model.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(AdapterUnavailableError, match=r"cannot read adapter_model\.safetensors"):
+        read_adapter(KEY, path, {}, SERVED)
+
+
+def test_lora_bias_is_scaled_like_peft(tmp_path):
+    """PEFT adds lora_B(lora_A(x)) * scaling, so lora_B's bias is scaled too."""
+    bias = torch.randn(8)
+    path = write_adapter(tmp_path / "b", {"r": 4, "lora_bias": True}, {Q0: 4},
+                         {f"{PREFIX}{Q0}.lora_B.bias": bias})
+    m = read_adapter(KEY, path, {}, SERVED).modules[Q0]
+    torch.testing.assert_close(m.bias, 2.0 * bias)
+    assert m.dora_scale is None
+
+
+def test_dora_scale_is_magnitude_over_row_norm_of_merged_weight(tmp_path):
+    """dora_scale[o] = magnitude[o] / ||W[o] + scaling * (B @ A)[o]|| - 1, against the base weight
+    the engine serves; an engine that cannot show its base weights refuses DoRA."""
+    g = torch.Generator().manual_seed(0)
+    base = {Q0: torch.randn(8, 8, generator=g)}
+    served = ServedModel(SERVED.fingerprint, SERVED.linear_shapes, SERVED.max_rank, base_weight=base.__getitem__)
+    magnitude = torch.rand(8, generator=g) + 0.5
+    path = write_adapter(tmp_path / "d", {"r": 4, "use_dora": True}, {Q0: 4},
+                         {f"{PREFIX}{Q0}.lora_magnitude_vector": magnitude})
+    saved = load_file(path / "adapter_model.safetensors")
+    a, b = saved[f"{PREFIX}{Q0}.lora_A.weight"], saved[f"{PREFIX}{Q0}.lora_B.weight"]
+    m = read_adapter(KEY, path, {}, served).modules[Q0]
+    merged = base[Q0] + 2.0 * (b @ a)
+    want = torch.stack([magnitude[o] / merged[o].pow(2).sum().sqrt() - 1 for o in range(8)])
+    torch.testing.assert_close(m.dora_scale, want)
+    assert m.bias is None and m.nbytes == (4 * 8 * 2 + 8) * 4
+    with pytest.raises(AdapterUnavailableError, match="DoRA needs the served base weights"):
         read_adapter(KEY, path, {}, SERVED)

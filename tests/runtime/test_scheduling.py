@@ -20,8 +20,10 @@ LONG_PROMPT = " ".join(f"item {i}," for i in range(30))  # ~90 tokens: several p
 
 
 def test_request_joining_mid_decode_gets_its_solo_tokens(tiny_registry, tiny_base, engine_factory):
+    # Prefix caching off: the solo runs below would leave b's prompt cached, and it is the chunked
+    # prefill of that prompt next to a's decoding that this test is about.
     engine = engine_factory(tiny_registry, tiny_base.name, run_loop=False, max_batch_tokens=24,
-                            max_running=8)
+                            max_running=8, prefix_caching=False)
     solo = {key: engine.generate(r).token_ids for key, r in {
         "a": req("law", "The weather today", 12),
         "b": req("med", LONG_PROMPT, 6),

@@ -94,9 +94,10 @@ class ServerProcess:
             raise AssertionError(f"server did not exit {timeout} s after SIGTERM; log:\n{self.log()}") from None
 
 
-def start_server(home: Path, log_path: Path, *flags: str) -> ServerProcess:
-    """Start `loradock serve` on a free port and wait for "serving on HOST:PORT"."""
-    cmd = [sys.executable, "-m", "loradock.cli", "--home", str(home), "serve", *SERVER_FLAGS, *flags]
+def start_server(home: Path, log_path: Path, *flags: str, prefix: tuple[str, ...] = ()) -> ServerProcess:
+    """Start `loradock serve` on a free port and wait for "serving on HOST:PORT". `prefix` wraps the
+    command (e.g. a shell that mounts something first and then execs the rest)."""
+    cmd = [*prefix, sys.executable, "-m", "loradock.cli", "--home", str(home), "serve", *SERVER_FLAGS, *flags]
     log_file = log_path.open("w")
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     log_file.close()

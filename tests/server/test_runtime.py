@@ -179,6 +179,26 @@ def test_list_load_and_unload_adapters(client):
     assert info.value.code == grpc.StatusCode.NOT_FOUND
 
 
+def test_list_adapters_says_which_versions_the_runtime_cannot_serve(client, server_home, adapter_dirs, tmp_path):
+    """A valid PEFT adapter this runtime does not serve is listed as such, with the reason, and
+    loading it is refused with the same words."""
+    import shutil
+
+    src = tmp_path / "odd"
+    shutil.copytree(adapter_dirs["alpha"], src)
+    config = json.loads((src / "adapter_config.json").read_text())
+    (src / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": True}))
+    Registry(server_home).publish(src, "odd", base=TINY_BASE)
+    (odd,) = client.list_adapters("odd")
+    assert not odd.versions[0].servable and "fan_in_fan_out=true" in odd.versions[0].not_servable_reason
+    (alpha,) = client.list_adapters("alpha")
+    assert alpha.versions[0].servable and alpha.versions[0].not_servable_reason == ""
+    with pytest.raises(LoradockError) as info:
+        client.load_adapter("odd")
+    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "fan_in_fan_out=true" in str(info.value)
+
+
 def _scrape(url: str) -> dict[str, float]:
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     samples = {}

@@ -130,3 +130,12 @@ def test_train_help_documents_every_key(capsys):
     for f in dataclasses.fields(TrainConfig):
         assert f"  {f.name} (" in out
     assert "torchrun --nproc_per_node N" in out
+
+
+def test_an_adapter_the_runtime_cannot_serve_is_refused_before_training():
+    """The registry's PEFT format rules, applied to the config: no run trains and then cannot be
+    served. DoRA is servable; LoRA on a layer the runtime does not adapt is not."""
+    assert TrainConfig(**MINIMAL, use_dora=True, lora_target=["q_proj", "down_proj"]).use_dora
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(**MINIMAL, lora_target=["q_proj", "dense", "fc1"])
+    assert "lora_target: LoRA on dense, fc1 is not served; the runtime adapts q_proj" in str(info.value)

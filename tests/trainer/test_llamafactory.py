@@ -147,7 +147,9 @@ def test_qlora_example_runs_unchanged_on_the_4bit_base(workdir, home, tiny_qwen3
     assert code == 0 and stdout == "qwen3_lora_sft_otfq@1\n"
     manifest = Registry(home).resolve("qwen3_lora_sft_otfq@1").manifest
     assert manifest["metrics"]["quantization_bit"] == 4 and manifest["metrics"]["steps"] == 6
-    assert (manifest["training"]["quantization_method"], manifest["training"]["double_quantization"]) == ("bnb", True)
+    # loradock's default recipe: no double quantization (LLaMA-Factory's default is true)
+    assert (manifest["training"]["quantization_method"], manifest["training"]["double_quantization"]) == ("bnb", False)
+    assert manifest["training"]["quantization"]["double_quant"] is False
     assert math.isfinite(manifest["metrics"]["train_loss"])
     assert (workdir / "saves/qwen3-4b/lora/sft/training_loss.png").read_bytes().startswith(PNG)
 
@@ -418,8 +420,12 @@ def test_warmup_steps_wins_over_warmup_ratio():
 
 
 def test_double_quantization_reaches_bitsandbytes(tiny_base):
-    from loradock.trainer.model import load_base
+    from loradock.trainer.model import load_base, quantization_recipe
 
     for double in (True, False):
-        model = load_base(Path(tiny_base.path), 4, torch.device("cpu"), double_quantization=double)
+        config = load_config({"model_name_or_path": "x", "dataset": "a.json", "adapter_name": "a",
+                              "quantization_bit": 4, "double_quantization": double})
+        recipe = quantization_recipe(config, torch.device("cpu"))
+        assert (recipe.quant_type, recipe.double_quant, recipe.compute_dtype) == ("nf4", double, "float32")
+        model = load_base(Path(tiny_base.path), recipe, torch.device("cpu"))
         assert model.config.quantization_config.bnb_4bit_use_double_quant is double

@@ -61,20 +61,44 @@ class SamplingParams(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("adapter", "prompt", "messages", "prompt_token_ids", "sampling", "request_id")
+    __slots__ = ("adapter", "prompt", "messages", "prompt_token_ids", "sampling", "request_id", "mixture")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MIXTURE_FIELD_NUMBER: _ClassVar[int]
     adapter: str
     prompt: str
     messages: ChatMessages
     prompt_token_ids: TokenIds
     sampling: SamplingParams
     request_id: str
-    def __init__(self, adapter: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., prompt_token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    mixture: AdapterMixture
+    def __init__(self, adapter: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., prompt_token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., mixture: _Optional[_Union[AdapterMixture, _Mapping]] = ...) -> None: ...
+
+class AdapterMixture(_message.Message):
+    __slots__ = ("components", "strategy", "density", "majority_sign_method", "seed")
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    MAJORITY_SIGN_METHOD_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    components: _containers.RepeatedCompositeFieldContainer[MixtureComponent]
+    strategy: str
+    density: float
+    majority_sign_method: str
+    seed: int
+    def __init__(self, components: _Optional[_Iterable[_Union[MixtureComponent, _Mapping]]] = ..., strategy: _Optional[str] = ..., density: _Optional[float] = ..., majority_sign_method: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class MixtureComponent(_message.Message):
+    __slots__ = ("adapter", "weight")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    adapter: str
+    weight: float
+    def __init__(self, adapter: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class ResolvedAdapter(_message.Message):
     __slots__ = ("name", "version", "digest")
@@ -143,7 +167,7 @@ class ListAdaptersRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class AdapterVersionInfo(_message.Message):
-    __slots__ = ("version", "digest", "aliases", "created_at", "rank", "on_device", "in_host_memory", "pinned")
+    __slots__ = ("version", "digest", "aliases", "created_at", "rank", "on_device", "in_host_memory", "pinned", "trained_quantization", "quantization_mismatch", "signer", "trust", "servable", "not_servable_reason")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +176,12 @@ class AdapterVersionInfo(_message.Message):
     ON_DEVICE_FIELD_NUMBER: _ClassVar[int]
     IN_HOST_MEMORY_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_MISMATCH_FIELD_NUMBER: _ClassVar[int]
+    SIGNER_FIELD_NUMBER: _ClassVar[int]
+    TRUST_FIELD_NUMBER: _ClassVar[int]
+    SERVABLE_FIELD_NUMBER: _ClassVar[int]
+    NOT_SERVABLE_REASON_FIELD_NUMBER: _ClassVar[int]
     version: int
     digest: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
@@ -160,7 +190,21 @@ class AdapterVersionInfo(_message.Message):
     on_device: bool
     in_host_memory: bool
     pinned: bool
-    def __init__(self, version: _Optional[int] = ..., digest: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., created_at: _Optional[str] = ..., rank: _Optional[int] = ..., on_device: _Optional[bool] = ..., in_host_memory: _Optional[bool] = ..., pinned: _Optional[bool] = ...) -> None: ...
+    trained_quantization: str
+    quantization_mismatch: str
+    signer: str
+    trust: TrustInfo
+    servable: bool
+    not_servable_reason: str
+    def __init__(self, version: _Optional[int] = ..., digest: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., created_at: _Optional[str] = ..., rank: _Optional[int] = ..., on_device: _Optional[bool] = ..., in_host_memory: _Optional[bool] = ..., pinned: _Optional[bool] = ..., trained_quantization: _Optional[str] = ..., quantization_mismatch: _Optional[str] = ..., signer: _Optional[str] = ..., trust: _Optional[_Union[TrustInfo, _Mapping]] = ..., servable: _Optional[bool] = ..., not_servable_reason: _Optional[str] = ...) -> None: ...
+
+class TrustInfo(_message.Message):
+    __slots__ = ("state", "reason")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    reason: str
+    def __init__(self, state: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
     __slots__ = ("name", "versions", "aliases", "base_name")

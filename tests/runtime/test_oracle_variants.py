@@ -1,0 +1,124 @@
+"""DoRA and LoRA biases in mixed batches: each request equals PeftModel with its adapter alone
+(prefill and decode), next to plain adapters and the base, for every op and fp32 / NF4 bases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.runtime.conftest import ATTN_MLP, Spec, load_peft_oracle, make_adapters
+from tests.runtime.test_oracle import ATOL, PROMPTS, assert_served_nf4, check_against_peft
+
+VARIANTS = (Spec("dora", 8, ATTN_MLP, 11, use_dora=True), Spec("lbias", 8, ATTN_MLP, 12, lora_bias=True))
+PLAIN = ("law", "chem")  # from SPECS: rank 4 attention-only and rank 16 attention + MLP
+NAMES = ["dora", "lbias", "law", None, "chem", "dora"]
+
+
+@pytest.fixture(scope="session")
+def variant_adapter_dirs(tiny_base, tiny_adapter_dirs, tmp_path_factory):
+    dirs = make_adapters(tiny_base, tmp_path_factory.mktemp("variant-adapters"), VARIANTS)
+    return {**dirs, **{name: tiny_adapter_dirs[name] for name in PLAIN}}
+
+
+@pytest.fixture
+def variant_registry(registry, tiny_base, variant_adapter_dirs):
+    for name, path in variant_adapter_dirs.items():
+        registry.publish(path, name, base=tiny_base.name)
+    return registry
+
+
+def assert_variants_active(engine) -> None:
+    """The test can fail: the DoRA scale and the LoRA bias really are in the slots (non-zero), and
+    only in those adapters' slots."""
+    slots = {name: engine.cache.slot_of(engine.load_adapter(name)) for name in ("dora", "lbias", "law")}
+    layer = engine.layers["model.layers.0.mlp.down_proj"]
+    assert layer.lora_dora_scale[slots["dora"]].abs().max() > 1e-2
+    assert layer.lora_bias[slots["lbias"]].abs().max() > 1e-2
+    assert layer.lora_dora_scale[slots["lbias"]].abs().max() == 0 == layer.lora_bias[slots["dora"]].abs().max()
+    assert layer.lora_bias[slots["law"]].abs().max() == 0 == layer.lora_dora_scale[slots["law"]].abs().max()
+
+
+@pytest.mark.parametrize(("quantize", "ops"), [
+    ("none", "auto"), ("nf4", "auto"), ("none", "reference"), ("none", "segmented"), ("none", "batched"),
+])
+def test_dora_and_lora_bias_match_peft_in_mixed_batches(variant_registry, tiny_base, variant_adapter_dirs,
+                                                         engine_factory, quantize, ops):
+    engine = engine_factory(variant_registry, tiny_base.name, run_loop=False, quantize=quantize, lora_ops=ops)
+    if quantize == "nf4":
+        assert_served_nf4(engine)
+    assert_variants_active(engine)
+    oracle = load_peft_oracle(tiny_base.path, variant_adapter_dirs, quantize)
+    check_against_peft(engine, oracle, NAMES, PROMPTS[:len(NAMES)], ATOL[quantize], new_tokens=4,
+                       fp32=quantize == "none")
+
+
+@pytest.mark.parametrize("op", ["reference", "segmented", "batched", "auto", "triton"])
+def test_every_op_serves_dora_and_bias_with_a_base_bias(op):
+    """One layer whose base has its own bias (Llama's have none; DoRA scales the base output
+    without it, as PEFT's DoraLinearLayer does), slots holding a DoRA adapter and a lora_bias one,
+    and base rows: each token equals PEFT's layer with that adapter alone. The Triton op runs
+    under Triton's CPU interpreter without a GPU (the engine-level oracle above covers the others)."""
+    from loradock.runtime.adapter_weights import dora_scale
+    from loradock.runtime.batch_context import BatchContext, use_context
+    from loradock.runtime.lora_layer import MultiLoRALinear
+    from loradock.runtime.lora_ops import LORA_OPS
+    from peft import LoraConfig, get_peft_model
+
+    from tests.runtime.test_lora_ops import make_batch
+
+    if op == "triton":
+        pytest.importorskip("triton")
+    torch.manual_seed(0)
+    peft = get_peft_model(torch.nn.Sequential(torch.nn.Linear(12, 10)),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["0"], use_dora=True), adapter_name="dora")
+    peft.add_adapter("bias", LoraConfig(r=2, lora_alpha=3, target_modules=["0"], lora_bias=True))
+    peft.eval()
+    lora = peft.base_model.model[0]
+    base = lora.base_layer
+    layer = MultiLoRALinear(base, 4, 8, torch.float32, torch.device("cpu"), LORA_OPS[op])
+    with torch.no_grad():
+        for name in ("dora", "bias"):
+            lora.lora_B[name].weight.normal_()
+        lora.lora_B["bias"].bias.normal_()
+        lora.lora_magnitude_vector["dora"].weight.mul_(1.5)
+        shrink, b = 2.0 * lora.lora_A["dora"].weight, lora.lora_B["dora"].weight
+        layer.set_slot(3, shrink, b.T, dora_scale=dora_scale(lora.lora_magnitude_vector["dora"].weight,
+                                                             base.weight, shrink, b))
+        layer.set_slot(1, 1.5 * lora.lora_A["bias"].weight, lora.lora_B["bias"].weight.T,
+                       bias=1.5 * lora.lora_B["bias"].bias)
+        x = torch.randn(1, 8, 12)
+        with use_context(BatchContext(lora=make_batch([0, 1, 3], [2, 3, 3]))):
+            got = layer(x)[0]
+        plain = base(x)[0]
+        for name, rows in (("dora", slice(5, 8)), ("bias", slice(2, 5))):
+            peft.set_adapter(name)
+            want = peft(x)[0, rows]
+            assert (want - plain[rows]).abs().max() > 0.1, "the adapter changes the output"
+            torch.testing.assert_close(got[rows], want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got[:2], plain[:2], atol=0, rtol=0)  # base rows untouched
+        layer.set_slot(3, None, None)  # evicted: every buffer of the slot back to neutral
+        assert layer.lora_dora_scale[3].abs().max() == 0 and 3 not in layer.dora_slots
+
+
+def test_a_dora_run_of_loradock_train_publishes_and_serves_like_peft(registry, tiny_base, engine_factory,
+                                                                      tmp_path):
+    """`use_dora: true` trains, publishes as servable, and the engine serves it as PEFT does."""
+    from loradock.trainer import train
+
+    from tests.runtime.conftest import oracle_cached_logits
+    from tests.runtime.test_oracle import mixed_step_logits
+    from tests.trainer.conftest import make_tiny_config
+
+    config = {**make_tiny_config(tmp_path, tiny_base.name), "use_dora": True, "max_steps": 2, "val_size": 0,
+              "adapter_name": "colors", "lora_target": ["q_proj", "v_proj", "down_proj"]}
+    version = train(config, registry=registry)
+    assert (version.manifest["use_dora"], version.manifest["servable"]) == (True, True)
+    engine = engine_factory(registry, tiny_base.name, run_loop=False)
+    oracle = load_peft_oracle(tiny_base.path, {"colors": version.path}, "none")
+    ids = engine.tokenizer.encode(PROMPTS[0])
+    prefill, fed, decode = mixed_step_logits(engine, [("colors", ids), (None, ids)], decode_steps=1)
+    for row, name in enumerate(["colors", None]):
+        want_prefill, want_decode = oracle_cached_logits(oracle, name, ids, fed[row])
+        torch.testing.assert_close(prefill[row], want_prefill, atol=ATOL["none"], rtol=0)
+        torch.testing.assert_close(decode[row, 0], want_decode[0], atol=ATOL["none"], rtol=0)
+    assert (prefill[0] - prefill[1]).abs().max() > 100 * ATOL["none"], "the trained adapter changes the logits"
