@@ -7,6 +7,7 @@ parser(s) and sets `func(args) -> int` as the handler.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -53,6 +54,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (RegistryError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        # A registry on a read-only mount, or files this user may not write: say which, no traceback.
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: cannot write{where}: {e.strerror} (is the registry read-only for this user?)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

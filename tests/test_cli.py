@@ -47,3 +47,22 @@ def test_help_exits_cleanly(capsys):
             parser.parse_args(["--help"])
         assert exit_info.value.code == 0, name
         assert "usage:" in capsys.readouterr().out
+
+
+def test_a_read_only_registry_is_an_error_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """Guards against raw OSError tracebacks when the registry is mounted read-only."""
+    import errno
+
+    from loradock.registry import Registry
+
+    from loradock import cli
+
+    def read_only(*_args, **_kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "adapters" / ".staging"))
+
+    monkeypatch.setattr(Registry, "sign", read_only)
+    code = cli.main(["--home", str(tmp_path), "adapters", "sign", "x@1", "--key", str(tmp_path / "k.pem")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "error: cannot write" in err and ".staging" in err and "Read-only file system" in err
+    assert "Traceback" not in err

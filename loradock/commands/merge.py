@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from loradock.commands.common import print_json, registry_from
+from loradock.commands.signing import add_sign_key_argument
 from loradock.errors import UserError
 from loradock.registry import AdapterVersion, Registry
 
@@ -48,6 +49,7 @@ def add_merge_parser(actions: argparse._SubParsersAction) -> None:
     merge.add_argument("--alias", action="append", default=[], metavar="ALIAS",
                        help="point ALIAS at the new version (repeatable)")
     merge.add_argument("--json", action="store_true", help="print the new version's manifest as JSON")
+    add_sign_key_argument(merge)
     merge.set_defaults(func=cmd_merge)
 
 
@@ -59,9 +61,9 @@ def parse_weights(text: str) -> tuple[float, ...]:
 
 
 def merge_versions(registry: Registry, refs: list[str], recipe, name: str,
-                   aliases: list[str] = ()) -> AdapterVersion:
+                   aliases: list[str] = (), sign_key: Path | None = None) -> AdapterVersion:
     """Resolve `refs`, merge them with `recipe` and publish the result as the next version of
-    `name` (nothing is published when any step fails)."""
+    `name`, signed with `sign_key` if given (nothing is published when any step fails)."""
     from loradock.runtime.adapter_merge import (
         MergeError,
         merge_adapters,
@@ -87,7 +89,7 @@ def merge_versions(registry: Registry, refs: list[str], recipe, name: str,
                for v, w in zip(versions, recipe.weights, strict=True)]
     with tempfile.TemporaryDirectory(prefix="loradock-merge-") as tmp:
         write_peft_dir(config, tensors, Path(tmp))
-        return registry.publish(tmp, name, base=base_name, aliases=aliases,
+        return registry.publish(tmp, name, base=base_name, aliases=aliases, sign_key=sign_key,
                                 metadata={"source": {"kind": "merge", **recipe.as_json()}, "parents": parents})
 
 
@@ -101,7 +103,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if problems:
         raise UserError("cannot merge: " + "; ".join(problems))
     registry = registry_from(args)
-    version = merge_versions(registry, args.refs, recipe, args.name, args.alias)
+    version = merge_versions(registry, args.refs, recipe, args.name, args.alias, args.sign_key)
     if args.json:
         print_json(version_json(registry, version))
     else:

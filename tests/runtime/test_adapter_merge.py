@@ -137,6 +137,22 @@ def test_cli_merge_publishes_the_merge_with_its_lineage(tiny_registry, tiny_adap
     assert all(torch.equal(stored[k], expected[k]) for k in expected)
 
 
+def test_cli_merge_signs_the_new_version_with_sign_key(tiny_registry, tmp_path, capsys):
+    """Guards against `--sign-key` being accepted by merge but not passed to the publish."""
+    from loradock.registry.signing import SIGNATURE_FILE
+
+    from loradock.cli import main
+    from tests.signing_keys import make_key_pair
+
+    private, _public = make_key_pair(tmp_path, "team")
+    rc = main(["adapters", "merge", "med@1", "bio", "--weights", "0.5,0.5", "--name", "signedmix",
+               "--sign-key", str(private)])
+    assert rc == 0, capsys.readouterr().err
+    version = tiny_registry.resolve("signedmix@1")
+    assert (version.path / SIGNATURE_FILE).is_file()
+    assert version.manifest["signature"]["signer"]
+
+
 @pytest.mark.parametrize(("argv", "expected"), [
     (["med@1", "nosuch", "--weights", "1,1"], "nosuch"),
     (["med@1", "chem@1", "--weights", "1,1"], "needs adapters of equal rank (med@1 r=8, chem@1 r=16)"),
