@@ -29,6 +29,7 @@ from loradock.registry.trust import TrustPolicy
 from .adapter_cache import AdapterCache, CacheCapacity, LoadState
 from .adapter_source import AdapterSource
 from .adapter_weights import ServedModel
+from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenize import TextStream
 from .errors import (
@@ -120,8 +121,7 @@ class Engine:
         self.kv = KVPool(*kv_shape, num_blocks, cfg.kv_block_size, self.dtype, self.device)
         log.info("KV pool: %d blocks of %d tokens (%.1f MiB)", num_blocks, cfg.kv_block_size,
                  self.kv.nbytes / 2**20)
-        # Admission keeps this many blocks free for running sequences to grow into (vLLM: 1%).
-        self._kv_watermark = max(1, num_blocks // 100)
+        self.blocks = BlockManager(self.kv, cfg.prefix_caching)
         self.preemptions = 0
         self.served = ServedModel(
             fingerprint=self.base.fingerprint,
@@ -380,7 +380,7 @@ class Engine:
     def step(self) -> bool:
         """Run one engine step; False when there was nothing to do."""
         self._run_inbox()
-        plan = self.scheduler.schedule(self._admit, self._grow, self._preempt)
+        plan = self.scheduler.schedule(self._admit, self.blocks.grow, self._preempt)
         if not plan:
             return False
         self.steps += 1
@@ -398,9 +398,7 @@ class Engine:
             return True
         greedy = step.logits.argmax(dim=-1).tolist()  # one batched argmax for every greedy request
         for (seq, _), item, row in zip(plan, items, step.rows, strict=True):
-            seq.computed += len(item.tokens)
-            if self.config.prefix_caching:
-                self._cache_full_blocks(seq, seq.computed - len(item.tokens))
+            self.blocks.computed(seq, len(item.tokens))
             if row is None:
                 continue
             try:
@@ -437,45 +435,24 @@ class Engine:
             if acquired is None:
                 return Admission.WAIT
             slot = acquired
-        # Its leading full blocks from the prefix cache, always leaving one token to compute (its
-        # logits pick the next token) ...
-        bs = self.kv.block_size
-        cached = (self.kv.take_cached(seq.full_block_hashes(bs)[:(seq.num_tokens - 1) // bs])
-                  if self.config.prefix_caching else [])
-        # ... and room for the rest of its prompt (after a preemption, its output so far too), plus
-        # the watermark that running sequences grow into; with nothing running the pool is its.
-        need = blocks_for(seq.num_tokens, bs) - len(cached)
-        if self.kv.free_blocks < need + (self._kv_watermark if self.scheduler.running else 0):
-            self.kv.free(cached)
+        if not self.blocks.admit(seq, others_running=bool(self.scheduler.running)):
             if seq.adapter is not None:
                 self.cache.release(seq.adapter)
             return Admission.WAIT
         seq.slot = slot
-        if cached:
-            seq.blocks, seq.computed = cached, len(cached) * self.kv.block_size
+        if seq.computed:  # taken from the prefix cache
             self._stats.add(seq.adapter.ref if seq.adapter else BASE_KEY, cached_prompt_tokens=seq.computed)
         if seq.admitted_at is None:
             seq.admitted_at = time.monotonic()
         return Admission.ADMIT
 
-    def _cache_full_blocks(self, seq: Sequence, before: int) -> None:
-        """Register the blocks this step filled (tokens `before`..computed) in the prefix cache."""
-        bs = self.kv.block_size
-        if seq.computed // bs > before // bs:
-            hashes = seq.full_block_hashes(bs)
-            for i in range(before // bs, seq.computed // bs):
-                self.kv.register(seq.blocks[i], hashes[i])
-
-    def _grow(self, seq: Sequence, n: int) -> bool:
-        """Take the KV blocks for seq's next n tokens (False: the pool is short)."""
-        return self.kv.grow(seq.blocks, seq.computed + n)
-
     def _preempt(self, seq: Sequence) -> None:
-        """Give back everything a running sequence holds; it recomputes its tokens when readmitted."""
-        self.kv.free(seq.blocks)
+        """Give back everything a running sequence holds; it recomputes its tokens when readmitted
+        (its full blocks may still be in the prefix cache then)."""
+        self.blocks.release(seq)
         if seq.adapter is not None:
             self.cache.release(seq.adapter)
-        seq.computed, seq.slot = 0, 0
+        seq.slot = 0
         seq.preemptions += 1
         self.preemptions += 1
         log.info("KV pool full: preempted request %s (%d tokens, to be recomputed)",
@@ -508,7 +485,7 @@ class Engine:
         if seq.status is SeqStatus.FINISHED:
             return
         if seq.status is SeqStatus.RUNNING:
-            self.kv.free(seq.blocks)
+            self.blocks.release(seq)
             if seq.adapter is not None:
                 self.cache.release(seq.adapter)
         self.scheduler.finish(seq)
