@@ -82,6 +82,7 @@ class MultiLoRALinear(nn.Module):
                 f"{self.in_features}->{self.out_features} layer"
             )
         self.ranks[slot] = 0
+        had_bias, had_dora = slot in self.bias_slots, slot in self.dora_slots
         self.bias_slots.discard(slot)
         self.dora_slots.discard(slot)
         if r:
@@ -90,8 +91,15 @@ class MultiLoRALinear(nn.Module):
         if r < self.lora_shrink.shape[1]:  # the rank padding (or the whole slot when clearing)
             self.lora_shrink[slot, r:] = 0
             self.lora_expand[slot, r:] = 0
-        self.lora_bias[slot] = bias if bias is not None and r else 0
-        self.lora_dora_scale[slot] = dora_scale if dora_scale is not None and r else 0
+        # Rows stay zero while the slot's adapters have none: no write on a plain adapter's load.
+        if bias is not None and r:
+            self.lora_bias[slot] = bias
+        elif had_bias:
+            self.lora_bias[slot] = 0
+        if dora_scale is not None and r:
+            self.lora_dora_scale[slot] = dora_scale
+        elif had_dora:
+            self.lora_dora_scale[slot] = 0
         self.ranks[slot] = r
         if r and bias is not None:
             self.bias_slots.add(slot)

@@ -98,6 +98,8 @@ def test_every_op_serves_dora_and_bias_with_a_base_bias(op):
         torch.testing.assert_close(got[:2], plain[:2], atol=0, rtol=0)  # base rows untouched
         layer.set_slot(3, None, None)  # evicted: every buffer of the slot back to neutral
         assert layer.lora_dora_scale[3].abs().max() == 0 and 3 not in layer.dora_slots
+        layer.set_slot(1, shrink, b.T)  # a plain adapter replaces the bias one: no stale bias row
+        assert layer.lora_bias[1].abs().max() == 0 and 1 not in layer.bias_slots
 
 
 def test_a_dora_run_of_loradock_train_publishes_and_serves_like_peft(registry, tiny_base, engine_factory,
