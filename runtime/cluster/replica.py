@@ -19,7 +19,7 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from loradock.registry import Registry
+from loradock.registry.readonly import serving_registry
 from loradock.runtime import Engine, EngineConfig
 from loradock.runtime.http.bridge import EngineRequests
 from loradock.runtime.stats import BASE_KEY
@@ -72,7 +72,10 @@ class EngineReplica:
 
     def __init__(self, engine_config: EngineConfig, registry_root: str | None, slots: int,
                  hub_pull: bool = False) -> None:
-        registry = Registry(registry_root)
+        # A shared volume may be mounted read-only: digest records then go to a local cache dir.
+        registry, note = serving_registry(registry_root)
+        if note:
+            log.info(note)
         self.engine = Engine(engine_config, registry).start()
         self.name = replica_name()
         self._fetcher = VersionFetcher(registry, hub_pull)
