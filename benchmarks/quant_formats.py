@@ -1,6 +1,6 @@
 """Which weight format serves the base fastest on this device: a prefill chunk and a decode
 batch through the bare base model (no adapters, no engine) in each format, interleaved rounds,
-medians. Run by hand; the table goes to docs/architecture.md.
+medians, on CUDA when there is one. Run by hand; the table goes to docs/architecture.md.
 
     .venv/bin/python -m loradock.benchmarks.quant_formats --base-path DIR [--threads 1]
 """
@@ -20,8 +20,8 @@ from loradock.registry.quantization import QuantizationRecipe
 DECODE_BATCH, PREFILL_TOKENS = 32, 256
 
 
-def load(base_path: Path, fmt: str):
-    """The base in format `fmt` ("<weights>/<compute dtype>"), on CPU."""
+def load(base_path: Path, fmt: str, device: torch.device):
+    """The base in format `fmt` ("<weights>/<compute dtype>"), on `device`."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     weights, compute = fmt.split("/")
@@ -29,8 +29,10 @@ def load(base_path: Path, fmt: str):
     kwargs: dict = {"dtype": dtype}
     if weights in ("nf4", "nf4-dq"):  # the engine's recipe, double quantization off or on
         recipe = QuantizationRecipe.named("nf4", compute, double_quant=weights == "nf4-dq")
-        kwargs.update(device_map={"": "cpu"}, quantization_config=BitsAndBytesConfig(**recipe.bnb_kwargs()))
+        kwargs.update(device_map={"": device}, quantization_config=BitsAndBytesConfig(**recipe.bnb_kwargs()))
     model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs).eval()
+    if "device_map" not in kwargs:
+        model.to(device)
     if weights.startswith("torchao-"):
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
@@ -40,11 +42,14 @@ def load(base_path: Path, fmt: str):
 
 
 def timed(fn: Callable[[], object], repeats: int) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     fn()  # warm-up
     times = []
     for _ in range(repeats):
+        sync()
         t = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -52,8 +57,8 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
 @torch.inference_mode()
 def measure(model, vocab: int, repeats: int) -> dict:
     g = torch.Generator().manual_seed(0)
-    decode_ids = torch.randint(vocab, (DECODE_BATCH, 1), generator=g)  # one new token per sequence
-    prefill_ids = torch.randint(vocab, (1, PREFILL_TOKENS), generator=g)
+    decode_ids = torch.randint(vocab, (DECODE_BATCH, 1), generator=g).to(model.device)  # a token per sequence
+    prefill_ids = torch.randint(vocab, (1, PREFILL_TOKENS), generator=g).to(model.device)
     decode_s = timed(lambda: model(input_ids=decode_ids, use_cache=False, logits_to_keep=1), repeats)
     prefill_s = timed(lambda: model(input_ids=prefill_ids, use_cache=False, logits_to_keep=1), repeats)
     return {"decode_ms": decode_s * 1e3, "decode_tokens_per_s": DECODE_BATCH / decode_s,
@@ -62,6 +67,7 @@ def measure(model, vocab: int, repeats: int) -> dict:
 
 FORMATS = ("none/float32", "none/bfloat16", "nf4/float32", "nf4-dq/float32", "nf4/bfloat16",
            "torchao-int8/float32", "torchao-int8/bfloat16", "torchao-int4/bfloat16")
+CUDA_FORMATS = ("none/bfloat16", "nf4/bfloat16", "nf4-dq/bfloat16", "none/float32")
 
 
 def main() -> None:
@@ -70,14 +76,17 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over every format")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per format per round")
-    p.add_argument("--formats", nargs="+", default=list(FORMATS), help="weights/compute-dtype pairs")
+    p.add_argument("--formats", nargs="+", help="weights/compute-dtype pairs (default: all that "
+                   "run on this device)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    formats = args.formats or list(CUDA_FORMATS if device.type == "cuda" else FORMATS)
     vocab = json.loads((args.base_path / "config.json").read_text())["vocab_size"]
     models, results = {}, {}
-    for fmt in args.formats:
+    for fmt in formats:
         try:
-            models[fmt] = load(args.base_path, fmt)
+            models[fmt] = load(args.base_path, fmt, device)
         except Exception as e:  # a format this machine or library version cannot run
             results[fmt] = {"error": f"{type(e).__name__}: {e}"[:200]}
     rounds: dict[str, list[dict]] = {fmt: [] for fmt in models}
@@ -90,7 +99,8 @@ def main() -> None:
     for fmt, runs in rounds.items():
         if runs and fmt not in results:
             results[fmt] = {k: round(statistics.median(r[k] for r in runs), 1) for k in runs[0]}
-    print(json.dumps({"threads": args.threads, "decode_batch": DECODE_BATCH,
+    print(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                      "threads": args.threads, "decode_batch": DECODE_BATCH,
                       "prefill_tokens": PREFILL_TOKENS, "formats": results}, indent=2))
 
 

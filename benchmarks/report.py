@@ -110,7 +110,9 @@ def markdown(results: dict) -> str:
         + (f"Poisson arrivals at {cfg['rate']} req/s" if cfg.get("rate") else f"closed loop of {cfg['clients']} clients")
         + f", running limit / static batch {cfg['max_running']}, prompts {cfg['prompt_len'][0]}-{cfg['prompt_len'][1]} "
         f"tokens, outputs {cfg['output_len'][0]}-{cfg['output_len'][1]} tokens (EOS ignored), seed {cfg['seed']}. "
-        f"Machine: {results['machine']['cpus']} CPUs, torch {results['machine']['torch']}.",
+        f"Machine: {results['machine']['cpus']} CPUs"
+        + (f", {results['machine']['gpu']}" if results["machine"].get("gpu") else "")
+        + f", torch {results['machine']['torch']}.",
         "",
         f"Limit: the base's {limit.get('linear_layers', '?')} linear layers as bare {limit.get('dtype', '?')} "
         f"matmuls at batch {limit.get('batch', '?')}: {_fmt(limit.get('step_ms'), 2)} ms per step = "
@@ -118,12 +120,14 @@ def markdown(results: dict) -> str:
     ]
     for run in results["runs"]:
         systems = run["systems"]
+        gpu = any(s.get("peak_gpu_mb") is not None for s in systems.values())
         lines += [
             "",
             f"## {run['n_adapters']} adapters",
             "",
-            "| system | tokens/s | of limit | tokens/CPU-s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | peak RSS MiB | errors |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| system | tokens/s | of limit | tokens/CPU-s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | peak RSS MiB |"
+            + (" peak GPU MiB |" if gpu else "") + " errors |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "") + "---:|",
         ]
         for name in _ordered(systems):
             s = systems[name]
@@ -131,7 +135,8 @@ def markdown(results: dict) -> str:
                 f"| {name} | {_fmt(s['tokens_per_s'])} | {_fmt(run['fraction_of_limit'].get(name), 3)} "
                 f"| {_fmt(s.get('tokens_per_cpu_s'))} "
                 f"| {_fmt(s['ttft_p50_ms'])} | {_fmt(s['ttft_p99_ms'])} | {_fmt(s['tpot_p50_ms'])} "
-                f"| {_fmt(s['tpot_p99_ms'])} | {_fmt(s['peak_rss_mb'], 0)} | {s['errors']} |"
+                f"| {_fmt(s['tpot_p99_ms'])} | {_fmt(s['peak_rss_mb'], 0)} "
+                + (f"| {_fmt(s.get('peak_gpu_mb'), 0)} " if gpu else "") + f"| {s['errors']} |"
             )
         failures = [f"- {name}: {s['failure']}" for name, s in systems.items() if s.get("failure")]
         if failures:

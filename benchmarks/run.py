@@ -156,6 +156,7 @@ def system_figures(result: JobResult) -> dict:
     if result.error:
         summary["errors"] = max(summary["errors"], 1)
     summary["failure"] = result.error
+    summary["peak_gpu_mb"] = result.extra.get("peak_gpu_mb")
     return summary
 
 
@@ -284,6 +285,7 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
 

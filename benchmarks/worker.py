@@ -52,6 +52,9 @@ def run_job(job: Job) -> JobResult:
     # A runner may report the peak of what it measures (the gRPC server's, or the in-process
     # engine's before its probes started engines of their own); then keep this whole process's.
     own = peak_rss_mb()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():  # device memory, for systems in this process
+        extra.setdefault("peak_gpu_mb", torch.cuda.max_memory_allocated() / 2**20)
     if "peak_rss_mb" in extra:
         extra["worker_peak_rss_mb"] = own
     return JobResult(job.system, records, extra.pop("peak_rss_mb", own), extra)

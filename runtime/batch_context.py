@@ -58,6 +58,9 @@ class LoRABatch:
     longest_run: int  # tokens in the longest segment
     slots_present: tuple[int, ...]  # distinct non-zero slots in this batch
     groups: SlotGroups  # the same tokens as a padded per-slot block
+    # A captured step (cuda_graphs.py): its tensors are persistent inputs whose values change
+    # between replays, so the layers take no path that depends on them (every slot, full rank).
+    static: bool = False
 
 
 @dataclass(frozen=True)

@@ -85,8 +85,14 @@ class EngineConfig:
     """LoRA kernels: "reference" (per-adapter loop), "segmented" (one matmul pair per run of tokens
     on one adapter), "batched" (two bmm over the batch's slot range for decode tokens, padded per
     slot; prompt chunks a matmul pair each), "triton" (two segmented-matmul Triton kernels per layer,
-    CUDA only), or "auto" (triton on CUDA when installed; on CPU batched when the padding is small,
-    else segmented)."""
+    CUDA only), or "auto" (on CUDA: batched for decode-only steps, triton once prompt chunks are in
+    the step; on CPU: batched when the padding is small, else segmented; measured, see
+    docs/architecture.md)."""
+
+    cuda_graphs: bool = True
+    """On CUDA, run decode-only steps as CUDA graphs, one per (batch, context) bucket (powers of
+    two up to max_running and max_model_len), all captured at start, largest first; a capture
+    that fails is logged and decode steps then run eagerly. No effect on CPU."""
 
     registry_poll_s: float = 1.0
     """How often (seconds) the engine checks the registry's generation for alias moves / new versions."""

@@ -31,6 +31,7 @@ from .adapter_source import AdapterSource
 from .adapter_weights import ServedModel
 from .block_manager import BlockManager
 from .config import EngineConfig
+from .cuda_graphs import DecodeGraphs
 from .detokenize import TextStream
 from .errors import (
     AdapterUnavailableError,
@@ -134,7 +135,9 @@ class Engine:
         self.encoder = PromptEncoder(self.tokenizer, mc.vocab_size,
                                      min(cfg.max_prompt_tokens, self.max_model_len - 1))
         self.eos_ids = self._eos_ids(model)
-        self.runner = ModelRunner(model, self.kv, self.device)
+        graphs = (DecodeGraphs(model, self.kv, self.device, cfg.max_running, self.max_model_len, capture=True)
+                  if cfg.cuda_graphs and self.device.type == "cuda" else None)
+        self.runner = ModelRunner(model, self.kv, self.device, graphs)
         self.cache = AdapterCache(
             CacheCapacity(cfg.max_slots, cfg.host_cache_bytes, cfg.max_host_adapters),
             load=self.adapters.read, layers=self.layers, device=self.device, stats=self._stats,
@@ -168,6 +171,14 @@ class Engine:
             self.runner.forward([StepItem(blocks, 0, [self.tokenizer.eos_token_id or 0] * 2, 0, True)])
         finally:
             self.kv.free(blocks)
+        graphs = self.runner.graphs
+        if graphs is not None:
+            started = time.perf_counter()
+            graphs.capture_all(StepItem([0], 0, [0], 0, True))  # padding rows on the null block
+            if graphs.failed is None:
+                log.info("captured %d CUDA graphs of decode steps (batch up to %d, context up to %d) in %.1f s",
+                         len(graphs.steps), graphs.batch_buckets[-1], graphs.context_buckets[-1],
+                         time.perf_counter() - started)
 
     def shutdown(self, drain: bool = True, timeout: float | None = 30.0) -> None:
         """Stop accepting requests; with `drain`, let queued and running ones finish first

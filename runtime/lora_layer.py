@@ -9,6 +9,10 @@ comes from the step's batch context.
 Two more per-slot buffers, [slots, out] each, zero for plain LoRA and slot 0: LoRA biases
 (scaling * lora_B.bias) and DoRA's per-output scale minus one, both applied after the op by
 `lora_ops.apply_bias_and_dora`, only in steps where a slot present uses them.
+
+A static step (a captured CUDA graph, `cuda_graphs.py`) skips none of that: the graph is
+replayed for whatever adapters the next steps bring, so it runs the static op over every slot
+at full rank and always applies the bias/DoRA rows (zero where unused).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from loradock.registry.peft_format import SERVED_PROJECTIONS
 from torch import nn
 
 from .batch_context import current_context
-from .lora_ops import LoRAOp, apply_bias_and_dora, pick_op
+from .lora_ops import LoRAOp, apply_bias_and_dora, pick_op, pick_static_op
 
 
 def linear_shape(layer: nn.Module) -> tuple[int, int]:
@@ -52,6 +56,11 @@ class MultiLoRALinear(nn.Module):
         self.base_layer = base_layer
         self.in_features, self.out_features = linear_shape(base_layer)
         self.op = op
+        self.static_op = pick_static_op(device)
+        # Rank slicing saves arithmetic on CPU. A CUDA step is launch-bound, and full-rank
+        # operands keep the Triton kernels to the specializations compiled at start (Triton
+        # compiles anew for int arguments of another divisibility class, e.g. rank 8 vs 16).
+        self.slice_ranks = device.type != "cuda"
         self.register_buffer("lora_shrink", torch.zeros(num_slots, max_rank, self.in_features, dtype=dtype,
                                                         device=device), persistent=False)
         self.register_buffer("lora_expand", torch.zeros(num_slots, max_rank, self.out_features, dtype=dtype,
@@ -111,20 +120,35 @@ class MultiLoRALinear(nn.Module):
         ctx = current_context()
         if ctx is None:
             return result
+        if ctx.lora.static:
+            return self._static_forward(x, result, ctx.lora)
         slots = [s for s in ctx.lora.slots_present if self.ranks[s]]
         if not slots:
             return result
         # Ranks beyond the largest one present are zero padding: leave them out of the maths.
+        # (Each op skipped here is a kernel launch less per layer on a GPU.)
         r = max(self.ranks[s] for s in slots)
-        flat = x.reshape(-1, self.in_features).to(self.lora_shrink.dtype)  # [T, in]
-        delta = self.op(flat, self.lora_shrink[:, :r], self.lora_expand[:, :r], ctx.lora, slots)  # [T, out]
-        out = result + delta.reshape(result.shape).to(result.dtype)
+        shrink, expand = self.lora_shrink, self.lora_expand
+        if r < shrink.shape[1] and self.slice_ranks:
+            shrink, expand = shrink[:, :r], expand[:, :r]
+        flat = x.reshape(-1, self.in_features)  # [T, in]
+        if flat.dtype != shrink.dtype:
+            flat = flat.to(shrink.dtype)
+        delta = self.op(flat, shrink, expand, ctx.lora, slots).view(result.shape)  # [T, out]
+        out = result.add_(delta) if delta.dtype == result.dtype else result + delta.to(result.dtype)
         bias = self.lora_bias if self.bias_slots and not self.bias_slots.isdisjoint(slots) else None
         dora = self.lora_dora_scale if self.dora_slots and not self.dora_slots.isdisjoint(slots) else None
         if bias is not None or dora is not None:
             out = apply_bias_and_dora(out.reshape(-1, self.out_features), ctx.lora.token_slots, bias, dora,
                                       getattr(self.base_layer, "bias", None)).reshape(result.shape)
         return out
+
+    def _static_forward(self, x: torch.Tensor, result: torch.Tensor, batch) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(self.lora_shrink.dtype)
+        delta = self.static_op(flat, self.lora_shrink, self.lora_expand, batch, ())
+        out = result.reshape(-1, self.out_features) + delta.to(result.dtype)
+        return apply_bias_and_dora(out, batch.token_slots, self.lora_bias, self.lora_dora_scale,
+                                   getattr(self.base_layer, "bias", None)).view(result.shape)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The base layer's weight [out, in] as served, float32 (for DoRA's norms)."""

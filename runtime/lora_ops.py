@@ -98,6 +98,16 @@ def batched_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, ba
     return delta
 
 
+def gathered_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, batch: LoRABatch,
+                  slots: Sequence[int]) -> torch.Tensor:
+    """Each token's adapter weights gathered by its slot, then two bmm: shapes and launches are
+    fixed by the token count alone, whatever the slots (a captured CUDA graph's op where Triton
+    is missing). Copies [T, r, in + out] of weights per layer, so it is for small batches."""
+    s = batch.token_slots
+    h = torch.bmm(x[:, None, :], shrink.index_select(0, s).transpose(1, 2))  # [T, 1, r]
+    return torch.bmm(h, expand.index_select(0, s))[:, 0]  # [T, out]
+
+
 def auto_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, batch: LoRABatch,
               slots: Sequence[int]) -> torch.Tensor:
     """Batched when its block holds several tokens and is at most half padding (decode tokens,
@@ -105,10 +115,28 @@ def auto_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, batch
     opposite ends of the slot range). On SmolLM2 NF4, 32 decode sequences on 32 rank-16
     adapters, a step's LoRA ops took 74-104 ms batched against 142 ms for the leanest
     segmented loop (one thread; see docs/architecture.md)."""
-    g = batch.groups
-    if g.num_blocked > 1 and g.rows <= 2 * g.num_blocked:
+    if _dense_block(batch.groups):
         return batched_lora(x, shrink, expand, batch, slots)
     return segmented_lora(x, shrink, expand, batch, slots)
+
+
+def _dense_block(g: SlotGroups) -> bool:
+    """The step's short runs fill a padded block that is several tokens and at most half padding."""
+    return g.num_blocked > 1 and g.rows <= 2 * g.num_blocked
+
+
+def cuda_auto_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, batch: LoRABatch,
+                   slots: Sequence[int]) -> torch.Tensor:
+    """On CUDA: the two bmm of `batched_lora` for decode-only steps, the Triton kernels once a
+    prompt chunk is in the step (or the block would be mostly padding). On an H200, 32 rank-16
+    adapters, bf16, a layer's LoRA delta took 33-52 µs as bmm against 63-114 µs as Triton for
+    32 decode tokens (both launch-bound; the bmm pair is cheaper to launch), and 63-82 µs as
+    Triton against 226-277 µs as bmm + a matmul pair per chunk for 4 prompt chunks of 128 next
+    to 28 decode tokens (benchmarks/results/gpu-lora-ops.json)."""
+    g = batch.groups
+    if not g.long_runs and _dense_block(g):
+        return batched_lora(x, shrink, expand, batch, slots)
+    return triton_lora(x, shrink, expand, batch, slots)
 
 
 def apply_bias_and_dora(y: torch.Tensor, token_slots: torch.Tensor, bias: torch.Tensor | None,
@@ -135,14 +163,21 @@ LORA_OPS: dict[str, LoRAOp] = {
     "batched": batched_lora,
     "auto": auto_lora,
     "triton": triton_lora,
+    "gathered": gathered_lora,
 }
 
 
+def pick_static_op(device: torch.device) -> LoRAOp:
+    """The op of captured decode steps: the Triton kernels with one run per token (their grid is
+    fixed by the token count) on CUDA, else `gathered_lora`."""
+    return triton_lora if device.type == "cuda" and triton_available() else gathered_lora
+
+
 def pick_op(name: str, device: torch.device) -> LoRAOp:
-    """The op called `name` for layers on `device`; "auto" means the Triton kernels on CUDA
-    (when Triton is installed), else `auto_lora`."""
+    """The op called `name` for layers on `device`; "auto" means `cuda_auto_lora` on CUDA (when
+    Triton is installed), else `auto_lora`."""
     if name == "auto" and device.type == "cuda" and triton_available():
-        return triton_lora
+        return cuda_auto_lora
     if name == "triton" and (not triton_available() or (
             device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1")):
         raise ValueError("lora_ops='triton' needs a CUDA device with Triton installed "

@@ -9,6 +9,7 @@ import torch
 
 from . import batching
 from .batch_context import AttentionBatch, BatchContext, LoRABatch, SlotGroups, use_context
+from .cuda_graphs import DecodeGraphs
 from .kv_cache import KVPool
 
 
@@ -81,16 +82,25 @@ def attention_batch(pool: KVPool, items: Sequence[StepItem], cu_lens: Sequence[i
 class ModelRunner:
     """Runs the (LoRA-wrapped) model on packed steps. One call = one model forward."""
 
-    def __init__(self, model: torch.nn.Module, pool: KVPool, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, pool: KVPool, device: torch.device,
+                 graphs: DecodeGraphs | None = None) -> None:
         self.model = model
         self.pool = pool
         self.device = device
+        self.graphs = graphs  # decode-only steps go there when set (CUDA graphs)
 
     @torch.inference_mode()
     def forward(self, items: Sequence[StepItem]) -> StepLogits:
         """Run one packed step; each item's new K/V land in the pool blocks it holds."""
         order = batching.order_by_slot([it.slot for it in items])  # group tokens by adapter
         ordered = [items[i] for i in order]
+        if self.graphs is not None and self.graphs.serves(ordered):
+            # a copy: a graph's output is overwritten by its next replay
+            logits = self.graphs.forward(ordered).to(torch.float32, copy=True)
+            rows: list[int | None] = [None] * len(items)
+            for row, i in enumerate(order):
+                rows[i] = row
+            return StepLogits(logits, rows)
         chunk_lens = [len(it.tokens) for it in ordered]
         input_ids, cu_lens = batching.pack_tokens([it.tokens for it in ordered])  # [T], [n + 1]
         positions = batching.position_ids([it.past for it in ordered], chunk_lens)  # [T]
@@ -105,7 +115,7 @@ class ModelRunner:
                 use_cache=False,
                 logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device),
             )
-        rows: list[int | None] = [None] * len(items)
+        rows = [None] * len(items)
         row = 0
         for i, it in zip(order, ordered, strict=True):
             if it.wants_logits:

@@ -7,10 +7,13 @@ import triton.language as tl
 @triton.jit
 def segmented_matmul_kernel(x_ptr, w_ptr, out_ptr, runs_ptr, K, N,
                             stride_xt, stride_ws, stride_wk, stride_wn, stride_ot,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            EXACT_FP32: tl.constexpr):
     """out[start:start + length] = x[start:start + length] @ W[slot] for run `program_id(0)` of
     `runs` [G, 3] (start, length, slot); zeros where slot is 0. This program: BLOCK_M tokens of
-    the run (`program_id(1)`), BLOCK_N output columns (`program_id(2)`)."""
+    the run (`program_id(1)`), BLOCK_N output columns (`program_id(2)`). Operands go to the
+    tensor cores in their own dtype (bf16/fp16), accumulating in fp32; fp32 operands are
+    multiplied exactly (EXACT_FP32: "ieee", not TF32), as torch's matmuls are by default."""
     run, block_m, block_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = tl.load(runs_ptr + run * 3)
     length = tl.load(runs_ptr + run * 3 + 1)
@@ -27,6 +30,9 @@ def segmented_matmul_kernel(x_ptr, w_ptr, out_ptr, runs_ptr, K, N,
                         mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
             w = tl.load(w_ptr + slot * stride_ws + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
                         mask=(ks[:, None] < K) & col_ok[None, :], other=0.0)
-            acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
+            if EXACT_FP32:
+                acc += tl.dot(x, w, input_precision="ieee")
+            else:
+                acc += tl.dot(x, w)
     tl.store(out_ptr + (start + rows)[:, None] * stride_ot + cols[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

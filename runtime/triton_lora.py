@@ -41,14 +41,14 @@ def segmented_matmul(x: torch.Tensor, w: torch.Tensor, transposed: bool, runs: t
 
     from .triton_kernels import segmented_matmul_kernel
 
-    x = x.contiguous()
+    x = x.contiguous().to(w.dtype)
     n = w.shape[1] if transposed else w.shape[2]
     k = x.shape[1]
     out = x.new_empty(x.shape[0], n)
     stride_wk, stride_wn = (w.stride(2), w.stride(1)) if transposed else (w.stride(1), w.stride(2))
     grid = (runs.shape[0], triton.cdiv(longest_run, BLOCK_M), triton.cdiv(n, BLOCK_N))
     segmented_matmul_kernel[grid](x, w, out, runs, k, n, x.stride(0), w.stride(0), stride_wk, stride_wn, out.stride(0),
-                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, EXACT_FP32=w.dtype == torch.float32)
     return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import doctest
 
 import pytest
-from loradock.runtime import batching, kv_cache
+from loradock.runtime import batching, cuda_graphs, kv_cache
 
 
 @pytest.mark.parametrize(("slots", "want"), [
@@ -86,7 +86,7 @@ def test_slot_groups(slots, want):
     assert tuple(batching.slot_groups(slots, batching.find_segments(slots))) == want
 
 
-@pytest.mark.parametrize("module", [batching, kv_cache])
+@pytest.mark.parametrize("module", [batching, kv_cache, cuda_graphs])
 def test_doctests(module):
     """The examples in the batching maths' docstrings are tests too."""
     assert doctest.testmod(module).failed == 0

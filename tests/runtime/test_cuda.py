@@ -1,5 +1,6 @@
 """The engine on CUDA (`make gpu-check`; skipped without a GPU): NF4 and bf16 serve, and mixed
-batches equal PeftModel on the same device, with the Triton LoRA kernels chosen by "auto"."""
+batches equal PeftModel on the same device, with the LoRA ops chosen by "auto" and decode steps
+replayed as CUDA graphs (and, for comparison, run eagerly)."""
 
 from __future__ import annotations
 
@@ -24,14 +25,18 @@ def test_engine_serves_on_cuda(tiny_registry, tiny_base, engine_factory, quantiz
         max_new_tokens=6, ignore_eos=True))) for a, p in zip(["law", None, "med", "code"], PROMPTS,
                                                               strict=True)]
     assert all(len(r.token_ids) == 6 for r in results)
+    graphs = engine.runner.graphs
+    assert graphs.failed is None, graphs.failed
+    assert graphs.replays >= 5 and len(graphs.steps) == len(graphs.batch_buckets) * len(graphs.context_buckets)
 
 
+@pytest.mark.parametrize("cuda_graphs", [True, False])
 @pytest.mark.parametrize("quantize", ["none", "nf4"])
 def test_mixed_batch_greedy_matches_peft_on_cuda(tiny_registry, tiny_base, tiny_adapter_dirs, engine_factory,
-                                                 quantize):
+                                                 quantize, cuda_graphs):
     """fp32 compute on CUDA, so greedy tokens can be compared exactly with PEFT's."""
     engine = engine_factory(tiny_registry, tiny_base.name, run_loop=False, device="cuda",
-                            quantize=quantize, dtype="float32")
+                            quantize=quantize, dtype="float32", cuda_graphs=cuda_graphs)
     names = [s.name for s in SPECS[:4]] + [None]
     prompts = [*PROMPTS, "Roses are red,"]
     oracle = load_peft_oracle(tiny_base.path, {n: tiny_adapter_dirs[n] for n in names if n}, quantize,
@@ -43,3 +48,7 @@ def test_mixed_batch_greedy_matches_peft_on_cuda(tiny_registry, tiny_base, tiny_
     for name, prompt, h in zip(names, prompts, handles, strict=True):
         ids = engine.tokenizer.encode(prompt)
         assert list(h.result().token_ids) == oracle_greedy(oracle, name, ids, 6), name
+    if cuda_graphs:
+        assert engine.runner.graphs.failed is None and engine.runner.graphs.replays >= 5
+    else:
+        assert engine.runner.graphs is None

@@ -43,7 +43,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("op_name", ["segmented", "batched", "auto"])
+@pytest.mark.parametrize("op_name", ["segmented", "batched", "auto", "gathered"])
 @pytest.mark.parametrize(("seq_slots", "chunk_lens"), CASES)
 @pytest.mark.parametrize(("d_in", "d_out"), [(16, 24), (64, 8)])
 def test_fast_ops_match_reference(op_name, seq_slots, chunk_lens, d_in, d_out):
@@ -72,11 +72,13 @@ def test_reference_is_plain_per_token_math():
     assert torch.all(delta[2] == 0), "slot 0 tokens get no delta"
 
 
+@pytest.mark.parametrize("slice_ranks", [True, False])  # False: as on CUDA, full-rank operands
 @pytest.mark.parametrize("op_name", ["reference", "segmented", "batched"])
-def test_layer_adds_scaled_delta_per_slot(op_name):
+def test_layer_adds_scaled_delta_per_slot(op_name, slice_ranks):
     base = nn.Linear(12, 10)
     layer = MultiLoRALinear(base, num_slots=4, max_rank=8, dtype=torch.float32, device=torch.device("cpu"),
                             op=LORA_OPS[op_name])
+    layer.slice_ranks = slice_ranks
     g = torch.Generator().manual_seed(0)
     A1, B1 = torch.randn(4, 12, generator=g), torch.randn(10, 4, generator=g)
     A3, B3 = torch.randn(8, 12, generator=g), torch.randn(10, 8, generator=g)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from loradock.runtime.cuda_graphs import DecodeGraphs
 
 from tests.runtime.conftest import ATTN_MLP, Spec, load_peft_oracle, make_adapters
 from tests.runtime.test_oracle import ATOL, PROMPTS, assert_served_nf4, check_against_peft
@@ -50,6 +51,22 @@ def test_dora_and_lora_bias_match_peft_in_mixed_batches(variant_registry, tiny_b
     oracle = load_peft_oracle(tiny_base.path, variant_adapter_dirs, quantize)
     check_against_peft(engine, oracle, NAMES, PROMPTS[:len(NAMES)], ATOL[quantize], new_tokens=4,
                        fp32=quantize == "none")
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_static_decode_steps_match_peft(variant_registry, tiny_base, variant_adapter_dirs, engine_factory,
+                                        quantize):
+    """Decode steps through the static forward that CUDA graphs capture (run eagerly here): every
+    slot at full rank, bias/DoRA rows always applied, 6 sequences padded to a batch of 8, the
+    context padded to its bucket. Each request still equals PEFT with its adapter alone."""
+    engine = engine_factory(variant_registry, tiny_base.name, run_loop=False, quantize=quantize)
+    graphs = DecodeGraphs(engine.runner.model, engine.kv, engine.device, max_batch=8,
+                          max_context=engine.max_model_len, capture=False)
+    engine.runner.graphs = graphs
+    oracle = load_peft_oracle(tiny_base.path, variant_adapter_dirs, quantize)
+    check_against_peft(engine, oracle, NAMES, PROMPTS[:len(NAMES)], ATOL[quantize], new_tokens=4,
+                       fp32=quantize == "none")
+    assert graphs.static_steps >= 3 and (8, 64) in graphs.steps, "decode steps must take the static path"
 
 
 @pytest.mark.parametrize("op", ["reference", "segmented", "batched", "auto", "triton"])

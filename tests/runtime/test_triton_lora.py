@@ -12,7 +12,7 @@ pytest.importorskip("triton")  # without a GPU: under the interpreter (tests/con
 pytestmark = pytest.mark.cuda
 
 from loradock.runtime import triton_lora  # noqa: E402
-from loradock.runtime.lora_ops import reference_lora  # noqa: E402
+from loradock.runtime.lora_ops import cuda_auto_lora, reference_lora  # noqa: E402
 
 from tests.runtime.test_lora_ops import CASES, make_batch, stacked_weights  # noqa: E402
 
@@ -32,11 +32,41 @@ def test_triton_op_matches_reference(seq_slots, chunk_lens, rank):
     assert torch.all(got[zero_rows] == 0), "tokens without an adapter get no delta"
 
 
+@pytest.mark.parametrize(("seq_slots", "chunk_lens"), CASES)
+def test_cuda_auto_op_matches_reference(seq_slots, chunk_lens):
+    """CUDA's "auto" (bmm for decode-only steps, Triton with prompt chunks) on every case."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shrink, expand = stacked_weights(5, [4, 8, 16, 2], 16, 40, 24, seed=len(seq_slots))
+    shrink, expand = shrink.to(device), expand.to(device)
+    batch = make_batch(seq_slots, chunk_lens, device)
+    x = torch.randn(sum(chunk_lens), 40, generator=torch.Generator().manual_seed(1)).to(device)
+    want = reference_lora(x, shrink, expand, batch, batch.slots_present)
+    torch.testing.assert_close(cuda_auto_lora(x, shrink, expand, batch, batch.slots_present), want,
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tensor-core path: needs a CUDA device")
+@pytest.mark.parametrize(("seq_slots", "chunk_lens"), CASES)
+def test_triton_op_in_bf16_is_within_bf16_rounding_of_the_spec(seq_slots, chunk_lens):
+    """bf16 buffers (the CUDA default) go to the tensor cores as bf16; the result stays within
+    bf16 rounding of the fp32 reference on the same values."""
+    shrink, expand = stacked_weights(5, [4, 8, 16, 2], 16, 40, 24, seed=len(seq_slots))
+    shrink, expand = shrink.to("cuda", torch.bfloat16), expand.to("cuda", torch.bfloat16)
+    batch = make_batch(seq_slots, chunk_lens, torch.device("cuda"))
+    x = torch.randn(sum(chunk_lens), 40, generator=torch.Generator().manual_seed(1)).to("cuda", torch.bfloat16)
+    want = reference_lora(x.float(), shrink.float(), expand.float(), batch, batch.slots_present)
+    got = triton_lora.triton_lora(x, shrink, expand, batch, batch.slots_present)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() <= 0.02 * want.abs().max()
+
+
 def test_long_runs_span_several_token_blocks():
     """A 40-token prompt chunk needs three BLOCK_M=16 programs; the last one is partial."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shrink, expand = stacked_weights(3, [8, 8], 8, 33, 70, seed=3)
-    batch = make_batch([1, 2], [40, 1])
-    x = torch.randn(41, 33, generator=torch.Generator().manual_seed(2))
+    shrink, expand = shrink.to(device), expand.to(device)
+    batch = make_batch([1, 2], [40, 1], device)
+    x = torch.randn(41, 33, generator=torch.Generator().manual_seed(2)).to(device)
     want = reference_lora(x, shrink, expand, batch, batch.slots_present)
     torch.testing.assert_close(triton_lora.triton_lora(x, shrink, expand, batch, batch.slots_present), want,
                                rtol=1e-4, atol=1e-4)

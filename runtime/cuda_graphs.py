@@ -1,0 +1,194 @@
+"""Decode steps as CUDA graphs: one replay instead of thousands of kernel launches.
+
+On a GPU the eager decode step is launch-bound: about 5,000 torch ops and two Triton launches
+per linear, each costing CPU time while the GPU waits (docs/architecture.md, "On CUDA:
+measured"). A decode-only step (every sequence brings one token and samples) has a shape set
+by two numbers, the sequences and the longest context; padded to a bucket of each, its forward
+is captured once per bucket pair and replayed. Everything the forward reads keeps its address:
+the KV pool and the adapter slot buffers (written in place by loads), and this module's
+persistent inputs, into which each step's metadata goes with one host-to-device copy.
+
+A captured forward must take no path that depends on the values of those inputs, so the
+batch is marked `static`: LoRA layers run their static op over every slot at full rank and
+always apply the bias/DoRA rows (`lora_layer.MultiLoRALinear`). Padding rows are the base model
+(slot 0) on token 0 at position 0; their K/V go to the pool's null block, which every real
+query reads only masked.
+
+`capture=False` runs the same static forward eagerly: that is how it is tested without a GPU
+(against the eager step and PEFT), and the fallback when a capture fails (logged once).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from .batch_context import AttentionBatch, BatchContext, LoRABatch, SlotGroups, use_context
+from .batching import AttentionGroup
+from .kv_cache import KVPool
+
+log = logging.getLogger(__name__)
+
+MIN_CONTEXT_BUCKET = 64
+
+
+def buckets(largest: int, smallest: int = 1) -> list[int]:
+    """Powers of two from `smallest` up to and including `largest` (itself, if no power of two).
+
+    >>> buckets(24), buckets(2048, 64)
+    ([1, 2, 4, 8, 16, 24], [64, 128, 256, 512, 1024, 2048])
+    """
+    out, b = [], smallest
+    while b < largest:
+        out.append(b)
+        b *= 2
+    return [*out, largest]
+
+
+def fits(bucket_list: Sequence[int], n: int) -> int:
+    """The smallest bucket holding n."""
+    return next(b for b in bucket_list if b >= n)
+
+
+class StaticDecodeStep:
+    """Persistent inputs, batch context and (once captured) the graph of one (batch, context)
+    bucket. `meta` holds [4, rows] (each row's token, position, adapter slot and pool slot to
+    write) then [rows, context] (the pool slots of its context); it is filled on the host and
+    copied at once."""
+
+    FIELDS = 4
+
+    def __init__(self, model: torch.nn.Module, pool: KVPool, device: torch.device, rows: int,
+                 context: int) -> None:
+        self.model, self.rows, self.context, self.device = model, rows, context, device
+        size = rows * (self.FIELDS + context)
+        self.meta = torch.zeros(size, dtype=torch.long, device=device)
+        self.host = torch.zeros(size, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.tokens, self.positions, self.slots, self.write_index = self.meta[:self.FIELDS * rows].view(self.FIELDS, rows)
+        self.kv_index = self.meta[self.FIELDS * rows:].view(rows, context)
+        self.key_positions = torch.arange(context, device=device)
+        self.mask = torch.zeros(rows, 1, 1, context, dtype=torch.bool, device=device)
+        rows_index = torch.arange(rows, device=device)
+        self.runs = torch.zeros(rows, 3, dtype=torch.int32, device=device)  # one run per token
+        self.runs[:, 0], self.runs[:, 1] = rows_index, 1
+        lora = LoRABatch(token_slots=self.slots, segments=(), runs=self.runs, longest_run=1, slots_present=(),
+                         groups=SlotGroups(0, 0, 1, None, None, rows, ()), static=True)
+        group = AttentionGroup(rows_index[:, None], self.kv_index, self.mask, None, rows_index)
+        self.ctx = BatchContext(lora, AttentionBatch(pool.k, pool.v, self.write_index, (group,)))
+        self.keep = rows_index
+        self.logits: torch.Tensor | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def fill(self, items: Sequence, block_size: int) -> None:
+        """Write the step's decode items (blocks, past, tokens, slot) into the persistent inputs;
+        rows past len(items) are padding."""
+        self.host.zero_()
+        fields = self.host[:self.FIELDS * self.rows].view(self.FIELDS, self.rows)
+        kv_index = self.host[self.FIELDS * self.rows:].view(self.rows, self.context)
+        n = len(items)
+        past = torch.tensor([it.past for it in items])
+        fields[:3, :n] = torch.tensor([[it.tokens[0] for it in items], [it.past for it in items],
+                                       [it.slot for it in items]])
+        width = max(len(it.blocks) for it in items)
+        tables = torch.tensor([[*it.blocks, *[0] * (width - len(it.blocks))] for it in items])  # [n, blocks]
+        keys = torch.arange(min(self.context, width * block_size))
+        pool_slots = tables[:, keys // block_size] * block_size + keys % block_size  # [n, keys]
+        kv_index[:n, :len(keys)] = torch.where(keys[None, :] <= past[:, None], pool_slots, 0)
+        fields[3, :n] = pool_slots.gather(1, past[:, None])[:, 0]
+        self.meta.copy_(self.host)  # blocking: the host buffer is rewritten by the next fill
+
+    def forward(self) -> torch.Tensor:
+        """The static forward over the current inputs (what a capture records) -> logits [rows, vocab]."""
+        torch.le(self.key_positions[None, :], self.positions[:, None], out=self.mask.view(self.rows, -1))
+        self.runs[:, 2].copy_(self.slots)
+        with use_context(self.ctx):
+            out = self.model(input_ids=self.tokens[None], position_ids=self.positions[None],
+                             use_cache=False, logits_to_keep=self.keep)
+        return out.logits[0]
+
+    @torch.inference_mode()
+    def capture(self, pool_handle) -> None:
+        """Record `forward` as a CUDA graph (after warm-up runs on a side stream, which also
+        compile the Triton kernels and make cuBLAS's workspaces)."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.forward()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool_handle):
+            self.logits = self.forward()
+        self.graph = graph
+
+    def run(self) -> torch.Tensor:
+        if self.graph is None:
+            return self.forward()
+        self.graph.replay()
+        return self.logits
+
+
+class DecodeGraphs:
+    """The static decode steps of one engine, by (batch, context) bucket, captured on first use
+    (or all at once by `capture_all`) when `capture`; eager static forwards otherwise."""
+
+    def __init__(self, model: torch.nn.Module, pool: KVPool, device: torch.device, max_batch: int,
+                 max_context: int, capture: bool) -> None:
+        self.model, self.pool, self.device, self.capture = model, pool, device, capture
+        self.batch_buckets = buckets(max_batch)
+        self.context_buckets = buckets(max_context, min(MIN_CONTEXT_BUCKET, max_context))
+        self.steps: dict[tuple[int, int], StaticDecodeStep] = {}
+        self.pool_handle = torch.cuda.graph_pool_handle() if capture else None
+        self.failed: str | None = None  # why capturing stopped (then every step runs eagerly)
+        self.static_steps = 0  # decode steps served here
+        self.replays = 0  # of which graph replays
+
+    def serves(self, items: Sequence) -> bool:
+        """A decode-only step that fits the largest buckets."""
+        return (self.failed is None and 0 < len(items) <= self.batch_buckets[-1]
+                and all(len(it.tokens) == 1 and it.wants_logits for it in items)
+                and max(it.past for it in items) < self.context_buckets[-1])
+
+    def _step(self, rows: int, context: int) -> StaticDecodeStep:
+        key = (rows, context)
+        step = self.steps.get(key)
+        if step is None:
+            step = self.steps[key] = StaticDecodeStep(self.model, self.pool, self.device, rows, context)
+        return step
+
+    def _capture(self, step: StaticDecodeStep) -> bool:
+        try:
+            step.capture(self.pool_handle)
+            return True
+        except Exception as e:  # an op that cannot be captured: serve eagerly from now on
+            self.failed = f"{type(e).__name__}: {e}"
+            log.warning("CUDA graph capture failed (batch %d, context %d); decode steps run eagerly: %s",
+                        step.rows, step.context, self.failed)
+            return False
+
+    def forward(self, items: Sequence) -> torch.Tensor:
+        """Logits [len(items), vocab] of a decode-only step (items as ModelRunner orders them)."""
+        n = len(items)
+        step = self._step(fits(self.batch_buckets, n),
+                          fits(self.context_buckets, max(it.past for it in items) + 1))
+        step.fill(items, self.pool.block_size)
+        if self.capture and step.graph is None and not self._capture(step):
+            step.fill(items, self.pool.block_size)  # the failed capture may have left the inputs half-used
+        self.static_steps += 1
+        self.replays += step.graph is not None
+        return step.run()[:n]
+
+    @torch.inference_mode()
+    def capture_all(self, null_item) -> None:
+        """Capture every bucket pair, largest first (the graphs share one memory pool, which the
+        largest sizes), with padding-only inputs; `null_item` is a decode item on the null block."""
+        if not self.capture:
+            return
+        for context in reversed(self.context_buckets):
+            for rows in reversed(self.batch_buckets):
+                step = self._step(rows, context)
+                step.fill([null_item], self.pool.block_size)
+                if step.graph is None and not self._capture(step):
+                    return
