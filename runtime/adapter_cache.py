@@ -60,14 +60,12 @@ class AdapterCache:
         capacity: CacheCapacity,
         load: Callable[[ResolvedAdapter], LoadedAdapter],
         layers: Mapping[str, SlotLayer],
-        device: torch.device,
         stats: EngineStats,
         workers: int = 2,
     ) -> None:
         self.capacity = capacity
         self._load = load
         self._layers = layers
-        self._device = device
         self._stats = stats
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loradock-load")
         self._lock = threading.RLock()
@@ -224,10 +222,8 @@ class AdapterCache:
             m = loaded.modules.get(name) if loaded is not None else None
             if m is None:
                 layer.set_slot(slot, None, None)
-            else:
-                extras = {k: None if t is None else t.to(self._device)
-                          for k, t in (("bias", m.bias), ("dora_scale", m.dora_scale))}
-                layer.set_slot(slot, m.shrink.to(self._device), m.expand.to(self._device), **extras)
+            else:  # host tensors are copied straight into the device buffers (no staging copy)
+                layer.set_slot(slot, m.shrink, m.expand, bias=m.bias, dora_scale=m.dora_scale)
 
     def _evict_slot(self, slot: int) -> None:
         key = self._slot_key[slot]

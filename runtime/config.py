@@ -71,7 +71,8 @@ class EngineConfig:
 
     kv_cache_memory_fraction: float = 0.0
     """On CUDA: size the KV pool to this fraction of the device memory still free once the model and
-    adapter slots are loaded (overrides kv_cache_tokens and kv_cache_bytes); 0 = off."""
+    adapter slots are loaded (overrides kv_cache_tokens and kv_cache_bytes); 0 = off. Leave room for
+    activations and the CUDA graphs' memory pool, which are allocated after the pool."""
 
     kv_block_size: int = 16
     """Tokens per KV pool block: the unit a sequence grows by."""
@@ -92,7 +93,8 @@ class EngineConfig:
     cuda_graphs: bool = True
     """On CUDA, run decode-only steps as CUDA graphs, one per (batch, context) bucket (powers of
     two up to max_running and max_model_len), all captured at start, largest first; a capture
-    that fails is logged and decode steps then run eagerly. No effect on CPU."""
+    that fails is logged and decode steps then run eagerly. No effect on CPU, nor with
+    quantize="int8" (LLM.int8's outlier columns depend on the values: not capturable)."""
 
     registry_poll_s: float = 1.0
     """How often (seconds) the engine checks the registry's generation for alias moves / new versions."""

@@ -88,9 +88,9 @@ class StaticDecodeStep:
         fields = self.host[:self.FIELDS * self.rows].view(self.FIELDS, self.rows)
         kv_index = self.host[self.FIELDS * self.rows:].view(self.rows, self.context)
         n = len(items)
-        past = torch.tensor([it.past for it in items])
         fields[:3, :n] = torch.tensor([[it.tokens[0] for it in items], [it.past for it in items],
                                        [it.slot for it in items]])
+        past = fields[1, :n]
         width = max(len(it.blocks) for it in items)
         tables = torch.tensor([[*it.blocks, *[0] * (width - len(it.blocks))] for it in items])  # [n, blocks]
         keys = torch.arange(min(self.context, width * block_size))

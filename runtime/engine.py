@@ -136,11 +136,11 @@ class Engine:
                                      min(cfg.max_prompt_tokens, self.max_model_len - 1))
         self.eos_ids = self._eos_ids(model)
         graphs = (DecodeGraphs(model, self.kv, self.device, cfg.max_running, self.max_model_len, capture=True)
-                  if cfg.cuda_graphs and self.device.type == "cuda" else None)
+                  if cfg.cuda_graphs and self.device.type == "cuda" and cfg.quantize != "int8" else None)
         self.runner = ModelRunner(model, self.kv, self.device, graphs)
         self.cache = AdapterCache(
             CacheCapacity(cfg.max_slots, cfg.host_cache_bytes, cfg.max_host_adapters),
-            load=self.adapters.read, layers=self.layers, device=self.device, stats=self._stats,
+            load=self.adapters.read, layers=self.layers, stats=self._stats,
             workers=cfg.load_workers,
         )
         self.scheduler = Scheduler(cfg.max_running, cfg.max_batch_tokens, cfg.max_queue)

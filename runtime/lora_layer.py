@@ -23,7 +23,7 @@ import torch
 from loradock.registry.peft_format import SERVED_PROJECTIONS
 from torch import nn
 
-from .batch_context import current_context
+from .batch_context import LoRABatch, current_context
 from .lora_ops import LoRAOp, apply_bias_and_dora, pick_op, pick_static_op
 
 
@@ -143,7 +143,7 @@ class MultiLoRALinear(nn.Module):
                                       getattr(self.base_layer, "bias", None)).reshape(result.shape)
         return out
 
-    def _static_forward(self, x: torch.Tensor, result: torch.Tensor, batch) -> torch.Tensor:
+    def _static_forward(self, x: torch.Tensor, result: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(self.lora_shrink.dtype)
         delta = self.static_op(flat, self.lora_shrink, self.lora_expand, batch, ())
         out = result.reshape(-1, self.out_features) + delta.to(result.dtype)

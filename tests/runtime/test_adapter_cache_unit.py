@@ -40,7 +40,7 @@ def loaded(k: ResolvedAdapter, targets=("q", "v"), size: int = 4) -> LoadedAdapt
 def make_cache(slots: int = 2, host_bytes: int = 10**6, host_count: int = 100, load=None):
     layers = {"q": FakeLayer(), "v": FakeLayer(), "o": FakeLayer()}
     cache = AdapterCache(CacheCapacity(slots, host_bytes, host_count), load or loaded, layers,
-                         torch.device("cpu"), EngineStats(), workers=1)
+                         EngineStats(), workers=1)
     return cache, layers
 
 
