@@ -69,6 +69,9 @@ class MultiLoRALinear(nn.Module):
             self.register_buffer(name, torch.zeros(num_slots, self.out_features, dtype=dtype, device=device),
                                  persistent=False)
         self.ranks = [0] * num_slots  # rank of the adapter in each slot here (0: none)
+        # Rows of each slot that may be non-zero (every row from there on is zero): a load
+        # zeroes only what an earlier, larger adapter left, not the whole rank padding.
+        self.written = [0] * num_slots
         # Slots whose adapter has a LoRA bias / is DoRA here: usually none, so the check per step
         # is one empty-set test, not a loop over the step's slots.
         self.bias_slots: set[int] = set()
@@ -94,12 +97,15 @@ class MultiLoRALinear(nn.Module):
         had_bias, had_dora = slot in self.bias_slots, slot in self.dora_slots
         self.bias_slots.discard(slot)
         self.dora_slots.discard(slot)
+        written = self.written[slot]
+        self.written[slot] = max(written, r)  # until the writes below are done
         if r:
             self.lora_shrink[slot, :r] = shrink
             self.lora_expand[slot, :r] = expand
-        if r < self.lora_shrink.shape[1]:  # the rank padding (or the whole slot when clearing)
-            self.lora_shrink[slot, r:] = 0
-            self.lora_expand[slot, r:] = 0
+        if written > r:  # rows of a larger adapter before (or the whole slot when clearing)
+            self.lora_shrink[slot, r:written] = 0
+            self.lora_expand[slot, r:written] = 0
+        self.written[slot] = r
         # Rows stay zero while the slot's adapters have none: no write on a plain adapter's load.
         if bias is not None and r:
             self.lora_bias[slot] = bias

@@ -100,6 +100,13 @@ def test_layer_adds_scaled_delta_per_slot(op_name, slice_ranks):
 
     layer.set_slot(3, None, None)  # evicted: buffers zero, slot inactive
     assert layer.ranks[3] == 0 and layer.lora_shrink[3].abs().sum() == 0 and layer.lora_expand[3].abs().sum() == 0
+    layer.set_slot(3, 0.5 * A3, B3.T)
+    layer.set_slot(3, 2.0 * A1, B1.T)  # rank 4 over rank 8: the larger adapter's rows 4..7 go
+    assert layer.lora_shrink[3, 4:].abs().sum() == 0 == layer.lora_expand[3, 4:].abs().sum()
+    with use_context(BatchContext(lora=make_batch([3], [6]))):
+        torch.testing.assert_close(layer(x)[0], plain + 2.0 * (x[0] @ A1.T @ B1.T))
+    layer.set_slot(3, None, None)
+    assert layer.lora_shrink[3].abs().sum() == 0 == layer.lora_expand[3].abs().sum()
     with pytest.raises(ValueError, match="reserved"):
         layer.set_slot(0, A1, B1.T)
     with pytest.raises(ValueError, match="do not fit"):
