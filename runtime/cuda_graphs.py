@@ -15,7 +15,8 @@ always apply the bias/DoRA rows (`lora_layer.MultiLoRALinear`). Padding rows are
 query reads only masked.
 
 `capture=False` runs the same static forward eagerly: that is how it is tested without a GPU
-(against the eager step and PEFT), and the fallback when a capture fails (logged once).
+(against the eager step and PEFT). A capture that fails is logged once; that step then runs the
+static forward eagerly, and every later step takes the ordinary eager path.
 """
 
 from __future__ import annotations
