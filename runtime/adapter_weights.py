@@ -91,8 +91,9 @@ def _module(name: str, spec: peft_format.LoraModule, tensors: dict[str, torch.Te
         bias = (tensors[prefix + peft_format.BIAS].to(torch.float32) * scaling).to(dtype)
     if spec.has_magnitude:
         magnitude = tensors[prefix + peft_format.MAGNITUDE].to(torch.float32)
-        base = served.base_weight(name).to(torch.float32)
-        scale = dora_scale(magnitude, base, shrink, lora_b).to(dtype)
+        base = served.base_weight(name).to(torch.float32)  # where the model is (CUDA: computed there)
+        on = base.device
+        scale = dora_scale(magnitude.to(on), base, shrink.to(on), lora_b.to(on)).to(dtype)
     return ModuleLoRA(shrink=shrink.to(dtype).contiguous(), expand=lora_b.T.to(dtype).contiguous(),
                       scaling=scaling, bias=bias, dora_scale=scale)
 

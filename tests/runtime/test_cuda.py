@@ -9,6 +9,7 @@ import torch
 from loradock.runtime import GenerationRequest, SamplingParams
 
 from tests.runtime.conftest import SPECS, load_peft_oracle, oracle_greedy
+from tests.runtime.test_oracle_variants import variant_adapter_dirs, variant_registry  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -38,17 +39,34 @@ def test_mixed_batch_greedy_matches_peft_on_cuda(tiny_registry, tiny_base, tiny_
     engine = engine_factory(tiny_registry, tiny_base.name, run_loop=False, device="cuda",
                             quantize=quantize, dtype="float32", cuda_graphs=cuda_graphs)
     names = [s.name for s in SPECS[:4]] + [None]
-    prompts = [*PROMPTS, "Roses are red,"]
     oracle = load_peft_oracle(tiny_base.path, {n: tiny_adapter_dirs[n] for n in names if n}, quantize,
                               device="cuda")
-    handles = [engine.submit(GenerationRequest(adapter=n, prompt=p, sampling=SamplingParams(
-        max_new_tokens=6, ignore_eos=True))) for n, p in zip(names, prompts, strict=True)]
-    while not all(h.done for h in handles):
-        engine.step()
-    for name, prompt, h in zip(names, prompts, handles, strict=True):
-        ids = engine.tokenizer.encode(prompt)
-        assert list(h.result().token_ids) == oracle_greedy(oracle, name, ids, 6), name
+    assert_greedy_matches_peft(engine, oracle, names, [*PROMPTS, "Roses are red,"])
     if cuda_graphs:
         assert engine.runner.graphs.failed is None and engine.runner.graphs.replays >= 5
     else:
         assert engine.runner.graphs is None
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_dora_and_lora_bias_greedy_match_peft_on_cuda(variant_registry, tiny_base,  # noqa: F811
+                                                      variant_adapter_dirs, engine_factory, quantize):  # noqa: F811
+    """DoRA's norms are taken against the served base weight where it lives (on the GPU)."""
+    engine = engine_factory(variant_registry, tiny_base.name, run_loop=False, device="cuda",
+                            quantize=quantize, dtype="float32")
+    names = ["dora", "lbias", "law", None]
+    oracle = load_peft_oracle(tiny_base.path, {n: variant_adapter_dirs[n] for n in names if n}, quantize,
+                              device="cuda")
+    assert_greedy_matches_peft(engine, oracle, names, PROMPTS)
+    assert engine.runner.graphs.replays >= 5
+
+
+def assert_greedy_matches_peft(engine, oracle, names, prompts, new_tokens: int = 6) -> None:
+    """All requests in one batch; each one's greedy tokens equal PEFT's with its adapter alone."""
+    handles = [engine.submit(GenerationRequest(adapter=n, prompt=p, sampling=SamplingParams(
+        max_new_tokens=new_tokens, ignore_eos=True))) for n, p in zip(names, prompts, strict=True)]
+    while not all(h.done for h in handles):
+        engine.step()
+    for name, prompt, h in zip(names, prompts, handles, strict=True):
+        ids = engine.tokenizer.encode(prompt)
+        assert list(h.result().token_ids) == oracle_greedy(oracle, name, ids, new_tokens), name
