@@ -13,11 +13,12 @@ faster, and unquantized bf16 is a real serving mode).
 from __future__ import annotations
 
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig
+
+from .timing import device_seconds
 
 
 def linear_shapes(config) -> list[tuple[int, int]]:
@@ -45,19 +46,16 @@ def time_linear_step(
     """Median seconds of one pass of `batch` rows through all `shapes` as x @ W.T, on the
     engine's default device (CUDA when there is one)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn((out, inp), generator=gen).to(device, dtype) for inp, out in shapes]
     inputs = {inp: torch.randn((batch, inp), generator=gen).to(device, dtype) for inp, _ in shapes}
-    times = []
-    with torch.inference_mode():
-        for _ in range(repeats + 1):  # the first pass warms caches and allocators
-            sync()
-            t0 = time.perf_counter()
-            for (inp, _), w in zip(shapes, weights, strict=True):
-                torch.nn.functional.linear(inputs[inp], w)
-            sync()
-            times.append(time.perf_counter() - t0)
+
+    def step() -> None:
+        for (inp, _), w in zip(shapes, weights, strict=True):
+            torch.nn.functional.linear(inputs[inp], w)
+
+    with torch.inference_mode():  # the first pass warms caches and allocators
+        times = [device_seconds(step, device) for _ in range(repeats + 1)]
     return statistics.median(times[1:])
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +20,8 @@ from loradock.runtime import batching
 from loradock.runtime.lora_ops import LORA_OPS
 from loradock.runtime.model_runner import lora_batch
 from loradock.runtime.triton_lora import available as triton_available
+
+from .timing import device_seconds
 
 ADAPTERS, RANK = 32, 16
 # (model, layer, in_features, out_features): SmolLM2-135M and a 1.1B Llama (synthetic-1b)
@@ -32,25 +33,6 @@ STEPS = {
     "4x128 prefill + 28 decode": ([*range(1, ADAPTERS + 1)], [128] * 4 + [1] * (ADAPTERS - 4)),
 }
 DTYPES = (torch.float32, torch.bfloat16)
-
-
-def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
-    """Seconds one call of fn takes on `device` (CUDA events there; the wall clock on CPU)."""
-    if device.type == "cuda":
-        def run(fn):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        return run
-
-    def run_cpu(fn):
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-    return run_cpu
 
 
 def op_names(device: torch.device) -> list[str]:
@@ -72,7 +54,6 @@ def layer_calls(x: torch.Tensor, weight: torch.Tensor, shrink: torch.Tensor, exp
 
 @torch.inference_mode()
 def measure(device: torch.device, rounds: int, inner: int) -> list[dict]:
-    run = timer(device)
     gen = torch.Generator().manual_seed(0)
     rows = []
     for model, layer, d_in, d_out in LAYERS:
@@ -91,7 +72,8 @@ def measure(device: torch.device, rounds: int, inner: int) -> list[dict]:
                     fn()
                 for _ in range(rounds):  # interleaved, so drift hits every op alike
                     for name, fn in calls.items():
-                        times[name].append(run(lambda fn=fn: [fn() for _ in range(inner)]) / inner)
+                        times[name].append(device_seconds(lambda fn=fn: [fn() for _ in range(inner)], device)
+                                           / inner)
                 medians = {name: statistics.median(t) * 1e6 for name, t in times.items()}
                 rows.append({"model": model, "layer": layer, "in": d_in, "out": d_out, "step": step,
                              "tokens": len(slot_list), "dtype": str(dtype).removeprefix("torch."),

@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from loradock.registry.quantization import QuantizationRecipe
+
+from .timing import device_seconds
 
 DECODE_BATCH, PREFILL_TOKENS = 32, 256
 
@@ -41,17 +42,9 @@ def load(base_path: Path, fmt: str, device: torch.device):
     return model
 
 
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
     fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(device_seconds(fn, device) for _ in range(repeats))
 
 
 @torch.inference_mode()
@@ -59,8 +52,9 @@ def measure(model, vocab: int, repeats: int) -> dict:
     g = torch.Generator().manual_seed(0)
     decode_ids = torch.randint(vocab, (DECODE_BATCH, 1), generator=g).to(model.device)  # a token per sequence
     prefill_ids = torch.randint(vocab, (1, PREFILL_TOKENS), generator=g).to(model.device)
-    decode_s = timed(lambda: model(input_ids=decode_ids, use_cache=False, logits_to_keep=1), repeats)
-    prefill_s = timed(lambda: model(input_ids=prefill_ids, use_cache=False, logits_to_keep=1), repeats)
+    decode_s = timed(lambda: model(input_ids=decode_ids, use_cache=False, logits_to_keep=1), model.device, repeats)
+    prefill_s = timed(lambda: model(input_ids=prefill_ids, use_cache=False, logits_to_keep=1), model.device,
+                      repeats)
     return {"decode_ms": decode_s * 1e3, "decode_tokens_per_s": DECODE_BATCH / decode_s,
             "prefill_ms": prefill_s * 1e3, "prefill_tokens_per_s": PREFILL_TOKENS / prefill_s}
 

@@ -86,7 +86,8 @@ class EngineConfig:
     """LoRA kernels: "reference" (per-adapter loop), "segmented" (one matmul pair per run of tokens
     on one adapter), "batched" (two bmm over the batch's slot range for decode tokens, padded per
     slot; prompt chunks a matmul pair each), "triton" (two segmented-matmul Triton kernels per layer,
-    CUDA only), or "auto" (on CUDA: batched for decode-only steps, triton once prompt chunks are in
+    CUDA only), "gathered" (each token's adapter weights gathered, two bmm: shapes fixed by the
+    token count), or "auto" (on CUDA: batched for decode-only steps, triton once prompt chunks are in
     the step; on CPU: batched when the padding is small, else segmented; measured, see
     docs/architecture.md)."""
 

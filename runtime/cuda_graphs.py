@@ -15,13 +15,14 @@ always apply the bias/DoRA rows (`lora_layer.MultiLoRALinear`). Padding rows are
 query reads only masked.
 
 `capture=False` runs the same static forward eagerly: that is how it is tested without a GPU
-(against the eager step and PEFT). A capture that fails is logged once; that step then runs the
-static forward eagerly, and every later step takes the ordinary eager path.
+(against the eager step and PEFT). A capture that fails is logged once, and decode steps then
+take the ordinary eager path.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 import torch
@@ -132,8 +133,8 @@ class StaticDecodeStep:
 
 
 class DecodeGraphs:
-    """The static decode steps of one engine, by (batch, context) bucket, captured on first use
-    (or all at once by `capture_all`) when `capture`; eager static forwards otherwise."""
+    """The static decode steps of one engine, by (batch, context) bucket: all captured by
+    `capture_all` when `capture`, else run as eager static forwards."""
 
     def __init__(self, model: torch.nn.Module, pool: KVPool, device: torch.device, max_batch: int,
                  max_context: int, capture: bool) -> None:
@@ -144,7 +145,6 @@ class DecodeGraphs:
         self.pool_handle = torch.cuda.graph_pool_handle() if capture else None
         self.failed: str | None = None  # why capturing stopped (then every step runs eagerly)
         self.static_steps = 0  # decode steps served here
-        self.replays = 0  # of which graph replays
 
     def serves(self, items: Sequence) -> bool:
         """A decode-only step that fits the largest buckets."""
@@ -159,37 +159,34 @@ class DecodeGraphs:
             step = self.steps[key] = StaticDecodeStep(self.model, self.pool, self.device, rows, context)
         return step
 
-    def _capture(self, step: StaticDecodeStep) -> bool:
-        try:
-            step.capture(self.pool_handle)
-            return True
-        except Exception as e:  # an op that cannot be captured: serve eagerly from now on
-            self.failed = f"{type(e).__name__}: {e}"
-            log.warning("CUDA graph capture failed (batch %d, context %d); decode steps run eagerly: %s",
-                        step.rows, step.context, self.failed)
-            return False
-
     def forward(self, items: Sequence) -> torch.Tensor:
         """Logits [len(items), vocab] of a decode-only step (items as ModelRunner orders them)."""
         n = len(items)
         step = self._step(fits(self.batch_buckets, n),
                           fits(self.context_buckets, max(it.past for it in items) + 1))
         step.fill(items, self.pool.block_size)
-        if self.capture and step.graph is None and not self._capture(step):
-            step.fill(items, self.pool.block_size)  # the failed capture may have left the inputs half-used
         self.static_steps += 1
-        self.replays += step.graph is not None
         return step.run()[:n]
 
     @torch.inference_mode()
     def capture_all(self, null_item) -> None:
         """Capture every bucket pair, largest first (the graphs share one memory pool, which the
-        largest sizes), with padding-only inputs; `null_item` is a decode item on the null block."""
+        largest sizes), with padding-only inputs; `null_item` is a decode item on the null block.
+        A capture that fails sets `failed` (logged) and `serves` refuses every step from then on."""
         if not self.capture:
             return
+        started = time.perf_counter()
         for context in reversed(self.context_buckets):
             for rows in reversed(self.batch_buckets):
                 step = self._step(rows, context)
                 step.fill([null_item], self.pool.block_size)
-                if step.graph is None and not self._capture(step):
+                try:
+                    step.capture(self.pool_handle)
+                except Exception as e:  # an op that cannot be captured: serve eagerly
+                    self.failed = f"{type(e).__name__}: {e}"
+                    log.warning("CUDA graph capture failed (batch %d, context %d); decode steps run "
+                                "eagerly: %s", rows, context, self.failed)
                     return
+        log.info("captured %d CUDA graphs of decode steps (batch up to %d, context up to %d) in %.1f s",
+                 len(self.steps), self.batch_buckets[-1], self.context_buckets[-1],
+                 time.perf_counter() - started)

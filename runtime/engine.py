@@ -171,14 +171,8 @@ class Engine:
             self.runner.forward([StepItem(blocks, 0, [self.tokenizer.eos_token_id or 0] * 2, 0, True)])
         finally:
             self.kv.free(blocks)
-        graphs = self.runner.graphs
-        if graphs is not None:
-            started = time.perf_counter()
-            graphs.capture_all(StepItem([0], 0, [0], 0, True))  # padding rows on the null block
-            if graphs.failed is None:
-                log.info("captured %d CUDA graphs of decode steps (batch up to %d, context up to %d) in %.1f s",
-                         len(graphs.steps), graphs.batch_buckets[-1], graphs.context_buckets[-1],
-                         time.perf_counter() - started)
+        if self.runner.graphs is not None:
+            self.runner.graphs.capture_all(StepItem([0], 0, [0], 0, True))  # padding rows on the null block
 
     def shutdown(self, drain: bool = True, timeout: float | None = 30.0) -> None:
         """Stop accepting requests; with `drain`, let queued and running ones finish first
