@@ -12,7 +12,8 @@ Two more per-slot buffers, [slots, out] each, zero for plain LoRA and slot 0: Lo
 
 A static step (a captured CUDA graph, `cuda_graphs.py`) skips none of that: the graph is
 replayed for whatever adapters the next steps bring, so it runs the static op over every slot
-at full rank and always applies the bias/DoRA rows (zero where unused).
+at full rank and always applies the bias/DoRA rows (zero where unused); on CUDA that is two
+Triton launches per layer, the second adding delta and rows into the base output as it stores.
 """
 
 from __future__ import annotations
@@ -151,10 +152,9 @@ class MultiLoRALinear(nn.Module):
 
     def _static_forward(self, x: torch.Tensor, result: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(self.lora_shrink.dtype)
-        delta = self.static_op(flat, self.lora_shrink, self.lora_expand, batch, ())
-        out = result.reshape(-1, self.out_features) + delta.to(result.dtype)
-        return apply_bias_and_dora(out, batch.token_slots, self.lora_bias, self.lora_dora_scale,
-                                   getattr(self.base_layer, "bias", None)).view(result.shape)
+        out = self.static_op(result.view(-1, self.out_features), flat, self.lora_shrink, self.lora_expand, batch,
+                             self.lora_bias, self.lora_dora_scale, getattr(self.base_layer, "bias", None))
+        return out.view(result.shape)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The base layer's weight [out, in] as served, float32 (for DoRA's norms)."""

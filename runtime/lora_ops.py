@@ -29,13 +29,23 @@ import torch
 
 from .batch_context import LoRABatch, SlotGroups
 from .triton_lora import available as triton_available
-from .triton_lora import triton_lora
+from .triton_lora import triton_lora, triton_lora_into
 
 
 class LoRAOp(Protocol):
     def __call__(self, x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, batch: LoRABatch,
                  slots: Sequence[int]) -> torch.Tensor:
         """x [T, in], shrink [S, r, in], expand [S, r, out] -> delta [T, out]."""
+        ...
+
+
+class StaticLoRAOp(Protocol):
+    def __call__(self, out: torch.Tensor, x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor,
+                 batch: LoRABatch, bias: torch.Tensor, dora_scale: torch.Tensor,
+                 base_bias: torch.Tensor | None) -> torch.Tensor:
+        """A captured step's LoRA work for one layer, over every slot at full rank: the base
+        output out [T, out] plus each token's delta, then `apply_bias_and_dora` with the slot
+        rows bias, dora_scale [S, out]; may write into `out` and return it."""
         ...
 
 
@@ -167,10 +177,19 @@ LORA_OPS: dict[str, LoRAOp] = {
 }
 
 
-def pick_static_op(device: torch.device) -> LoRAOp:
-    """The op of captured decode steps: the Triton kernels with one run per token (their grid is
-    fixed by the token count) on CUDA, else `gathered_lora`."""
-    return triton_lora if device.type == "cuda" and triton_available() else gathered_lora
+def gathered_static_lora(out: torch.Tensor, x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor,
+                         batch: LoRABatch, bias: torch.Tensor, dora_scale: torch.Tensor,
+                         base_bias: torch.Tensor | None) -> torch.Tensor:
+    """The static op in plain torch: `gathered_lora`, then the bias/DoRA rows."""
+    delta = gathered_lora(x, shrink, expand, batch, ())
+    return apply_bias_and_dora(out + delta.to(out.dtype), batch.token_slots, bias, dora_scale, base_bias)
+
+
+def pick_static_op(device: torch.device) -> StaticLoRAOp:
+    """The op of captured decode steps: on CUDA the Triton kernels with one run per token (their
+    grid is fixed by the token count), the rows applied as the expand kernel stores
+    (`triton_lora_into`); else `gathered_static_lora`."""
+    return triton_lora_into if device.type == "cuda" and triton_available() else gathered_static_lora
 
 
 def pick_op(name: str, device: torch.device) -> LoRAOp:

@@ -5,15 +5,21 @@ import triton.language as tl
 
 
 @triton.jit
-def segmented_matmul_kernel(x_ptr, w_ptr, out_ptr, runs_ptr, K, N,
-                            stride_xt, stride_ws, stride_wk, stride_wn, stride_ot,
+def segmented_matmul_kernel(x_ptr, w_ptr, out_ptr, runs_ptr, bias_ptr, dora_ptr, base_bias_ptr, K, N,
+                            stride_xt, stride_ws, stride_wk, stride_wn, stride_ot, stride_rs,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            EXACT_FP32: tl.constexpr):
+                            EXACT_FP32: tl.constexpr, ADD_TO_OUT: tl.constexpr, SLOT_ROWS: tl.constexpr,
+                            BASE_BIAS: tl.constexpr):
     """out[start:start + length] = x[start:start + length] @ W[slot] for run `program_id(0)` of
     `runs` [G, 3] (start, length, slot); zeros where slot is 0. This program: BLOCK_M tokens of
     the run (`program_id(1)`), BLOCK_N output columns (`program_id(2)`). Operands go to the
     tensor cores in their own dtype (bf16/fp16), accumulating in fp32; fp32 operands are
-    multiplied exactly (EXACT_FP32: "ieee", not TF32), as torch's matmuls are by default."""
+    multiplied exactly (EXACT_FP32: "ieee", not TF32), as torch's matmuls are by default.
+
+    ADD_TO_OUT: add to out (the base output) instead, and with SLOT_ROWS apply the slot's LoRA
+    bias and DoRA rows (bias_ptr, dora_ptr [S, N], row stride stride_rs) in the same pass,
+    `lora_ops.apply_bias_and_dora`'s formula (BASE_BIAS: the base layer's bias [N], which DoRA
+    does not scale); slot 0 rows are left as they are (its rows are zero)."""
     run, block_m, block_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = tl.load(runs_ptr + run * 3)
     length = tl.load(runs_ptr + run * 3 + 1)
@@ -34,5 +40,18 @@ def segmented_matmul_kernel(x_ptr, w_ptr, out_ptr, runs_ptr, K, N,
                 acc += tl.dot(x, w, input_precision="ieee")
             else:
                 acc += tl.dot(x, w)
-    tl.store(out_ptr + (start + rows)[:, None] * stride_ot + cols[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    out_ptrs = out_ptr + (start + rows)[:, None] * stride_ot + cols[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    if ADD_TO_OUT:
+        if slot != 0:
+            z = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32) + acc
+            if SLOT_ROWS:
+                z += tl.load(bias_ptr + slot * stride_rs + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+                scale = tl.load(dora_ptr + slot * stride_rs + cols, mask=col_ok, other=0.0).to(tl.float32)
+                z_base = z
+                if BASE_BIAS:
+                    z_base = z - tl.load(base_bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+                z += scale[None, :] * z_base
+            tl.store(out_ptrs, z.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)

@@ -33,10 +33,14 @@ def available() -> bool:
     return True
 
 
-def segmented_matmul(x: torch.Tensor, w: torch.Tensor, transposed: bool, runs: torch.Tensor,
-                     longest_run: int) -> torch.Tensor:
+def segmented_matmul(x: torch.Tensor, w: torch.Tensor, transposed: bool, runs: torch.Tensor, longest_run: int,
+                     out: torch.Tensor | None = None,
+                     slot_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
     """x [T, K]; w [S, N, K] read as W[s] = w[s].T when `transposed`, else w [S, K, N];
-    runs [G, 3] int (start, length, slot) covering every token -> out [T, N] (zeros on slot 0)."""
+    runs [G, 3] int (start, length, slot) covering every token -> a new [T, N] (zeros on slot 0).
+    With `out` [T, N] (rows contiguous): added into it instead, and with `slot_rows` = (bias,
+    dora_scale [S, N], base_bias [N] or None) the LoRA bias and DoRA rows applied in the same
+    pass (see `lora_ops.apply_bias_and_dora`); returns `out`."""
     import triton
 
     from .triton_kernels import segmented_matmul_kernel
@@ -44,11 +48,22 @@ def segmented_matmul(x: torch.Tensor, w: torch.Tensor, transposed: bool, runs: t
     x = x.contiguous().to(w.dtype)
     n = w.shape[1] if transposed else w.shape[2]
     k = x.shape[1]
-    out = x.new_empty(x.shape[0], n)
+    add_to_out = out is not None
+    if out is None:
+        out = x.new_empty(x.shape[0], n)
+    elif out.shape != (x.shape[0], n) or out.stride(1) != 1:
+        raise ValueError(f"out must be [{x.shape[0]}, {n}] with contiguous rows, not {tuple(out.shape)} "
+                         f"strides {out.stride()}")
+    bias, dora_scale, base_bias = slot_rows if slot_rows is not None else (out, out, None)
+    if slot_rows is not None and (bias.stride() != dora_scale.stride() or bias.stride(1) != 1):
+        raise ValueError("the bias and DoRA rows must share one contiguous row layout")
     stride_wk, stride_wn = (w.stride(2), w.stride(1)) if transposed else (w.stride(1), w.stride(2))
     grid = (runs.shape[0], triton.cdiv(longest_run, BLOCK_M), triton.cdiv(n, BLOCK_N))
-    segmented_matmul_kernel[grid](x, w, out, runs, k, n, x.stride(0), w.stride(0), stride_wk, stride_wn, out.stride(0),
-                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, EXACT_FP32=w.dtype == torch.float32)
+    segmented_matmul_kernel[grid](
+        x, w, out, runs, bias, dora_scale, out if base_bias is None else base_bias, k, n,
+        x.stride(0), w.stride(0), stride_wk, stride_wn, out.stride(0), bias.stride(0),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, EXACT_FP32=w.dtype == torch.float32,
+        ADD_TO_OUT=add_to_out, SLOT_ROWS=slot_rows is not None, BASE_BIAS=base_bias is not None)
     return out
 
 
@@ -58,3 +73,15 @@ def triton_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, bat
     outside `slots` are zero in this layer's buffers, so computing them changes nothing."""
     h = segmented_matmul(x, shrink, True, batch.runs, batch.longest_run)  # [T, r]
     return segmented_matmul(h, expand, False, batch.runs, batch.longest_run)  # [T, out]
+
+
+def triton_lora_into(out: torch.Tensor, x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor,
+                     batch: LoRABatch, bias: torch.Tensor, dora_scale: torch.Tensor,
+                     base_bias: torch.Tensor | None) -> torch.Tensor:
+    """A static op (see lora_ops): the whole LoRA work of a layer in two launches, written into
+    the base output `out` [T, out]: the shrink kernel, then the expand kernel adding the delta,
+    LoRA bias and DoRA rows as it stores (a captured decode step would otherwise launch five
+    more kernels per layer for the add and the rows)."""
+    h = segmented_matmul(x, shrink, True, batch.runs, batch.longest_run)  # [T, r]
+    return segmented_matmul(h, expand, False, batch.runs, batch.longest_run, out=out,
+                            slot_rows=(bias, dora_scale, base_bias))

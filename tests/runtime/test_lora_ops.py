@@ -3,6 +3,8 @@ adds exactly the per-token delta of its slot."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from loradock.runtime import batching
@@ -15,6 +17,13 @@ from torch import nn
 
 def make_batch(seq_slots: list[int], chunk_lens: list[int], device: torch.device | None = None) -> LoRABatch:
     return lora_batch(batching.token_slots(seq_slots, chunk_lens), device or torch.device("cpu"))
+
+
+def static_batch(batch: LoRABatch) -> LoRABatch:
+    """`batch` as a captured decode step sees it: one run per token, no slot bookkeeping."""
+    t = batch.token_slots
+    runs = torch.stack([torch.arange(len(t)), torch.ones_like(t), t], dim=1).to(torch.int32).to(t.device)
+    return dataclasses.replace(batch, runs=runs, longest_run=1, segments=(), slots_present=(), static=True)
 
 
 def stacked_weights(num_slots: int, ranks: list[int], r_max: int, d_in: int, d_out: int, seed: int):

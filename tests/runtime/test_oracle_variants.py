@@ -58,7 +58,9 @@ def test_static_decode_steps_match_peft(variant_registry, tiny_base, variant_ada
                                         quantize):
     """Decode steps through the static forward that CUDA graphs capture (run eagerly here): every
     slot at full rank, bias/DoRA rows always applied, 6 sequences padded to a batch of 8, the
-    context padded to its bucket. Each request still equals PEFT with its adapter alone."""
+    context padded to its bucket. Each request still equals PEFT with its adapter alone. (CUDA's
+    static op, the Triton kernels, is held to the same layer in test_every_op_serves_dora_and_bias
+    below; under Triton's interpreter this whole engine run would take a minute.)"""
     engine = engine_factory(variant_registry, tiny_base.name, run_loop=False, quantize=quantize)
     graphs = DecodeGraphs(engine.runner.model, engine.kv, engine.device, max_batch=8,
                           max_context=engine.max_model_len, capture=False)
@@ -69,21 +71,23 @@ def test_static_decode_steps_match_peft(variant_registry, tiny_base, variant_ada
     assert graphs.static_steps >= 3 and (8, 64) in graphs.steps, "decode steps must take the static path"
 
 
-@pytest.mark.parametrize("op", ["reference", "segmented", "batched", "auto", "triton"])
+@pytest.mark.parametrize("op", ["reference", "segmented", "batched", "auto", "triton", "static-gathered",
+                                "static-triton"])
 def test_every_op_serves_dora_and_bias_with_a_base_bias(op):
     """One layer whose base has its own bias (Llama's have none; DoRA scales the base output
     without it, as PEFT's DoraLinearLayer does), slots holding a DoRA adapter and a lora_bias one,
-    and base rows: each token equals PEFT's layer with that adapter alone. The Triton op runs
-    under Triton's CPU interpreter without a GPU (the engine-level oracle above covers the others)."""
+    and base rows: each token equals PEFT's layer with that adapter alone. The Triton ops run
+    under Triton's CPU interpreter without a GPU (the engine-level oracle above covers the others);
+    static-*: the layer's forward in a captured step, with the CPU's and CUDA's static op."""
     from loradock.runtime.adapter_weights import dora_scale
     from loradock.runtime.batch_context import BatchContext, use_context
     from loradock.runtime.lora_layer import MultiLoRALinear
-    from loradock.runtime.lora_ops import LORA_OPS
+    from loradock.runtime.lora_ops import LORA_OPS, gathered_static_lora
     from peft import LoraConfig, get_peft_model
 
-    from tests.runtime.test_lora_ops import make_batch
+    from tests.runtime.test_lora_ops import make_batch, static_batch
 
-    if op == "triton":
+    if op.endswith("triton"):
         pytest.importorskip("triton")
     torch.manual_seed(0)
     peft = get_peft_model(torch.nn.Sequential(torch.nn.Linear(12, 10)),
@@ -92,7 +96,11 @@ def test_every_op_serves_dora_and_bias_with_a_base_bias(op):
     peft.eval()
     lora = peft.base_model.model[0]
     base = lora.base_layer
-    layer = MultiLoRALinear(base, 4, 8, torch.float32, torch.device("cpu"), LORA_OPS[op])
+    layer = MultiLoRALinear(base, 4, 8, torch.float32, torch.device("cpu"), LORA_OPS.get(op, LORA_OPS["auto"]))
+    if op.startswith("static"):
+        from loradock.runtime.triton_lora import triton_lora_into
+
+        layer.static_op = triton_lora_into if op == "static-triton" else gathered_static_lora
     with torch.no_grad():
         for name in ("dora", "bias"):
             lora.lora_B[name].weight.normal_()
@@ -104,7 +112,8 @@ def test_every_op_serves_dora_and_bias_with_a_base_bias(op):
         layer.set_slot(1, 1.5 * lora.lora_A["bias"].weight, lora.lora_B["bias"].weight.T,
                        bias=1.5 * lora.lora_B["bias"].bias)
         x = torch.randn(1, 8, 12)
-        with use_context(BatchContext(lora=make_batch([0, 1, 3], [2, 3, 3]))):
+        batch = make_batch([0, 1, 3], [2, 3, 3])
+        with use_context(BatchContext(lora=static_batch(batch) if op.startswith("static") else batch)):
             got = layer(x)[0]
         plain = base(x)[0]
         for name, rows in (("dora", slice(5, 8)), ("bias", slice(2, 5))):

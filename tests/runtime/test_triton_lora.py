@@ -12,9 +12,9 @@ pytest.importorskip("triton")  # without a GPU: under the interpreter (tests/con
 pytestmark = pytest.mark.cuda
 
 from loradock.runtime import triton_lora  # noqa: E402
-from loradock.runtime.lora_ops import cuda_auto_lora, reference_lora  # noqa: E402
+from loradock.runtime.lora_ops import apply_bias_and_dora, cuda_auto_lora, reference_lora  # noqa: E402
 
-from tests.runtime.test_lora_ops import CASES, make_batch, stacked_weights  # noqa: E402
+from tests.runtime.test_lora_ops import CASES, make_batch, stacked_weights, static_batch  # noqa: E402
 
 
 @pytest.mark.parametrize(("seq_slots", "chunk_lens"), CASES)
@@ -70,3 +70,34 @@ def test_long_runs_span_several_token_blocks():
     want = reference_lora(x, shrink, expand, batch, batch.slots_present)
     torch.testing.assert_close(triton_lora.triton_lora(x, shrink, expand, batch, batch.slots_present), want,
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("seq_slots", "chunk_lens"), CASES)
+@pytest.mark.parametrize("runs", ["segments", "per-token"])
+@pytest.mark.parametrize("base_bias", [False, True])
+def test_fused_rows_match_the_reference_composition(seq_slots, chunk_lens, runs, base_bias):
+    """`triton_lora_into` (a captured step's op on CUDA) adds delta, LoRA bias and DoRA rows into
+    the base output as the expand kernel stores: equal to the reference op, then
+    `apply_bias_and_dora`. Slot 1 has both rows, 2 neither, 3 a bias, 4 a DoRA scale; rows of
+    tokens without an adapter are left exactly as they were."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator().manual_seed(7 + len(seq_slots))
+    shrink, expand = stacked_weights(5, [4, 8, 16, 2], 16, 40, 24, seed=len(seq_slots))
+    bias, dora = torch.randn(5, 24, generator=g), 0.5 * torch.randn(5, 24, generator=g)
+    bias[[0, 2, 4]], dora[[0, 2, 3]] = 0, 0
+    tokens = sum(chunk_lens)
+    x = torch.randn(tokens, 40, generator=g)
+    base_out = torch.randn(tokens, 24, generator=g)
+    b0 = torch.randn(24, generator=g) if base_bias else None
+    spec = make_batch(seq_slots, chunk_lens)
+    want = apply_bias_and_dora(base_out + reference_lora(x, shrink, expand, spec, spec.slots_present),
+                               spec.token_slots, bias, dora, b0)
+    batch = make_batch(seq_slots, chunk_lens, device)
+    batch = static_batch(batch) if runs == "per-token" else batch
+    on = [t.to(device) if t is not None else None for t in (base_out, x, shrink, expand, bias, dora, b0)]
+    out = on[0].clone()
+    got = triton_lora.triton_lora_into(out, *on[1:4], batch, *on[4:])
+    assert got is out, "written into the base output"
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+    untouched = spec.token_slots == 0
+    assert torch.equal(got.cpu()[untouched], base_out[untouched])
