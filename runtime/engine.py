@@ -41,7 +41,7 @@ from .errors import (
 )
 from .handle import RequestHandle
 from .kv_cache import KVPool, blocks_for
-from .lora_layer import MultiLoRALinear, wrap_linears
+from .lora_layer import MultiLoRALinear, warm_up_ops, wrap_linears
 from .model_loader import (
     load_base_model,
     load_tokenizer,
@@ -50,7 +50,7 @@ from .model_loader import (
     resolve_base,
     serving_recipe,
 )
-from .model_runner import ModelRunner, StepItem
+from .model_runner import ModelRunner, StepItem, lora_batch
 from .prompts import PromptEncoder
 from .sampling import Sampler
 from .scheduler import Admission, Scheduler
@@ -171,6 +171,7 @@ class Engine:
             self.runner.forward([StepItem(blocks, 0, [self.tokenizer.eos_token_id or 0] * 2, 0, True)])
         finally:
             self.kv.free(blocks)
+        warm_up_ops(self.layers.values(), lora_batch([1] * 17, self.device))  # a prompt chunk's path
         if self.runner.graphs is not None:
             self.runner.graphs.capture_all(StepItem([0], 0, [0], 0, True))  # padding rows on the null block
 

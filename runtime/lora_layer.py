@@ -18,7 +18,7 @@ Triton launches per layer, the second adding delta and rows into the base output
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from loradock.registry.peft_format import SERVED_PROJECTIONS
@@ -175,6 +175,19 @@ def wrap_linears(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.d
         setattr(parent, child, wrapper)
         wrapped[name] = wrapper
     return wrapped
+
+
+def warm_up_ops(layers: Iterable[MultiLoRALinear], batch: LoRABatch) -> None:
+    """Run the op of each distinct layer shape once on `batch` (zeros in, result dropped), so
+    that kernels compiled on first use (Triton's, specialized on shapes and strides) compile at
+    start rather than in a request's first step with adapters."""
+    seen: set[tuple[int, int, torch.dtype]] = set()
+    for layer in layers:
+        key = (layer.in_features, layer.out_features, layer.lora_shrink.dtype)
+        if key not in seen:
+            seen.add(key)
+            x = layer.lora_shrink.new_zeros(batch.token_slots.shape[0], layer.in_features)
+            layer.op(x, layer.lora_shrink, layer.lora_expand, batch, batch.slots_present)
 
 
 def iter_wrapped(model: nn.Module) -> Iterator[tuple[str, MultiLoRALinear]]:

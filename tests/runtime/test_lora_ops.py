@@ -120,3 +120,20 @@ def test_layer_adds_scaled_delta_per_slot(op_name, slice_ranks):
         layer.set_slot(0, A1, B1.T)
     with pytest.raises(ValueError, match="do not fit"):
         layer.set_slot(2, A1[:, :5], B1.T)
+
+
+def test_warm_up_runs_each_layer_shape_once():
+    """The engine's start runs every distinct layer shape's op once on a prompt chunk, so Triton
+    compiles its kernels there and not in a request's first step."""
+    from loradock.runtime.lora_layer import warm_up_ops
+
+    calls = []
+
+    def op(x, shrink, expand, batch, slots):
+        calls.append((tuple(x.shape), tuple(expand.shape), slots))
+        return reference_lora(x, shrink, expand, batch, slots)
+
+    layers = [MultiLoRALinear(nn.Linear(i, o), 3, 4, torch.float32, torch.device("cpu"), op)
+              for i, o in [(8, 6), (8, 6), (6, 8), (8, 6)]]
+    warm_up_ops(layers, make_batch([1], [17]))
+    assert calls == [((17, 8), (3, 4, 6), (1,)), ((17, 6), (3, 4, 8), (1,))]
