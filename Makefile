@@ -82,7 +82,7 @@ gpu-bench: gpu-install
 		--systems loradock peft-static peft-naive base-only --out-dir $(GPU_RESULTS) \
 		--json $(GPU_RESULTS)/gpu-quick.summary.json
 
-# The default workload (32 adapters, 64 requests) on CUDA, after gpu-check (about 7 minutes,
+# The default workload (32 adapters, 64 requests) on CUDA, after gpu-check (estimated 7 minutes,
 # most of it PEFT's naive swapping); writes benchmarks/results/gpu-default.*
 gpu-bench-default: gpu-install
 	$(GPU_RUN) -m loradock.cli bench --name gpu-default --dtype bfloat16 --registry-versions 100 \
