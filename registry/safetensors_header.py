@@ -25,30 +25,40 @@ def read_header(path: Path) -> dict[str, dict]:
     path = Path(path)
     size = path.stat().st_size
     with path.open("rb") as f:
-        raw_len = f.read(8)
-        if len(raw_len) != 8:
-            raise SafetensorsFormatError(f"{path.name}: file too short to be safetensors")
-        (n,) = struct.unpack("<Q", raw_len)
-        if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise SafetensorsFormatError(f"{path.name}: header length {n} does not fit the file")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SafetensorsFormatError(f"{path.name}: header is not valid JSON ({e})") from e
+        n = header_length(f.read(8), size, path.name)
+        return parse_header(f.read(n), size - 8 - n, path.name)
+
+
+def header_length(first8: bytes, size: int, name: str) -> int:
+    """N, from the first 8 bytes of a file of `size` bytes, checked to fit the file."""
+    if len(first8) != 8:
+        raise SafetensorsFormatError(f"{name}: file too short to be safetensors")
+    (n,) = struct.unpack("<Q", first8)
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise SafetensorsFormatError(f"{name}: header length {n} does not fit the file")
+    return n
+
+
+def parse_header(raw: bytes, data_len: int, name: str) -> dict[str, dict]:
+    """The header's N bytes -> {tensor name: entry}, every tensor inside the `data_len` bytes
+    that follow the header."""
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SafetensorsFormatError(f"{name}: header is not valid JSON ({e})") from e
     if not isinstance(header, dict):
-        raise SafetensorsFormatError(f"{path.name}: header is not a JSON object")
+        raise SafetensorsFormatError(f"{name}: header is not a JSON object")
     header.pop("__metadata__", None)
-    data_len = size - 8 - n
-    for name, info in header.items():
+    for tensor, info in header.items():
         try:
             start, end = info["data_offsets"]
             shape = [int(d) for d in info["shape"]]
             str(info["dtype"])
         except (KeyError, TypeError, ValueError) as e:
-            raise SafetensorsFormatError(f"{path.name}: tensor {name!r} has a bad entry") from e
+            raise SafetensorsFormatError(f"{name}: tensor {tensor!r} has a bad entry") from e
         if not 0 <= start <= end <= data_len:
             raise SafetensorsFormatError(
-                f"{path.name}: tensor {name!r} lies outside the file (truncated?)"
+                f"{name}: tensor {tensor!r} lies outside the file (truncated?)"
             )
         info["shape"] = shape
     return header

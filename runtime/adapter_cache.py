@@ -8,6 +8,10 @@
   so a failed load never costs a resident adapter. Pinned slots are never evicted.
 - Every slot change goes through `_write_slot`, which updates the table and writes (or
   clears) that slot in every LoRA layer the cache was given, so they cannot drift.
+- Without `keep_host_copies` (on CPU, where the slots are host memory themselves) a host
+  entry lives only until its adapter is in a slot; an adapter evicted from its slot is read
+  again on its next use. Whenever a host entry goes, its pooled buffer goes back
+  (`LoadedAdapter.release`) for the next load to write into.
 
 `acquire`, `release`, `unload` run on the engine loop thread (they touch buffers
 the forward reads); `prefetch` and `state` may be called from any thread.
@@ -62,8 +66,10 @@ class AdapterCache:
         layers: Mapping[str, SlotLayer],
         stats: EngineStats,
         workers: int = 2,
+        keep_host_copies: bool = True,
     ) -> None:
         self.capacity = capacity
+        self.keep_host_copies = keep_host_copies
         self._load = load
         self._layers = layers
         self._stats = stats
@@ -116,8 +122,16 @@ class AdapterCache:
         # except the one just added.
         while (self._host_bytes > self.capacity.host_bytes or len(self._host) > self.capacity.host_count) \
                 and len(self._host) > 1:
-            _old_key, old = self._host.popitem(last=False)
-            self._host_bytes -= old.nbytes
+            self._drop_host(next(iter(self._host)))
+
+    def _drop_host(self, key: ResolvedAdapter) -> bool:
+        """Forget `key`'s host copy and give its buffer back; False if there was none."""
+        loaded = self._host.pop(key, None)
+        if loaded is None:
+            return False
+        self._host_bytes -= loaded.nbytes
+        loaded.release()
+        return True
 
     def state(self, key: ResolvedAdapter) -> tuple[LoadState, BaseException | None]:
         with self._lock:
@@ -163,6 +177,8 @@ class AdapterCache:
                     return None
                 self._write_slot(slot, key, loaded)
                 self._stats.add(key.ref, slot_loads=1)
+                if not self.keep_host_copies:
+                    self._drop_host(key)
             self._pins[key] = self._pins.get(key, 0) + 1
             self._slot_lru.move_to_end(slot)
             if key in self._host:
@@ -218,6 +234,8 @@ class AdapterCache:
     def _write_layers(self, slot: int, loaded: LoadedAdapter | None) -> None:
         """Copy an adapter into (or clear) `slot` of every layer; layers it does not target are
         cleared, so a slot never keeps a previous adapter's weights."""
+        if loaded is not None and loaded.released:  # its buffer may hold another adapter by now
+            raise RuntimeError(f"adapter {loaded.adapter.ref}: host copy used after its release")
         for name, layer in self._layers.items():
             m = loaded.modules.get(name) if loaded is not None else None
             if m is None:
@@ -244,11 +262,7 @@ class AdapterCache:
             if slot is not None:
                 self._evict_slot(slot)
                 found = True
-            loaded = self._host.pop(key, None)
-            if loaded is not None:
-                self._host_bytes -= loaded.nbytes
-                found = True
-            return found
+            return self._drop_host(key) or found
 
     def resident(self) -> dict[str, list[dict]]:
         """{"device": [...], "host": [...]} describing what is loaded where."""

@@ -44,6 +44,7 @@ from .errors import (
     EngineError,
     InvalidRequestError,
 )
+from .host_memory import HostBlocks
 from .types import AdapterMixture, ResolvedAdapter, ResolvedMixture
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class AdapterSource:
         self._warned: set[ResolvedAdapter] = set()
         self.served = served
         self.dtype = dtype
+        self.blocks = HostBlocks()  # host buffers loads write into, reused (see host_memory)
         self.poll_s = poll_s
         self._configs: dict[str, dict] = {}  # version digest -> adapter_config.json (mixtures)
         self._resolved: dict[str, AdapterVersion] = {}  # ref -> version, valid for one generation
@@ -128,7 +130,7 @@ class AdapterSource:
             raise AdapterUnavailableError(f"adapter {key.ref} changed on disk (digest {version.digest[:12]})")
         self._require_trusted(version)  # again: it may have been re-signed since it was resolved
         self._report_recipe(key, version.manifest)
-        return read_adapter(key, version.path, version.manifest, self.served, self.dtype)
+        return read_adapter(key, version.path, version.manifest, self.served, self.dtype, self.blocks)
 
     def _report_recipe(self, key: ResolvedAdapter, manifest: dict) -> None:
         """Warn once per version served on a base quantized unlike the one it was trained on."""
@@ -205,4 +207,4 @@ class AdapterSource:
         with tempfile.TemporaryDirectory(prefix="loradock-mixture-") as tmp:
             write_peft_dir(config, tensors, Path(tmp))
             return read_adapter(key, Path(tmp), {"base": {"fingerprint": self.served.fingerprint}},
-                                self.served, self.dtype)
+                                self.served, self.dtype, self.blocks)

@@ -1,8 +1,10 @@
 """`LoadedAdapter`: one adapter version's LoRA weights as plain host tensors.
 
-Read from the version directory with `safetensors` (never pickle) and validated
-against the served model before a single tensor is copied into a slot: all
-problems are collected into one AdapterUnavailableError.
+Read from the version directory's safetensors file (never pickle; through a reused staging
+buffer, `host_memory.read_tensors`) and validated against the served model before a single
+tensor is copied into a slot: all problems are collected into one AdapterUnavailableError.
+The slot-layout tensors are carved out of one buffer lent by a `HostBlocks` pool, given back
+by `LoadedAdapter.release` when the adapter cache drops the host copy.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from pathlib import Path
 import torch
 from loradock.registry import peft_format
 from loradock.registry.peft_format import CONFIG_FILE, WEIGHTS_FILE
-from safetensors.torch import load as load_safetensors
+from loradock.registry.safetensors_header import SafetensorsFormatError
 
 from .errors import AdapterUnavailableError
+from .host_memory import HostBlock, HostBlocks, read_tensors
 from .types import ResolvedAdapter
 
 
@@ -49,6 +52,16 @@ class LoadedAdapter:
 
     adapter: ResolvedAdapter
     modules: dict[str, ModuleLoRA]
+    block: HostBlock | None = None  # the pooled buffer the modules' shrink/expand are views of
+
+    def release(self) -> None:
+        """Give the pooled buffer back: the caller holds no other reference to these tensors."""
+        if self.block is not None:
+            self.block.release()
+
+    @property
+    def released(self) -> bool:
+        return self.block is not None and self.block.released
 
     @property
     def max_rank(self) -> int:
@@ -80,12 +93,21 @@ def dora_scale(magnitude: torch.Tensor, base_weight: torch.Tensor, shrink: torch
 
 
 def _module(name: str, spec: peft_format.LoraModule, tensors: dict[str, torch.Tensor], config: dict,
-            served: ServedModel, dtype: torch.dtype) -> ModuleLoRA:
+            served: ServedModel, shrink: torch.Tensor, expand: torch.Tensor) -> ModuleLoRA:
+    """One layer's LoRA, from the staging views `tensors` into shrink [r, in] and expand [r, out]
+    (views of the adapter's block); bias and DoRA scale are new tensors, so nothing refers to
+    staging afterwards."""
     prefix = f"base_model.model.{name}."
-    lora_a, lora_b = (tensors[prefix + part].to(torch.float32) for part in (peft_format.A, peft_format.B))
+    lora_a, lora_b = (tensors[prefix + part] for part in (peft_format.A, peft_format.B))
     scaling = peft_format.scaling(spec.alpha, spec.rank, bool(config.get("use_rslora")))
-    # The scaling goes in place into the freshly read A, in float32 whatever the serving dtype.
-    shrink = lora_a.mul_(scaling)
+    # Scaled in float32 whatever the file's and the serving dtype, in one pass when both are.
+    if lora_a.dtype == shrink.dtype == torch.float32:
+        scaled_a = torch.mul(lora_a, scaling, out=shrink)
+    else:
+        scaled_a = lora_a.to(torch.float32) * scaling
+        shrink.copy_(scaled_a)
+    expand.copy_(lora_b.T)
+    dtype = shrink.dtype
     bias = scale = None
     if spec.has_bias:
         bias = (tensors[prefix + peft_format.BIAS].to(torch.float32) * scaling).to(dtype)
@@ -93,13 +115,29 @@ def _module(name: str, spec: peft_format.LoraModule, tensors: dict[str, torch.Te
         magnitude = tensors[prefix + peft_format.MAGNITUDE].to(torch.float32)
         base = served.base_weight(name).to(torch.float32)  # where the model is (CUDA: computed there)
         on = base.device
-        scale = dora_scale(magnitude.to(on), base, shrink.to(on), lora_b.to(on)).to(dtype)
-    return ModuleLoRA(shrink=shrink.to(dtype).contiguous(), expand=lora_b.T.to(dtype).contiguous(),
-                      scaling=scaling, bias=bias, dora_scale=scale)
+        scale = dora_scale(magnitude.to(on), base, scaled_a.to(on), lora_b.to(on, torch.float32)).to(dtype)
+    return ModuleLoRA(shrink=shrink, expand=expand, scaling=scaling, bias=bias, dora_scale=scale)
+
+
+def _modules(specs: dict[str, peft_format.LoraModule], tensors: dict[str, torch.Tensor], config: dict,
+             served: ServedModel, host: torch.Tensor) -> dict[str, ModuleLoRA]:
+    """Every module, its shrink and expand carved out of `host` (1-D, `_layout_numel` long)."""
+    modules, offset = {}, 0
+    for name, spec in sorted(specs.items()):
+        cut, end = offset + spec.rank * spec.in_features, offset + _layout_numel(spec)
+        modules[name] = _module(name, spec, tensors, config, served,
+                                host.as_strided((spec.rank, spec.in_features), (spec.in_features, 1), offset),
+                                host.as_strided((spec.rank, spec.out_features), (spec.out_features, 1), cut))
+        offset = end
+    return modules
+
+
+def _layout_numel(spec: peft_format.LoraModule) -> int:
+    return spec.rank * (spec.in_features + spec.out_features)
 
 
 def read_adapter(adapter: ResolvedAdapter, version_dir: Path, manifest: dict, served: ServedModel,
-                 dtype: torch.dtype = torch.float32) -> LoadedAdapter:
+                 dtype: torch.dtype = torch.float32, blocks: HostBlocks | None = None) -> LoadedAdapter:
     """Read and validate an adapter version; raise AdapterUnavailableError listing every problem.
 
     The PEFT format rules are the registry's (`peft_format`); here only the fit to the served
@@ -122,10 +160,8 @@ def read_adapter(adapter: ResolvedAdapter, version_dir: Path, manifest: dict, se
         raise AdapterUnavailableError(f"{where}: " + "; ".join(problems))
 
     try:
-        # One read into private memory: faster than safe_open's per-tensor reads, and unlike
-        # load_file's copy-on-write mmap, writing the tensors below costs no page faults.
-        tensors = load_safetensors((version_dir / WEIGHTS_FILE).read_bytes())
-    except Exception as e:  # safetensors raises its own error types for corrupt files
+        tensors = read_tensors(version_dir / WEIGHTS_FILE)
+    except (OSError, SafetensorsFormatError) as e:
         raise AdapterUnavailableError(f"{where}: cannot read {WEIGHTS_FILE}: {e}") from e
     problems, specs = peft_format.read_modules({k: list(t.shape) for k, t in tensors.items()}, config)
     problems += peft_format.serving_problems(config, specs)
@@ -143,5 +179,12 @@ def read_adapter(adapter: ResolvedAdapter, version_dir: Path, manifest: dict, se
     if problems:
         shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
         raise AdapterUnavailableError(f"{where} cannot be served: " + "; ".join(shown))
-    modules = {name: _module(name, spec, tensors, config, served, dtype) for name, spec in sorted(specs.items())}
-    return LoadedAdapter(adapter=adapter, modules=modules)
+    nbytes = sum(_layout_numel(spec) for spec in specs.values()) * dtype.itemsize
+    block = blocks.take(nbytes) if blocks is not None else None
+    host = (block.tensor[:nbytes] if block is not None else torch.empty(nbytes, dtype=torch.uint8)).view(dtype)
+    try:
+        return LoadedAdapter(adapter, _modules(specs, tensors, config, served, host), block)
+    except BaseException:
+        if block is not None:
+            block.release()
+        raise

@@ -141,7 +141,7 @@ class Engine:
         self.cache = AdapterCache(
             CacheCapacity(cfg.max_slots, cfg.host_cache_bytes, cfg.max_host_adapters),
             load=self.adapters.read, layers=self.layers, stats=self._stats,
-            workers=cfg.load_workers,
+            workers=cfg.load_workers, keep_host_copies=self.device.type != "cpu",  # CPU slots are host memory
         )
         self.scheduler = Scheduler(cfg.max_running, cfg.max_batch_tokens, cfg.max_queue)
         self._warm_up()

@@ -118,6 +118,13 @@ BREAKAGES = (
         ("tests/runtime/test_oracle_variants.py", "-k", "static"),
     ),
     Breakage(
+        # the host-memory pool lends a buffer without taking it off its free list: two loads share it
+        "pool-lends-a-buffer-twice", "runtime/host_memory.py",
+        "                self._free = [t for t in self._free if t is not tensor]\n",
+        "                pass\n",
+        ("tests/runtime/test_host_memory.py",),
+    ),
+    Breakage(
         # CUDA's captured step adds the delta but forgets the DoRA rows in the kernel's store
         "fused-store-drops-dora", "runtime/triton_kernels.py",
         "                z += scale[None, :] * z_base\n",

@@ -9,6 +9,7 @@ import pytest
 import torch
 from loradock.runtime.adapter_cache import AdapterCache, CacheCapacity, LoadState
 from loradock.runtime.adapter_weights import LoadedAdapter, ModuleLoRA
+from loradock.runtime.host_memory import HostBlocks
 from loradock.runtime.stats import EngineStats
 from loradock.runtime.types import ResolvedAdapter
 
@@ -37,10 +38,11 @@ def loaded(k: ResolvedAdapter, targets=("q", "v"), size: int = 4) -> LoadedAdapt
                              for t in targets})
 
 
-def make_cache(slots: int = 2, host_bytes: int = 10**6, host_count: int = 100, load=None):
+def make_cache(slots: int = 2, host_bytes: int = 10**6, host_count: int = 100, load=None,
+               keep_host_copies: bool = True):
     layers = {"q": FakeLayer(), "v": FakeLayer(), "o": FakeLayer()}
     cache = AdapterCache(CacheCapacity(slots, host_bytes, host_count), load or loaded, layers,
-                         EngineStats(), workers=1)
+                         EngineStats(), workers=1, keep_host_copies=keep_host_copies)
     return cache, layers
 
 
@@ -122,3 +124,32 @@ def test_release_more_than_acquired_is_a_bug_not_silence():
     cache.release(key(1))
     with pytest.raises(RuntimeError, match="released more often than acquired"):
         cache.release(key(1))
+
+
+def test_without_host_copies_a_slot_write_gives_the_buffer_back():
+    """On CPU the slots are host memory: once an adapter is in a slot its host copy goes and its
+    pooled buffer returns for the next load; evicted from its slot, it is read again."""
+    pool = HostBlocks()
+    cache, layers = make_cache(slots=1, keep_host_copies=False,
+                               load=lambda k: LoadedAdapter(k, loaded(k).modules, pool.take(64)))
+    ready(cache, key(1))
+    assert pool.free_bytes == 0 and cache.resident()["host"] != []
+    assert cache.acquire(key(1)) == 1 and layers["q"].slots[1] == 1
+    assert cache.resident()["host"] == [] and cache.host_bytes == 0 and pool.free_bytes == 64
+    assert cache.state(key(1))[0] is LoadState.READY, "ready: in its slot"
+    cache.release(key(1))
+    ready(cache, key(2))
+    assert cache.acquire(key(2)) == 1 and layers["q"].slots[1] == 2  # evicts a1
+    assert cache.state(key(1))[0] is LoadState.ABSENT, "evicted from its slot, a1 is read again on use"
+
+
+def test_a_released_host_copy_is_never_written_into_a_slot():
+    """A buffer given back may hold another adapter by now: writing from it is a bug, caught."""
+    pool = HostBlocks()
+    stale = LoadedAdapter(key(3), loaded(key(3)).modules, pool.take(64))
+    stale.release()
+    cache, layers = make_cache(load=lambda k: stale)
+    ready(cache, key(3))
+    with pytest.raises(RuntimeError, match="after its release"):
+        cache.acquire(key(3))
+    assert cache.slot_of(key(3)) is None and 1 not in layers["q"].slots
