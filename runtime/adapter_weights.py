@@ -126,8 +126,8 @@ def _modules(specs: dict[str, peft_format.LoraModule], tensors: dict[str, torch.
     for name, spec in sorted(specs.items()):
         cut, end = offset + spec.rank * spec.in_features, offset + _layout_numel(spec)
         modules[name] = _module(name, spec, tensors, config, served,
-                                host.as_strided((spec.rank, spec.in_features), (spec.in_features, 1), offset),
-                                host.as_strided((spec.rank, spec.out_features), (spec.out_features, 1), cut))
+                                host[offset:cut].view(spec.rank, spec.in_features),
+                                host[cut:end].view(spec.rank, spec.out_features))
         offset = end
     return modules
 

@@ -40,7 +40,8 @@ class EngineConfig:
     """Largest LoRA rank accepted; sets the size of the device buffers (memory ~ max_slots * max_rank)."""
 
     host_cache_bytes: int = 2 * 1024**3
-    """Bytes of adapter weights kept in host memory (LRU) so a re-used adapter skips the disk."""
+    """Bytes of adapter weights kept in host memory (LRU) so a re-used adapter skips the disk. On
+    CPU, where the device slots are host memory, only adapters read ahead and not yet in a slot."""
 
     max_host_adapters: int = 256
     """At most this many adapters in the host-memory cache, whatever their size."""

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from loradock.registry.safetensors_header import SafetensorsFormatError, header_length, parse_header
 
-# The dtypes PEFT saves LoRA weights in.
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# The floating-point dtypes LoRA weights come in.
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _staging = threading.local()
 
 

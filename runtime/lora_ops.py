@@ -13,7 +13,8 @@ adapter present. The faster ops must return the same values (up to float roundin
 tests compare them.
 
 DoRA and LoRA biases are not part of the ops: after any op, the layer calls
-`apply_bias_and_dora` (plain torch, gathers by slot index) on base output + delta.
+`apply_bias_and_dora` (plain torch, gathers by slot index) on base output + delta. The static
+ops of captured decode steps (`StaticLoRAOp`) take the base output and do all of it, always.
 
 expand is stored transposed because the decode step's bmm runs about 20% faster with
 a row-major right operand; for shrink the layout made no measurable difference.
