@@ -24,6 +24,8 @@ from loradock.registry.safetensors_header import SafetensorsFormatError, header_
 # The floating-point dtypes LoRA weights come in.
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _staging = threading.local()
+# A staging buffer larger than this is not kept: a loader thread would hold it for good.
+STAGING_KEEP_BYTES = 256 * 2**20
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -33,7 +35,9 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         size = os.fstat(f.fileno()).st_size
         buffer = getattr(_staging, "buffer", None)
         if buffer is None or buffer.numel() < size:
-            buffer = _staging.buffer = torch.empty(size, dtype=torch.uint8)
+            buffer = torch.empty(size, dtype=torch.uint8)
+            if size <= STAGING_KEEP_BYTES:
+                _staging.buffer = buffer
         data = buffer[:size]
         view, done = memoryview(data.numpy()), 0
         while done < size:

@@ -30,6 +30,16 @@ def test_read_tensors_equals_safetensors_and_reuses_its_staging(tmp_path):
     assert torch.equal(again["x"], torch.ones(2))
 
 
+def test_a_staging_buffer_over_the_limit_is_not_kept(tmp_path, monkeypatch):
+    from loradock.runtime import host_memory
+
+    monkeypatch.setattr(host_memory, "_staging", type(host_memory._staging)())  # this test's own thread state
+    monkeypatch.setattr(host_memory, "STAGING_KEEP_BYTES", 100)
+    save_file({"x": torch.ones(64)}, tmp_path / "large.safetensors")  # over 100 bytes
+    read_tensors(tmp_path / "large.safetensors")
+    assert getattr(host_memory._staging, "buffer", None) is None
+
+
 def write_raw(path, header: dict, data: bytes) -> None:
     raw = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
