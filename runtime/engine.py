@@ -171,7 +171,8 @@ class Engine:
             self.runner.forward([StepItem(blocks, 0, [self.tokenizer.eos_token_id or 0] * 2, 0, True)])
         finally:
             self.kv.free(blocks)
-        warm_up_ops(self.layers.values(), lora_batch([1] * 17, self.device))  # a prompt chunk's path
+        if self.device.type == "cuda":  # Triton compiles on first use; CPU ops have nothing to warm
+            warm_up_ops(self.layers.values(), lora_batch([1] * 17, self.device))  # a prompt chunk's path
         if self.runner.graphs is not None:
             self.runner.graphs.capture_all(StepItem([0], 0, [0], 0, True))  # padding rows on the null block
 

@@ -59,8 +59,9 @@ def test_static_decode_steps_match_peft(variant_registry, tiny_base, variant_ada
     """Decode steps through the static forward that CUDA graphs capture (run eagerly here): every
     slot at full rank, bias/DoRA rows always applied, 6 sequences padded to a batch of 8, the
     context padded to its bucket. Each request still equals PEFT with its adapter alone. (CUDA's
-    static op, the Triton kernels, is held to the same layer in test_every_op_serves_dora_and_bias
-    below; under Triton's interpreter this whole engine run would take a minute.)"""
+    static op, the Triton kernels, is checked against PEFT one layer at a time in
+    test_every_op_serves_dora_and_bias_with_a_base_bias below: under Triton's interpreter this
+    whole engine run would take a minute.)"""
     engine = engine_factory(variant_registry, tiny_base.name, run_loop=False, quantize=quantize)
     graphs = DecodeGraphs(engine.runner.model, engine.kv, engine.device, max_batch=8,
                           max_context=engine.max_model_len, capture=False)
