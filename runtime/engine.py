@@ -29,6 +29,7 @@ from loradock.registry.trust import TrustPolicy
 from .adapter_cache import AdapterCache, CacheCapacity, LoadState
 from .adapter_source import AdapterSource
 from .adapter_weights import ServedModel
+from .admission import Admitter
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
@@ -40,9 +41,11 @@ from .errors import (
     InvalidRequestError,
 )
 from .handle import RequestHandle
-from .kv_cache import KVPool, blocks_for
+from .kv_cache import blocks_for
 from .lora_layer import MultiLoRALinear, warm_up_ops, wrap_linears
 from .model_loader import (
+    eos_token_ids,
+    kv_pool_for,
     load_base_model,
     load_tokenizer,
     pick_device,
@@ -112,16 +115,7 @@ class Engine:
         self.tokenizer = load_tokenizer(self.base)
         mc = model.config
         self.max_model_len = min(cfg.max_model_len, getattr(mc, "max_position_embeddings", cfg.max_model_len))
-        head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
-        kv_shape = (mc.num_hidden_layers, mc.num_key_value_heads, head_dim)
-        budget = cfg.kv_cache_bytes
-        if cfg.kv_cache_memory_fraction and self.device.type == "cuda":
-            budget = int(torch.cuda.mem_get_info(self.device)[0] * cfg.kv_cache_memory_fraction)
-        num_blocks = (KVPool.blocks_in_budget(budget, cfg.kv_block_size, *kv_shape, self.dtype)
-                      if budget else cfg.kv_cache_tokens // cfg.kv_block_size)
-        self.kv = KVPool(*kv_shape, num_blocks, cfg.kv_block_size, self.dtype, self.device)
-        log.info("KV pool: %d blocks of %d tokens (%.1f MiB)", num_blocks, cfg.kv_block_size,
-                 self.kv.nbytes / 2**20)
+        self.kv = kv_pool_for(model, cfg, self.dtype, self.device)
         self.blocks = BlockManager(self.kv, cfg.prefix_caching)
         self.preemptions = 0
         self.served = ServedModel(
@@ -134,7 +128,7 @@ class Engine:
                                       recipe=self.recipe, trust=trust)
         self.encoder = PromptEncoder(self.tokenizer, mc.vocab_size,
                                      min(cfg.max_prompt_tokens, self.max_model_len - 1))
-        self.eos_ids = self._eos_ids(model)
+        self.eos_ids = eos_token_ids(model, self.tokenizer)
         graphs = (DecodeGraphs(model, self.kv, self.device, cfg.max_running, self.max_model_len, capture=True)
                   if cfg.cuda_graphs and self.device.type == "cuda" and cfg.quantize != "int8" else None)
         self.runner = ModelRunner(model, self.kv, self.device, graphs)
@@ -144,6 +138,7 @@ class Engine:
             workers=cfg.load_workers, keep_host_copies=self.device.type != "cpu",  # CPU slots are host memory
         )
         self.scheduler = Scheduler(cfg.max_running, cfg.max_batch_tokens, cfg.max_queue)
+        self.admitter = Admitter(self.cache, self.blocks, self._stats)
         self._warm_up()
         self.ready = True
         self._accepting = True
@@ -153,15 +148,6 @@ class Engine:
         log.info("engine ready: %s (%s, %s) with %d LoRA-wrapped linears",
                  self.base.name, cfg.quantize, self.device, len(self.layers))
         return self
-
-    def _eos_ids(self, model) -> set[int]:
-        ids: set[int] = set()
-        for source in (getattr(model, "generation_config", None), model.config):
-            eos = getattr(source, "eos_token_id", None)
-            ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return ids
 
     def _warm_up(self) -> None:
         blocks: list[int] = []
@@ -417,49 +403,19 @@ class Engine:
         return True
 
     def _admit(self, seq: Sequence) -> Admission:
-        """Take the adapter slot `seq` needs and check the KV pool has room for it, or say why not."""
+        """The scheduler's question: may `seq` start now? (see `admission.Admitter`)"""
         if seq.handle.cancel_requested:
             self._complete(seq, FinishReason.CANCELLED)
             return Admission.DROP
-        slot = 0
-        if seq.adapter is not None:
-            state, error = self.cache.state(seq.adapter)
-            if state is LoadState.FAILED:
-                self._fail(seq, error if isinstance(error, EngineError)
-                           else AdapterUnavailableError(f"adapter {seq.adapter.ref}: {error}"))
-                return Admission.DROP
-            if state is LoadState.ABSENT:
-                self.cache.prefetch(seq.adapter)
-                return Admission.WAIT
-            if state is LoadState.LOADING:
-                return Admission.WAIT
-            try:
-                acquired = self.cache.acquire(seq.adapter)
-            except Exception as e:  # writing the slot failed: this adapter cannot be served
-                log.exception("placing adapter %s in a slot failed", seq.adapter.ref)
-                self._fail(seq, AdapterUnavailableError(f"adapter {seq.adapter.ref}: {e}"))
-                return Admission.DROP
-            if acquired is None:
-                return Admission.WAIT
-            slot = acquired
-        if not self.blocks.admit(seq, others_running=bool(self.scheduler.running)):
-            if seq.adapter is not None:
-                self.cache.release(seq.adapter)
-            return Admission.WAIT
-        seq.slot = slot
-        if seq.computed:  # taken from the prefix cache
-            self._stats.add(seq.adapter.ref if seq.adapter else BASE_KEY, cached_prompt_tokens=seq.computed)
-        if seq.admitted_at is None:
-            seq.admitted_at = time.monotonic()
-        return Admission.ADMIT
+        admission, error = self.admitter.admit(seq, others_running=bool(self.scheduler.running))
+        if error is not None:
+            self._fail(seq, error)
+        return admission
 
     def _preempt(self, seq: Sequence) -> None:
         """Give back everything a running sequence holds; it recomputes its tokens when readmitted
         (its full blocks may still be in the prefix cache then)."""
-        self.blocks.release(seq)
-        if seq.adapter is not None:
-            self.cache.release(seq.adapter)
-        seq.slot = 0
+        self.admitter.release(seq)
         seq.preemptions += 1
         self.preemptions += 1
         log.info("KV pool full: preempted request %s (%d tokens, to be recomputed)",
@@ -470,14 +426,7 @@ class Engine:
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
         text = seq.text.add(token)
-        params = seq.request.sampling
-        finish = None
-        if token in self.eos_ids and not params.ignore_eos:
-            finish = FinishReason.EOS
-        elif seq.text.stopped:
-            finish = FinishReason.STOP
-        elif seq.num_tokens >= seq.max_len:
-            finish = FinishReason.LENGTH
+        finish = seq.finish_reason(token, self.eos_ids)
         if finish is not None:
             text += seq.text.finish()
         seq.handle._emit(TokenEvent(seq.request_id, token, text, len(seq.output_ids) - 1))
@@ -492,9 +441,7 @@ class Engine:
         if seq.status is SeqStatus.FINISHED:
             return
         if seq.status is SeqStatus.RUNNING:
-            self.blocks.release(seq)
-            if seq.adapter is not None:
-                self.cache.release(seq.adapter)
+            self.admitter.release(seq)
         self.scheduler.finish(seq)
         seq.status = SeqStatus.FINISHED
         self._seqs.pop(seq.request_id, None)

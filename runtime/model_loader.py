@@ -1,4 +1,5 @@
-"""Load the served base model: transformers, quantized by the engine's one recipe, plus its tokenizer.
+"""Load the served base model: transformers, quantized by the engine's one recipe, plus its
+tokenizer, its end-of-sequence ids and the KV pool its shape and the config's budget size.
 
 Never `trust_remote_code`: only architectures transformers ships are served.
 """
@@ -15,6 +16,7 @@ from loradock.registry.quantization import QuantizationRecipe
 
 from .attention import ATTENTION_NAME, register_attention
 from .config import EngineConfig
+from .kv_cache import KVPool
 
 log = logging.getLogger(__name__)
 
@@ -68,3 +70,30 @@ def load_tokenizer(source: ResolvedBase):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
+    """Every token id the model's generation config, config or tokenizer names as end of sequence."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(source, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def kv_pool_for(model: torch.nn.Module, config: EngineConfig, dtype: torch.dtype, device: torch.device) -> KVPool:
+    """The paged KV pool for `model`'s layers, sized by the config: a fraction of the free device
+    memory (CUDA, when set), else kv_cache_bytes when set, else kv_cache_tokens."""
+    mc = model.config
+    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+    kv_shape = (mc.num_hidden_layers, mc.num_key_value_heads, head_dim)
+    budget = config.kv_cache_bytes
+    if config.kv_cache_memory_fraction and device.type == "cuda":
+        budget = int(torch.cuda.mem_get_info(device)[0] * config.kv_cache_memory_fraction)
+    num_blocks = (KVPool.blocks_in_budget(budget, config.kv_block_size, *kv_shape, dtype)
+                  if budget else config.kv_cache_tokens // config.kv_block_size)
+    pool = KVPool(*kv_shape, num_blocks, config.kv_block_size, dtype, device)
+    log.info("KV pool: %d blocks of %d tokens (%.1f MiB)", num_blocks, config.kv_block_size, pool.nbytes / 2**20)
+    return pool

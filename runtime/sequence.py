@@ -10,7 +10,7 @@ from .detokenize import TextStream
 from .handle import RequestHandle
 from .kv_cache import block_hashes
 from .sampling import Sampler
-from .types import GenerationRequest, ResolvedAdapter
+from .types import FinishReason, GenerationRequest, ResolvedAdapter
 
 
 class SeqStatus(enum.Enum):
@@ -57,6 +57,16 @@ class Sequence:
         if len(self.block_hashes) < self.num_tokens // block_size:
             block_hashes(self.kv_context, self.prompt_ids + self.output_ids, block_size, self.block_hashes)
         return self.block_hashes
+
+    def finish_reason(self, last_token: int, eos_ids: set[int]) -> FinishReason | None:
+        """Why the sequence ends now that `last_token` was generated and detokenized; None: it goes on."""
+        if last_token in eos_ids and not self.request.sampling.ignore_eos:
+            return FinishReason.EOS
+        if self.text.stopped:
+            return FinishReason.STOP
+        if self.num_tokens >= self.max_len:
+            return FinishReason.LENGTH
+        return None
 
     @property
     def in_prefill(self) -> bool:
