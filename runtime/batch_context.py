@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .batching import AttentionGroup
+from .batching import AttentionGroup, SlotGroups
 
 
 @dataclass(frozen=True)
@@ -30,32 +30,13 @@ class AttentionBatch:
 
 
 @dataclass(frozen=True)
-class SlotGroups:
-    """`batching.SlotLayout` with its index lists as tensors on the model's device: the blocked
-    tokens as a padded block [slots hi - lo, width, features] (the tokens of slot s are rows
-    (s - lo) * width + 0, 1, ... of the flat block), and the long runs left out of it."""
-
-    lo: int
-    hi: int
-    width: int
-    token_rows: torch.Tensor | None  # [blocked] block row of each blocked token; None: in order
-    blocked: torch.Tensor | None  # [blocked] their packed positions; None: every token
-    num_blocked: int
-    long_runs: tuple[tuple[int, int, int], ...]  # (start, end, slot)
-
-    @property
-    def rows(self) -> int:
-        return (self.hi - self.lo) * self.width
-
-
-@dataclass(frozen=True)
 class LoRABatch:
     """Token -> adapter slot bookkeeping for the LoRA layers."""
 
     token_slots: torch.Tensor  # [T] long, on the model's device; 0 = no adapter
-    segments: tuple[tuple[int, int, int], ...]  # (start, end, slot) runs over the packed tokens
-    runs: torch.Tensor  # [G, 3] int32 on the model's device: the segments as (start, length, slot)
-    longest_run: int  # tokens in the longest segment
+    runs: tuple[tuple[int, int, int], ...]  # (start, end, slot): `batching.find_runs` of the packed tokens
+    run_table: torch.Tensor  # [G, 3] int32 on the model's device: the runs as (start, length, slot)
+    longest_run: int  # tokens in the longest run
     slots_present: tuple[int, ...]  # distinct non-zero slots in this batch
     groups: SlotGroups  # the same tokens as a padded per-slot block
     # A captured step (cuda_graphs.py): its tensors are persistent inputs whose values change

@@ -3,12 +3,13 @@
 One engine step packs the new tokens of every scheduled sequence into a single
 row (`input_ids` [1, T]); these helpers build the per-token bookkeeping that the
 attention function and the LoRA layers read. Sequences are ordered by adapter
-slot before packing, so tokens of one adapter form contiguous segments.
+slot before packing, so tokens of one adapter form contiguous runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -53,19 +54,20 @@ def token_slots(seq_slots: Sequence[int], chunk_lens: Sequence[int]) -> list[int
     return [s for s, n in zip(seq_slots, chunk_lens, strict=True) for _ in range(n)]
 
 
-def find_segments(slots: Sequence[int]) -> list[tuple[int, int, int]]:
-    """Runs of equal slots in a token -> slot map: [(start, end, slot), ...], end exclusive.
+def find_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
+    """The runs of a token -> slot map: maximal stretches of one slot, [(start, end, slot), ...],
+    end exclusive.
 
-    >>> find_segments([0, 0, 3, 3, 3, 1])
+    >>> find_runs([0, 0, 3, 3, 3, 1])
     [(0, 2, 0), (2, 5, 3), (5, 6, 1)]
     """
-    segments: list[tuple[int, int, int]] = []
+    runs: list[tuple[int, int, int]] = []
     start = 0
     for i in range(1, len(slots) + 1):
         if i == len(slots) or slots[i] != slots[start]:
-            segments.append((start, i, int(slots[start])))
+            runs.append((start, i, int(slots[start])))
             start = i
-    return segments
+    return runs
 
 
 def sample_indices(cu_lens: Sequence[int], wants_logits: Sequence[bool]) -> list[int]:
@@ -82,37 +84,51 @@ def sample_indices(cu_lens: Sequence[int], wants_logits: Sequence[bool]) -> list
 LONG_RUN = 8
 
 
-class SlotLayout(NamedTuple):
-    """Where the packed tokens go for ops that batch over adapters (see `slot_groups`)."""
+@dataclass(frozen=True)
+class SlotGroups:
+    """Where the packed tokens go for ops that batch over adapters (see `slot_groups`): the
+    blocked tokens as a padded block [slots hi - lo, width, features] (the tokens of slot s are
+    rows (s - lo) * width + 0, 1, ... of the flat block), and the long runs left out of it."""
 
     lo: int  # the block covers slots lo..hi-1
     hi: int
     width: int  # rows per slot in the block
-    rows: list[int] | None  # block row of each blocked token; None: they are the block, in order
-    blocked: list[int] | None  # packed positions of the blocked tokens; None: every token
-    long_runs: list[tuple[int, int, int]]  # (start, end, slot) runs left out of the block
+    token_rows: torch.Tensor | None  # [blocked] block row of each blocked token; None: in order
+    blocked: torch.Tensor | None  # [blocked] their packed positions; None: every token
+    num_blocked: int
+    long_runs: tuple[tuple[int, int, int], ...]  # (start, end, slot) runs left out of the block
+
+    @property
+    def rows(self) -> int:
+        return (self.hi - self.lo) * self.width
 
 
-def slot_groups(slots: Sequence[int], runs: Sequence[tuple[int, int, int]], long_run: int = LONG_RUN) -> SlotLayout:
+def slot_groups(slots: Sequence[int], runs: Sequence[tuple[int, int, int]], device: torch.device,
+                long_run: int = LONG_RUN) -> SlotGroups:
     """Lay the packed tokens out as a padded block of slots lo..hi-1, `width` rows per slot (the
     most tokens any slot has), so one bmm serves every adapter instead of one matmul per
     adapter. Slots of the range without tokens get all-zero rows. Of `runs` (the step's
-    `find_segments(slots)`), those longer than `long_run` tokens are left out (`long_runs`) for
-    a matmul pair each.
+    `find_runs(slots)`), those longer than `long_run` tokens are left out (`long_runs`) for
+    a matmul pair each. Index tensors are made on `device`.
 
-    >>> def layout(slots, **kw): return slot_groups(slots, find_segments(slots), **kw)
-    >>> layout([1, 2, 3])  # a decode step on distinct slots: the tokens are the block
-    SlotLayout(lo=1, hi=4, width=1, rows=None, blocked=None, long_runs=[])
-    >>> layout([0, 0, 2])
-    SlotLayout(lo=0, hi=3, width=2, rows=[0, 1, 4], blocked=None, long_runs=[])
+    >>> def layout(slots, **kw):
+    ...     g = slot_groups(slots, find_runs(slots), torch.device("cpu"), **kw)
+    ...     return g.lo, g.hi, g.width, *(None if t is None else t.tolist() for t in (g.token_rows, g.blocked))
+    >>> layout([1, 2, 3])  # a decode step on distinct slots: the tokens are the block, in order
+    (1, 4, 1, None, None)
+    >>> layout([0, 0, 2])  # slot 1 has no tokens: its rows stay zero
+    (0, 3, 2, [0, 1, 4], None)
     >>> layout([1, 2, 2, 2, 3], long_run=2)  # a prompt chunk on slot 2 among decodes
-    SlotLayout(lo=1, hi=4, width=1, rows=[0, 2], blocked=[0, 4], long_runs=[(1, 4, 2)])
+    (1, 4, 1, [0, 2], [0, 4])
     """
-    long_runs = [run for run in runs if run[1] - run[0] > long_run]
+    def as_tensor(index: list[int] | None) -> torch.Tensor | None:
+        return None if index is None else torch.tensor(index, dtype=torch.long, device=device)
+
+    long_runs = tuple(run for run in runs if run[1] - run[0] > long_run)
     in_long = {t for start, end, _ in long_runs for t in range(start, end)}
     blocked = [t for t in range(len(slots)) if t not in in_long]
     if not blocked:
-        return SlotLayout(0, 0, 1, None, [] if long_runs else None, long_runs)
+        return SlotGroups(0, 0, 1, None, as_tensor([] if long_runs else None), 0, long_runs)
     blocked_slots = [slots[t] for t in blocked]
     lo, hi = min(blocked_slots), max(blocked_slots) + 1
     counts: dict[int, int] = {}
@@ -125,8 +141,8 @@ def slot_groups(slots: Sequence[int], runs: Sequence[tuple[int, int, int]], long
         rows.append((s - lo) * width + filled.get(s, 0))
         filled[s] = filled.get(s, 0) + 1
     in_order = (hi - lo) * width == len(rows) and rows == list(range(len(rows)))
-    return SlotLayout(lo, hi, width, None if in_order else rows,
-                      None if not long_runs else blocked, long_runs)
+    return SlotGroups(lo, hi, width, None if in_order else as_tensor(rows),
+                      as_tensor(blocked) if long_runs else None, len(blocked), long_runs)
 
 
 class AttentionGroup(NamedTuple):

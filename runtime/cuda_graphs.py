@@ -27,8 +27,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .batch_context import AttentionBatch, BatchContext, LoRABatch, SlotGroups, use_context
-from .batching import AttentionGroup
+from .batch_context import AttentionBatch, BatchContext, LoRABatch, use_context
+from .batching import AttentionGroup, SlotGroups
 from .kv_cache import KVPool
 
 log = logging.getLogger(__name__)
@@ -73,9 +73,9 @@ class StaticDecodeStep:
         self.key_positions = torch.arange(context, device=device)
         self.mask = torch.zeros(rows, 1, 1, context, dtype=torch.bool, device=device)
         rows_index = torch.arange(rows, device=device)
-        self.runs = torch.zeros(rows, 3, dtype=torch.int32, device=device)  # one run per token
-        self.runs[:, 0], self.runs[:, 1] = rows_index, 1
-        lora = LoRABatch(token_slots=self.slots, segments=(), runs=self.runs, longest_run=1, slots_present=(),
+        self.run_table = torch.zeros(rows, 3, dtype=torch.int32, device=device)  # one run per token
+        self.run_table[:, 0], self.run_table[:, 1] = rows_index, 1
+        lora = LoRABatch(token_slots=self.slots, runs=(), run_table=self.run_table, longest_run=1, slots_present=(),
                          groups=SlotGroups(0, 0, 1, None, None, rows, ()), static=True)
         group = AttentionGroup(rows_index[:, None], self.kv_index, self.mask, None, rows_index)
         self.ctx = BatchContext(lora, AttentionBatch(pool.k, pool.v, self.write_index, (group,)))
@@ -104,7 +104,7 @@ class StaticDecodeStep:
     def forward(self) -> torch.Tensor:
         """The static forward over the current inputs (what a capture records) -> logits [rows, vocab]."""
         torch.le(self.key_positions[None, :], self.positions[:, None], out=self.mask.view(self.rows, -1))
-        self.runs[:, 2].copy_(self.slots)
+        self.run_table[:, 2].copy_(self.slots)
         with use_context(self.ctx):
             out = self.model(input_ids=self.tokens[None], position_ids=self.positions[None],
                              use_cache=False, logits_to_keep=self.keep)

@@ -28,7 +28,8 @@ from typing import Protocol
 
 import torch
 
-from .batch_context import LoRABatch, SlotGroups
+from .batch_context import LoRABatch
+from .batching import SlotGroups
 from .triton_lora import available as triton_available
 from .triton_lora import triton_lora, triton_lora_into
 
@@ -70,7 +71,7 @@ def segmented_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, 
     """One matmul pair per contiguous run of equal slots (tokens are packed slot by slot)."""
     wanted = set(slots)
     parts = []
-    for start, end, s in batch.segments:
+    for start, end, s in batch.runs:
         if s in wanted:
             parts.append(_run_delta(x[start:end], shrink[s], expand[s]))
         else:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from . import batching
-from .batch_context import AttentionBatch, BatchContext, LoRABatch, SlotGroups, use_context
+from .batch_context import AttentionBatch, BatchContext, LoRABatch, use_context
 from .cuda_graphs import DecodeGraphs
 from .kv_cache import KVPool
 
@@ -38,23 +38,15 @@ class StepLogits:
 
 def lora_batch(slot_list: Sequence[int], device: torch.device) -> LoRABatch:
     """The LoRA layers' view of a step from its token -> slot map [T]."""
-    segments = batching.find_segments(slot_list)
-    layout = batching.slot_groups(slot_list, segments)
-
-    def as_tensor(index: list[int] | None) -> torch.Tensor | None:
-        return None if index is None else torch.tensor(index, dtype=torch.long, device=device)
-
+    runs = batching.find_runs(slot_list)
     return LoRABatch(
         token_slots=torch.tensor(list(slot_list), dtype=torch.long, device=device),
-        segments=tuple(segments),
-        runs=torch.tensor([(start, end - start, slot) for start, end, slot in segments] or [(0, 0, 0)],
-                          dtype=torch.int32, device=device),
-        longest_run=max((end - start for start, end, _ in segments), default=0),
+        runs=tuple(runs),
+        run_table=torch.tensor([(start, end - start, slot) for start, end, slot in runs] or [(0, 0, 0)],
+                               dtype=torch.int32, device=device),
+        longest_run=max((end - start for start, end, _ in runs), default=0),
         slots_present=tuple(sorted({s for s in slot_list if s != 0})),
-        groups=SlotGroups(
-            layout.lo, layout.hi, layout.width, as_tensor(layout.rows), as_tensor(layout.blocked),
-            len(slot_list) if layout.blocked is None else len(layout.blocked), tuple(layout.long_runs),
-        ),
+        groups=batching.slot_groups(slot_list, runs, device),
     )
 
 

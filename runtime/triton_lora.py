@@ -6,7 +6,7 @@ One kernel serves both halves: for every run (start, length, slot) of the packed
 (shrink [S, r, in] read as [in, r]; expand [S, r, out] as [r, out]) given by strides. A program
 owns BLOCK_M tokens of one run and BLOCK_N output columns, so each adapter tile is read once
 per block of tokens; slot 0 (no adapter) writes zeros. Tokens are packed slot by slot
-(`batching.order_by_slot`), so runs are the step's segments.
+(`batching.order_by_slot`), so each adapter's tokens form one run (`batching.find_runs`).
 
 The kernel lives in `triton_kernels.py`, imported on first use, so importing this module never
 needs Triton. On CPU it runs only under Triton's interpreter (TRITON_INTERPRET=1 before that
@@ -71,8 +71,8 @@ def triton_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, bat
                 slots: Sequence[int]) -> torch.Tensor:
     """The LoRA op (see lora_ops): shrink then expand, each one segmented-matmul launch. Slots
     outside `slots` are zero in this layer's buffers, so computing them changes nothing."""
-    h = segmented_matmul(x, shrink, True, batch.runs, batch.longest_run)  # [T, r]
-    return segmented_matmul(h, expand, False, batch.runs, batch.longest_run)  # [T, out]
+    h = segmented_matmul(x, shrink, True, batch.run_table, batch.longest_run)  # [T, r]
+    return segmented_matmul(h, expand, False, batch.run_table, batch.longest_run)  # [T, out]
 
 
 def triton_lora_into(out: torch.Tensor, x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor,
@@ -82,6 +82,6 @@ def triton_lora_into(out: torch.Tensor, x: torch.Tensor, shrink: torch.Tensor, e
     the base output `out` [T, out]: the shrink kernel, then the expand kernel adding the delta,
     LoRA bias and DoRA rows as it stores (a captured decode step would otherwise launch five
     more kernels per layer for the add and the rows)."""
-    h = segmented_matmul(x, shrink, True, batch.runs, batch.longest_run)  # [T, r]
-    return segmented_matmul(h, expand, False, batch.runs, batch.longest_run, out=out,
+    h = segmented_matmul(x, shrink, True, batch.run_table, batch.longest_run)  # [T, r]
+    return segmented_matmul(h, expand, False, batch.run_table, batch.longest_run, out=out,
                             slot_rows=(bias, dora_scale, base_bias))

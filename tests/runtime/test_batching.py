@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 
 import pytest
+import torch
 from loradock.runtime import batching, cuda_graphs, kv_cache
 
 
@@ -15,8 +16,8 @@ from loradock.runtime import batching, cuda_graphs, kv_cache
     ([2, 1, 2], [(0, 1, 2), (1, 2, 1), (2, 3, 2)]),
     ([5] * 4, [(0, 4, 5)]),
 ])
-def test_find_segments(slots, want):
-    assert batching.find_segments(slots) == want
+def test_find_runs(slots, want):
+    assert batching.find_runs(slots) == want
 
 
 @pytest.mark.parametrize(("slots", "want"), [
@@ -83,7 +84,10 @@ def test_sample_indices(cu, wants, want):
     ([], (0, 0, 1, None, None, [])),
 ])
 def test_slot_groups(slots, want):
-    assert tuple(batching.slot_groups(slots, batching.find_segments(slots))) == want
+    g = batching.slot_groups(slots, batching.find_runs(slots), torch.device("cpu"))
+    as_list = lambda t: None if t is None else t.tolist()  # noqa: E731
+    assert (g.lo, g.hi, g.width, as_list(g.token_rows), as_list(g.blocked), list(g.long_runs)) == want
+    assert g.num_blocked == len(slots) - sum(end - start for start, end, _ in g.long_runs)
 
 
 @pytest.mark.parametrize("module", [batching, kv_cache, cuda_graphs])

@@ -22,8 +22,8 @@ def make_batch(seq_slots: list[int], chunk_lens: list[int], device: torch.device
 def static_batch(batch: LoRABatch) -> LoRABatch:
     """`batch` as a captured decode step sees it: one run per token, no slot bookkeeping."""
     t = batch.token_slots
-    runs = torch.stack([torch.arange(len(t)), torch.ones_like(t), t], dim=1).to(torch.int32).to(t.device)
-    return dataclasses.replace(batch, runs=runs, longest_run=1, segments=(), slots_present=(), static=True)
+    table = torch.stack([torch.arange(len(t)), torch.ones_like(t), t], dim=1).to(torch.int32).to(t.device)
+    return dataclasses.replace(batch, run_table=table, longest_run=1, runs=(), slots_present=(), static=True)
 
 
 def stacked_weights(num_slots: int, ranks: list[int], r_max: int, d_in: int, d_out: int, seed: int):
