@@ -37,7 +37,8 @@ from .triton_lora import triton_lora, triton_lora_into
 class LoRAOp(Protocol):
     def __call__(self, x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, batch: LoRABatch,
                  slots: Sequence[int]) -> torch.Tensor:
-        """x [T, in], shrink [S, r, in], expand [S, r, out] -> delta [T, out]."""
+        """x [T, in], shrink [S, r, in], expand [S, r, out] -> delta [T, out]. `slots`: the step's
+        non-zero slots that hold weights in this layer, sorted; tokens of other slots get zeros."""
         ...
 
 
@@ -79,15 +80,25 @@ def segmented_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, 
     return torch.cat(parts)
 
 
-def _block_delta(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, g: SlotGroups) -> torch.Tensor:
+def _block_delta(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, g: SlotGroups,
+                 slots: Sequence[int]) -> torch.Tensor:
     """The blocked tokens' deltas: x [blocked, in] -> [blocked, out], through two bmm over the
-    slot range g.lo..g.hi-1 (each slot's weights read once, in place)."""
+    slots of the block's range g.lo..g.hi-1 that this layer serves (`slots`, sorted), each slot's
+    weights read once, in place. Slots at either end of the range without weights here (their
+    adapters do not target this layer) are left out of the bmm: their rows stay zero."""
     n = g.hi - g.lo
     if g.token_rows is None:  # the tokens already are the block
         block = x.reshape(n, g.width, x.shape[1])
     else:
         block = x.new_zeros(g.rows, x.shape[1]).index_copy_(0, g.token_rows, x).view(n, g.width, -1)
-    y = torch.bmm(torch.bmm(block, shrink[g.lo:g.hi].transpose(1, 2)), expand[g.lo:g.hi])  # [n, width, out]
+    lo, hi = max(g.lo, slots[0]), min(g.hi, slots[-1] + 1)
+    if (lo, hi) == (g.lo, g.hi):
+        y = torch.bmm(torch.bmm(block, shrink[lo:hi].transpose(1, 2)), expand[lo:hi])  # [n, width, out]
+    else:
+        y = x.new_zeros(n, g.width, expand.shape[2])
+        if lo < hi:
+            a, b = lo - g.lo, hi - g.lo
+            torch.bmm(torch.bmm(block[a:b], shrink[lo:hi].transpose(1, 2)), expand[lo:hi], out=y[a:b])
     y = y.view(g.rows, -1)
     return y if g.token_rows is None else y.index_select(0, g.token_rows)
 
@@ -98,11 +109,13 @@ def batched_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, ba
     bmm calls per layer instead of two matmuls per adapter, with no per-token weight copies;
     long runs (prompt chunks, `batch.groups.long_runs`) get a matmul pair each."""
     g = batch.groups
+    if not slots:
+        return x.new_zeros(x.shape[0], expand.shape[2])
     if not g.long_runs:
-        return _block_delta(x, shrink, expand, g)
+        return _block_delta(x, shrink, expand, g, slots)
     delta = x.new_zeros(x.shape[0], expand.shape[2])
     if g.num_blocked:
-        delta.index_copy_(0, g.blocked, _block_delta(x.index_select(0, g.blocked), shrink, expand, g))
+        delta.index_copy_(0, g.blocked, _block_delta(x.index_select(0, g.blocked), shrink, expand, g, slots))
     wanted = set(slots)
     for start, end, s in g.long_runs:
         if s in wanted:

@@ -62,13 +62,15 @@ def test_fast_ops_match_reference(op_name, seq_slots, chunk_lens, d_in, d_out):
     want = reference_lora(x, shrink, expand, batch, batch.slots_present)
     got = LORA_OPS[op_name](x, shrink, expand, batch, batch.slots_present)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    # A layer that only the first adapter targets: the others' buffers there are zero.
-    only = batch.slots_present[:1]
-    targeted = torch.zeros(shrink.shape[0], 1, 1)
-    targeted[list(only)] = 1
-    shrink, expand = shrink * targeted, expand * targeted
-    want = reference_lora(x, shrink, expand, batch, only)
-    torch.testing.assert_close(LORA_OPS[op_name](x, shrink, expand, batch, only), want, rtol=1e-5, atol=1e-5)
+    # Layers that only some adapters target (the others' buffers there are zero, and they are
+    # not in `slots`): the first, the last, the inner ones; the batched op trims the block's ends.
+    present = batch.slots_present
+    for only in {present[:1], present[-1:], present[1:-1]} - {()}:
+        targeted = torch.zeros(shrink.shape[0], 1, 1)
+        targeted[list(only)] = 1
+        want = reference_lora(x, shrink * targeted, expand * targeted, batch, only)
+        got = LORA_OPS[op_name](x, shrink * targeted, expand * targeted, batch, only)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"layer targeted by slots {only}")
 
 
 def test_reference_is_plain_per_token_math():
