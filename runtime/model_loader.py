@@ -1,5 +1,5 @@
 """Load the served base model: transformers, quantized by the engine's one recipe, plus its
-tokenizer, its end-of-sequence ids and the KV pool its shape and the config's budget size.
+tokenizer and end-of-sequence ids, and size the paged KV pool for its layers.
 
 Never `trust_remote_code`: only architectures transformers ships are served.
 """
