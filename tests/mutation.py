@@ -105,6 +105,14 @@ BREAKAGES = (
         ("tests/runtime/test_admission_unit.py",),
     ),
     Breakage(
+        # a layer's bmm over the trimmed slot range writes its rows at the block's start, so
+        # decode tokens get the delta of the slot next to theirs
+        "trimmed-bmm-writes-the-wrong-rows", "runtime/lora_ops.py",
+        "expand[lo:hi], out=y[a:b])\n",
+        "expand[lo:hi], out=y[:b - a])\n",
+        ("tests/runtime/test_lora_ops.py",),
+    ),
+    Breakage(
         # a signature is trusted for its key alone, whatever files it signed
         "signature-ignores-the-files", "registry/signing.py",
         "        if signed != expected:\n",

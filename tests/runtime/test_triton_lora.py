@@ -73,7 +73,7 @@ def test_long_runs_span_several_token_blocks():
 
 
 @pytest.mark.parametrize(("seq_slots", "chunk_lens"), CASES)
-@pytest.mark.parametrize("runs", ["segments", "per-token"])
+@pytest.mark.parametrize("runs", ["per-slot", "per-token"])
 @pytest.mark.parametrize("base_bias", [False, True])
 def test_fused_rows_match_the_reference_composition(seq_slots, chunk_lens, runs, base_bias):
     """`triton_lora_into` (a captured step's op on CUDA) adds delta, LoRA bias and DoRA rows into
