@@ -46,6 +46,8 @@ class KVBlocks(Protocol):
 
 
 class Admitter:
+    """Takes a waiting sequence's slot and KV room together at admission, gives both back at its end."""
+
     def __init__(self, cache: SlotCache, blocks: KVBlocks, stats: EngineStats) -> None:
         self.cache = cache
         self.blocks = blocks
