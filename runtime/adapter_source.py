@@ -36,7 +36,7 @@ from .adapter_merge import (
     read_peft_dir,
     write_peft_dir,
 )
-from .adapter_weights import LoadedAdapter, ServedModel, read_adapter
+from .adapter_weights import LoadedAdapter, ServedModel, largest_layout_numel, read_adapter
 from .errors import (
     AdapterNotFoundError,
     AdapterUnavailableError,
@@ -60,6 +60,11 @@ def engine_error(e: RegistryError, ref: str) -> EngineError:
     return AdapterUnavailableError(f"adapter {ref}: {e}")
 
 
+# Room for an adapter file's safetensors header, per linear layer: up to four tensors (A, B, bias,
+# magnitude) at ~150 bytes of JSON each.
+HEADER_BYTES_PER_LINEAR = 1024
+
+
 class AdapterSource:
     """Resolve references and read adapter versions for one served base model (thread-safe)."""
 
@@ -78,6 +83,14 @@ class AdapterSource:
         self._generation: int | None = None
         self._last_poll = 0.0
         self._lock = threading.Lock()
+
+    def prime_host_memory(self, concurrent_loads: int) -> None:
+        """Touch the buffers `concurrent_loads` loads of the largest adapter use (staging for a
+        float32 file, the slot layout in the serving dtype) now, so the first loads find them."""
+        numel = largest_layout_numel(self.served)
+        header = HEADER_BYTES_PER_LINEAR * len(self.served.linear_shapes)
+        for nbytes in (numel * 4 + header, numel * self.dtype.itemsize):
+            self.blocks.prime(nbytes, concurrent_loads)
 
     def resolve(self, ref: str) -> AdapterVersion:
         """`ref` -> version, cached until the registry's generation changes (polled every

@@ -136,6 +136,11 @@ def _layout_numel(spec: peft_format.LoraModule) -> int:
     return spec.rank * (spec.in_features + spec.out_features)
 
 
+def largest_layout_numel(served: ServedModel) -> int:
+    """Elements of the largest adapter `served` takes (every linear at max rank), in the slot layout."""
+    return served.max_rank * sum(i + o for i, o in served.linear_shapes.values())
+
+
 def read_adapter(adapter: ResolvedAdapter, version_dir: Path, manifest: dict, served: ServedModel,
                  dtype: torch.dtype = torch.float32, blocks: HostBlocks | None = None) -> LoadedAdapter:
     """Read and validate an adapter version; raise AdapterUnavailableError listing every problem.
@@ -159,10 +164,19 @@ def read_adapter(adapter: ResolvedAdapter, version_dir: Path, manifest: dict, se
     if problems:
         raise AdapterUnavailableError(f"{where}: " + "; ".join(problems))
 
+    if blocks is None:
+        blocks = HostBlocks(keep_bytes=0)  # nothing to reuse: every buffer is new
     try:
-        tensors = read_tensors(version_dir / WEIGHTS_FILE)
-    except (OSError, SafetensorsFormatError) as e:
+        with read_tensors(version_dir / WEIGHTS_FILE, blocks) as tensors:  # staging: valid in here only
+            return _from_tensors(adapter, tensors, config, served, dtype, blocks)
+    except (OSError, SafetensorsFormatError) as e:  # only reading raises these
         raise AdapterUnavailableError(f"{where}: cannot read {WEIGHTS_FILE}: {e}") from e
+
+
+def _from_tensors(adapter: ResolvedAdapter, tensors: dict[str, torch.Tensor], config: dict,
+                  served: ServedModel, dtype: torch.dtype, blocks: HostBlocks) -> LoadedAdapter:
+    """Check the file's modules against the served base, then convert them into a block."""
+    where = f"adapter {adapter.ref}"
     problems, specs = peft_format.read_modules({k: list(t.shape) for k, t in tensors.items()}, config)
     problems += peft_format.serving_problems(config, specs)
     for name, spec in specs.items():
@@ -180,11 +194,9 @@ def read_adapter(adapter: ResolvedAdapter, version_dir: Path, manifest: dict, se
         shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
         raise AdapterUnavailableError(f"{where} cannot be served: " + "; ".join(shown))
     nbytes = sum(_layout_numel(spec) for spec in specs.values()) * dtype.itemsize
-    block = blocks.take(nbytes) if blocks is not None else None
-    host = (block.tensor[:nbytes] if block is not None else torch.empty(nbytes, dtype=torch.uint8)).view(dtype)
+    block = blocks.take(nbytes)
     try:
-        return LoadedAdapter(adapter, _modules(specs, tensors, config, served, host), block)
+        return LoadedAdapter(adapter, _modules(specs, tensors, config, served, block.tensor[:nbytes].view(dtype)), block)
     except BaseException:
-        if block is not None:
-            block.release()
+        block.release()
         raise

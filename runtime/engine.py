@@ -126,6 +126,7 @@ class Engine:
         )
         self.adapters = AdapterSource(self.registry, self.served, self.dtype, cfg.registry_poll_s,
                                       recipe=self.recipe, trust=trust)
+        self.adapters.prime_host_memory(cfg.load_workers)
         self.encoder = PromptEncoder(self.tokenizer, mc.vocab_size,
                                      min(cfg.max_prompt_tokens, self.max_model_len - 1))
         self.eos_ids = eos_token_ids(model, self.tokenizer)

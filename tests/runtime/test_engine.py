@@ -275,3 +275,17 @@ def test_load_unload_resident_and_info(tiny_registry, tiny_base, engine_factory)
     assert "law@1" not in {r.adapter.ref for r in engine.resident_adapters()}
     assert engine.unload_adapter("law") is False
     assert engine.generate(req("law", n=2), timeout=60).adapter.ref == "law@1", "reloads on demand"
+
+
+def test_the_largest_adapter_loads_into_memory_primed_at_start(registry, tiny_base, tmp_path, engine_factory):
+    """Every linear at max rank, read cold: staging and slot layout come from the buffers the
+    engine touched when it started, so the pool holds the same bytes after as before."""
+    every_linear = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    registry.publish(make_lora_adapter(tiny_base.path, tmp_path / "big", rank=16, targets=every_linear),
+                     "big", base=tiny_base.name)
+    engine = engine_factory(registry, tiny_base.name, run_loop=True, max_rank=16, load_workers=2)
+    pool = engine.adapters.blocks
+    primed = pool.free_bytes
+    assert primed > 0
+    engine.generate(req("big", n=2), timeout=60)
+    assert pool.free_bytes == primed, "the cold load allocated new host buffers"

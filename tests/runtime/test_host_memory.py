@@ -1,5 +1,6 @@
 """Reused host memory for cold loads: the staging read equals safetensors' own, refuses
-malformed files by name, and the block pool never lends one buffer twice."""
+malformed files by name and gives its buffer back either way, and the block pool never lends
+one buffer twice, keeps what it may and lends primed buffers first."""
 
 from __future__ import annotations
 
@@ -18,26 +19,20 @@ def test_read_tensors_equals_safetensors_and_reuses_its_staging(tmp_path):
     big = {"a.lora_A.weight": torch.randn(4, 6, generator=g), "a.lora_B.weight": torch.randn(5, 4, generator=g),
            "half": torch.randn(3, generator=g).to(torch.float16), "brain": torch.randn(2, 3, generator=g).to(torch.bfloat16)}
     save_file(big, tmp_path / "big.safetensors")
-    save_file({"x": torch.ones(2)}, tmp_path / "small.safetensors")
-    got = read_tensors(tmp_path / "big.safetensors")
+    save_file({"x": torch.ones(64)}, tmp_path / "small.safetensors")  # over half the big one: lent its buffer
+    pool = HostBlocks()
     want = load_file(tmp_path / "big.safetensors")
-    assert got.keys() == want.keys()
-    for name in want:
-        assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
-    first = got["a.lora_A.weight"].untyped_storage().data_ptr()
-    again = read_tensors(tmp_path / "small.safetensors")
-    assert again["x"].untyped_storage().data_ptr() == first, "the next read reuses the same staging buffer"
-    assert torch.equal(again["x"], torch.ones(2))
-
-
-def test_a_staging_buffer_over_the_limit_is_not_kept(tmp_path, monkeypatch):
-    from loradock.runtime import host_memory
-
-    monkeypatch.setattr(host_memory, "_staging", type(host_memory._staging)())  # this test's own thread state
-    monkeypatch.setattr(host_memory, "STAGING_KEEP_BYTES", 100)
-    save_file({"x": torch.ones(64)}, tmp_path / "large.safetensors")  # over 100 bytes
-    read_tensors(tmp_path / "large.safetensors")
-    assert getattr(host_memory._staging, "buffer", None) is None
+    with read_tensors(tmp_path / "big.safetensors", pool) as got:
+        assert got.keys() == want.keys()
+        for name in want:
+            assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
+        first = got["a.lora_A.weight"].untyped_storage().data_ptr()
+        assert pool.free_bytes == 0, "the staging buffer is lent for the with block"
+    size = (tmp_path / "big.safetensors").stat().st_size
+    assert pool.free_bytes == size, "and given back after it"
+    with read_tensors(tmp_path / "small.safetensors", pool) as again:
+        assert again["x"].untyped_storage().data_ptr() == first, "the next read reuses the same staging buffer"
+        assert torch.equal(again["x"], torch.ones(64))
 
 
 def write_raw(path, header: dict, data: bytes) -> None:
@@ -50,15 +45,17 @@ def write_raw(path, header: dict, data: bytes) -> None:
     ({"t": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8), r"8 bytes for shape \[3\]"),
     ({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(8), "outside the file"),
     ({"t": {"dtype": "F32", "shape": [2]}}, bytes(8), "bad entry"),
-])
+], ids=["dtype", "size-mismatch", "outside-the-file", "no-offsets"])
 def test_read_tensors_refuses_malformed_files_by_name(tmp_path, header, data, message):
     path = tmp_path / "bad.safetensors"
     write_raw(path, header, data)
-    with pytest.raises(SafetensorsFormatError, match=message):
-        read_tensors(path)
+    pool = HostBlocks()
+    with pytest.raises(SafetensorsFormatError, match=message), read_tensors(path, pool):
+        pass
+    assert pool.free_bytes == path.stat().st_size, "a refused file gives its staging buffer back"
     (tmp_path / "short.safetensors").write_bytes(b"\x01\x02")
-    with pytest.raises(SafetensorsFormatError, match="too short"):
-        read_tensors(tmp_path / "short.safetensors")
+    with pytest.raises(SafetensorsFormatError, match="too short"), read_tensors(tmp_path / "short.safetensors", pool):
+        pass
 
 
 def test_unaligned_tensors_are_copied_not_misread(tmp_path):
@@ -68,7 +65,8 @@ def test_unaligned_tensors_are_copied_not_misread(tmp_path):
     header = json.dumps({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
     header += b" " * ((8 - len(header) % 8) % 8 + 1)  # one byte past alignment
     path.write_bytes(struct.pack("<Q", len(header)) + header + values.numpy().tobytes())
-    assert torch.equal(read_tensors(path)["t"], values)
+    with read_tensors(path, HostBlocks()) as tensors:
+        assert torch.equal(tensors["t"], values)
 
 
 def test_blocks_are_lent_once_and_reused_after_release():
@@ -92,3 +90,14 @@ def test_pool_keeps_at_most_keep_bytes_of_returned_buffers():
     for block in blocks:
         block.release()
     assert pool.free_bytes == 200
+
+
+def test_primed_buffers_are_lent_first_and_bounded_by_keep_bytes():
+    pool = HostBlocks(keep_bytes=1000)
+    assert pool.prime(300, 5) == 3, "no more than keep_bytes of primed buffers"
+    assert pool.free_bytes == 900
+    assert pool.prime(300, 1) == 0
+    lent = [pool.take(250) for _ in range(3)]
+    assert pool.free_bytes == 0, "takes that fit are served from the primed buffers"
+    assert all(block.tensor.numel() == 300 for block in lent)
+    assert pool.take(100).tensor.numel() == 100, "an empty pool allocates"
