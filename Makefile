@@ -32,7 +32,7 @@ proto: setup
 	$(PY) -m loradock.runtime.server.protogen
 
 bench: setup
-	$(VENV)/bin/loradock bench
+	$(VENV)/bin/loradock bench --json benchmarks/results/latest.summary.json
 
 # Throughput/latency against the number of adapters, without the slow one-at-a-time baseline
 # and the registry timing (about 25 minutes on 2 CPU cores).
