@@ -6,6 +6,10 @@
   not counted). `acquire` pins an adapter into a slot for a running sequence; an
   unpinned slot is evicted (LRU) only once the incoming adapter is ready on the host,
   so a failed load never costs a resident adapter. Pinned slots are never evicted.
+- Placement: adapters that target every layer take the lowest empty slot, the others (e.g.
+  attention-only) the highest. A layer's batched LoRA op reads the slots from the first to
+  the last that hold weights there, so layers only the former target (the MLP) read a
+  compact low range rather than every other slot's zeros.
 - Every slot change goes through `_write_slot`, which updates the table and writes (or
   clears) that slot in every LoRA layer the cache was given, so they cannot drift.
 - Without `keep_host_copies` (on CPU, where the slots are host memory themselves) a host
@@ -172,7 +176,7 @@ class AdapterCache:
                 loaded = self._host.get(key)
                 if loaded is None:
                     return None
-                slot = self._free_slot()
+                slot = self._free_slot(from_top=not loaded.modules.keys() >= self._layers.keys())
                 if slot is None:
                     return None
                 self._write_slot(slot, key, loaded)
@@ -208,8 +212,11 @@ class AdapterCache:
         with self._lock:
             return self._pins.get(key, 0) > 0 or key in self._sticky
 
-    def _free_slot(self) -> int | None:
-        for slot in range(1, len(self._slot_key)):
+    def _free_slot(self, from_top: bool) -> int | None:
+        """An empty slot, the lowest or (`from_top`) the highest; else the least recently used
+        unpinned one, emptied; None when every slot is pinned."""
+        empty = range(len(self._slot_key) - 1, 0, -1) if from_top else range(1, len(self._slot_key))
+        for slot in empty:
             if self._slot_key[slot] is None:
                 return slot
         victim = next((slot for slot in self._slot_lru  # least recently used first

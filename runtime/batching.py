@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import NamedTuple
 
 import torch
@@ -82,16 +83,19 @@ def sample_indices(cu_lens: Sequence[int], wants_logits: Sequence[bool]) -> list
 # Runs of one slot longer than this (prompt chunks) stay out of the padded block: padding every
 # other slot to a prompt's length would multiply the work. They get a matmul pair each.
 LONG_RUN = 8
+# More empty slots than this between two of the step's slots split the padded block in two: a
+# second bmm pair per layer costs less than reading that many slots of zero weights.
+SPLIT_GAP = 4
 
 
 @dataclass(frozen=True)
 class SlotGroups:
     """Where the packed tokens go for ops that batch over adapters (see `slot_groups`): the
-    blocked tokens as a padded block [slots hi - lo, width, features] (the tokens of slot s are
-    rows (s - lo) * width + 0, 1, ... of the flat block), and the long runs left out of it."""
+    blocked tokens as a padded block [slots, width, features] over the slots of `ranges` in
+    order (the tokens of the block's i-th slot are rows i * width + 0, 1, ...), and the long
+    runs left out of it."""
 
-    lo: int  # the block covers slots lo..hi-1
-    hi: int
+    ranges: tuple[tuple[int, int], ...]  # the block's slots: lo..hi-1 of each (at most two)
     width: int  # rows per slot in the block
     token_rows: torch.Tensor | None  # [blocked] block row of each blocked token; None: in order
     blocked: torch.Tensor | None  # [blocked] their packed positions; None: every token
@@ -99,27 +103,50 @@ class SlotGroups:
     long_runs: tuple[tuple[int, int, int], ...]  # (start, end, slot) runs left out of the block
 
     @property
+    def num_slots(self) -> int:
+        return sum(hi - lo for lo, hi in self.ranges)
+
+    @property
     def rows(self) -> int:
-        return (self.hi - self.lo) * self.width
+        return self.num_slots * self.width
+
+
+def block_ranges(slots: Sequence[int], split_gap: int = SPLIT_GAP) -> tuple[tuple[int, int], ...]:
+    """The slot ranges a padded block covers for these distinct sorted slots: one range, or two
+    when the widest run of empty slots between them is longer than `split_gap`.
+
+    >>> block_ranges([1, 2, 3])
+    ((1, 4),)
+    >>> block_ranges([1, 2, 30, 33])  # 27 empty slots between 2 and 30
+    ((1, 3), (30, 34))
+    >>> block_ranges([1, 4, 9])  # at most 4 empty slots anywhere: one range
+    ((1, 10),)
+    """
+    gap, at = max(((b - a - 1, i) for i, (a, b) in enumerate(pairwise(slots))), default=(0, 0))
+    if gap <= split_gap:
+        return ((slots[0], slots[-1] + 1),)
+    return ((slots[0], slots[at] + 1), (slots[at + 1], slots[-1] + 1))
 
 
 def slot_groups(slots: Sequence[int], runs: Sequence[tuple[int, int, int]], device: torch.device,
-                long_run: int = LONG_RUN) -> SlotGroups:
-    """Lay the packed tokens out as a padded block of slots lo..hi-1, `width` rows per slot (the
-    most tokens any slot has), so one bmm serves every adapter instead of one matmul per
-    adapter. Slots of the range without tokens get all-zero rows. Of `runs` (the step's
-    `find_runs(slots)`), those longer than `long_run` tokens are left out (`long_runs`) for
-    a matmul pair each. Index tensors are made on `device`.
+                long_run: int = LONG_RUN, split_gap: int = SPLIT_GAP) -> SlotGroups:
+    """Lay the packed tokens out as a padded block of the slots of `block_ranges`, `width` rows
+    per slot (the most tokens any slot has), so one bmm per range serves every adapter instead
+    of one matmul per adapter. Slots of a range without tokens get all-zero rows. Of `runs`
+    (the step's `find_runs(slots)`), those longer than `long_run` tokens are left out
+    (`long_runs`) for a matmul pair each. Index tensors are made on `device`.
 
     >>> def layout(slots, **kw):
     ...     g = slot_groups(slots, find_runs(slots), torch.device("cpu"), **kw)
-    ...     return g.lo, g.hi, g.width, *(None if t is None else t.tolist() for t in (g.token_rows, g.blocked))
+    ...     return g.ranges, g.width, *(None if t is None else t.tolist() for t in (g.token_rows, g.blocked))
     >>> layout([1, 2, 3])  # a decode step on distinct slots: the tokens are the block, in order
-    (1, 4, 1, None, None)
+    (((1, 4),), 1, None, None)
     >>> layout([0, 0, 2])  # slot 1 has no tokens: its rows stay zero
-    (0, 3, 2, [0, 1, 4], None)
+    (((0, 3),), 2, [0, 1, 4], None)
     >>> layout([1, 2, 2, 2, 3], long_run=2)  # a prompt chunk on slot 2 among decodes
-    (1, 4, 1, [0, 2], [0, 4])
+    (((1, 4),), 1, [0, 2], [0, 4])
+    >>> layout([1, 2, 20])  # slots 3..19 are left out of the block
+    (((1, 3), (20, 21)), 1, None, None)
     """
     def as_tensor(index: list[int] | None) -> torch.Tensor | None:
         return None if index is None else torch.tensor(index, dtype=torch.long, device=device)
@@ -128,20 +155,25 @@ def slot_groups(slots: Sequence[int], runs: Sequence[tuple[int, int, int]], devi
     in_long = {t for start, end, _ in long_runs for t in range(start, end)}
     blocked = [t for t in range(len(slots)) if t not in in_long]
     if not blocked:
-        return SlotGroups(0, 0, 1, None, as_tensor([] if long_runs else None), 0, long_runs)
+        return SlotGroups((), 1, None, as_tensor([] if long_runs else None), 0, long_runs)
     blocked_slots = [slots[t] for t in blocked]
-    lo, hi = min(blocked_slots), max(blocked_slots) + 1
     counts: dict[int, int] = {}
     for s in blocked_slots:
         counts[s] = counts.get(s, 0) + 1
     width = max(counts.values())
+    ranges = block_ranges(sorted(counts), split_gap)
+    first_row = {}  # slot -> its first row in the block
+    at = 0
+    for lo, hi in ranges:
+        first_row.update((s, (at + s - lo) * width) for s in counts if lo <= s < hi)
+        at += hi - lo
     filled: dict[int, int] = {}
     rows = []
     for s in blocked_slots:
-        rows.append((s - lo) * width + filled.get(s, 0))
+        rows.append(first_row[s] + filled.get(s, 0))
         filled[s] = filled.get(s, 0) + 1
-    in_order = (hi - lo) * width == len(rows) and rows == list(range(len(rows)))
-    return SlotGroups(lo, hi, width, None if in_order else as_tensor(rows),
+    in_order = at * width == len(rows) and rows == list(range(len(rows)))
+    return SlotGroups(ranges, width, None if in_order else as_tensor(rows),
                       as_tensor(blocked) if long_runs else None, len(blocked), long_runs)
 
 

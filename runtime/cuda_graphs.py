@@ -76,7 +76,7 @@ class StaticDecodeStep:
         self.run_table = torch.zeros(rows, 3, dtype=torch.int32, device=device)  # one run per token
         self.run_table[:, 0], self.run_table[:, 1] = rows_index, 1
         lora = LoRABatch(token_slots=self.slots, runs=(), run_table=self.run_table, longest_run=1, slots_present=(),
-                         groups=SlotGroups(0, 0, 1, None, None, rows, ()), static=True)
+                         groups=SlotGroups((), 1, None, None, rows, ()), static=True)
         group = AttentionGroup(rows_index[:, None], self.kv_index, self.mask, None, rows_index)
         self.ctx = BatchContext(lora, AttentionBatch(pool.k, pool.v, self.write_index, (group,)))
         self.keep = rows_index

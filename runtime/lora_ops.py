@@ -23,6 +23,7 @@ a row-major right operand; for shrink the layout made no measurable difference.
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -82,25 +83,38 @@ def segmented_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, 
 
 def _block_delta(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, g: SlotGroups,
                  slots: Sequence[int]) -> torch.Tensor:
-    """The blocked tokens' deltas: x [blocked, in] -> [blocked, out], through two bmm over the
-    slots of the block's range g.lo..g.hi-1 that this layer serves (`slots`, sorted), each slot's
-    weights read once, in place. Slots at either end of the range without weights here (their
+    """The blocked tokens' deltas: x [blocked, in] -> [blocked, out], through two bmm per range
+    of the block (`g.ranges`) over the slots this layer serves (`slots`, sorted), each slot's
+    weights read once, in place. Slots at either end of a range without weights here (their
     adapters do not target this layer) are left out of the bmm: their rows stay zero."""
-    n = g.hi - g.lo
+    n = g.num_slots
     if g.token_rows is None:  # the tokens already are the block
         block = x.reshape(n, g.width, x.shape[1])
     else:
         block = x.new_zeros(g.rows, x.shape[1]).index_copy_(0, g.token_rows, x).view(n, g.width, -1)
-    lo, hi = max(g.lo, slots[0]), min(g.hi, slots[-1] + 1)
-    if (lo, hi) == (g.lo, g.hi):
+    served = _served_parts(g.ranges, slots)
+    if len(served) == 1 and served[0][2] - served[0][1] == n:  # the whole block
+        _, lo, hi = served[0]
         y = torch.bmm(torch.bmm(block, shrink[lo:hi].transpose(1, 2)), expand[lo:hi])  # [n, width, out]
     else:
         y = x.new_zeros(n, g.width, expand.shape[2])
-        if lo < hi:
-            a, b = lo - g.lo, hi - g.lo
-            torch.bmm(torch.bmm(block[a:b], shrink[lo:hi].transpose(1, 2)), expand[lo:hi], out=y[a:b])
+        for at, lo, hi in served:
+            part = slice(at, at + hi - lo)
+            torch.bmm(torch.bmm(block[part], shrink[lo:hi].transpose(1, 2)), expand[lo:hi], out=y[part])
     y = y.view(g.rows, -1)
     return y if g.token_rows is None else y.index_select(0, g.token_rows)
+
+
+def _served_parts(ranges: Sequence[tuple[int, int]], slots: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Of each block range, the slots from the first to the last that hold weights in this layer
+    (`slots`, sorted), as (its first slot's index in the block, lo, hi); ranges with none left out."""
+    parts, at = [], 0
+    for lo, hi in ranges:
+        i, j = bisect_left(slots, lo), bisect_left(slots, hi)
+        if i < j:
+            parts.append((at + slots[i] - lo, slots[i], slots[j - 1] + 1))
+        at += hi - lo
+    return parts
 
 
 def batched_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, batch: LoRABatch,

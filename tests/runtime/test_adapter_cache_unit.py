@@ -55,23 +55,36 @@ def test_acquire_writes_every_layer_and_clears_untargeted_ones():
     cache, layers = make_cache()
     ready(cache, key(7))
     slot = cache.acquire(key(7))
-    assert slot == 1 and cache.slot_of(key(7)) == 1
-    assert layers["q"].slots[1] == 7 and layers["v"].slots[1] == 7
-    assert layers["o"].slots[1] is None, "a layer the adapter does not target is cleared"
+    assert slot == 2 and cache.slot_of(key(7)) == 2, "not on every layer: the highest empty slot"
+    assert layers["q"].slots[2] == 7 and layers["v"].slots[2] == 7
+    assert layers["o"].slots[2] is None, "a layer the adapter does not target is cleared"
+
+
+def test_adapters_on_every_layer_fill_from_the_bottom_the_others_from_the_top():
+    """So that a layer only the former target ("o" here, the MLP in a model) holds weights in a
+    compact low range of slots, which is all its batched op reads."""
+    def load(k):
+        return loaded(k, targets=("q", "v", "o") if k.name in ("a1", "a3") else ("q", "v"))
+
+    cache, layers = make_cache(slots=4, load=load)
+    for i in (1, 2, 3, 4):
+        ready(cache, key(i))
+    assert [cache.acquire(key(i)) for i in (1, 2, 3, 4)] == [1, 4, 2, 3]
+    assert {s for s, marker in layers["o"].slots.items() if marker is not None} == {1, 2}
 
 
 def test_lru_eviction_spares_pinned_slots_and_waits_when_all_are_pinned():
     cache, layers = make_cache(slots=2)
     for i in (1, 2, 3):
         ready(cache, key(i))
-    assert cache.acquire(key(1)) == 1 and cache.acquire(key(2)) == 2
+    assert cache.acquire(key(1)) == 2 and cache.acquire(key(2)) == 1  # from the top: q and v only
     assert cache.acquire(key(3)) is None, "both slots are pinned by running sequences"
     cache.release(key(2))
     cache.release(key(1))
     cache.acquire(key(1))  # a1 used again: a2 is now the least recently used
     cache.release(key(1))
-    assert cache.acquire(key(3)) == 2, "the least recently used unpinned slot is evicted"
-    assert cache.slot_of(key(2)) is None and layers["q"].slots[2] == 3
+    assert cache.acquire(key(3)) == 1, "the least recently used unpinned slot is evicted"
+    assert cache.slot_of(key(2)) is None and layers["q"].slots[1] == 3
 
 
 def test_sticky_adapters_are_never_evicted():

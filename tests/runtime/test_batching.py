@@ -74,19 +74,22 @@ def test_sample_indices(cu, wants, want):
 
 
 @pytest.mark.parametrize(("slots", "want"), [
-    ([1, 2, 3], (1, 4, 1, None, None, [])),  # decode on distinct slots: the tokens are the block
-    ([2, 2, 3, 3], (2, 4, 2, None, None, [])),
-    ([0, 0, 2], (0, 3, 2, [0, 1, 4], None, [])),  # slot 1 has no tokens: its rows stay zero
-    ([5, 5, 5, 6], (5, 7, 3, [0, 1, 2, 3], None, [])),  # slot 6 padded to the widest slot
-    ([3, 1, 3], (1, 4, 2, [4, 0, 5], None, [])),  # unsorted: rows follow the slot, then arrival
-    ([1] + [2] * 9 + [3], (1, 4, 1, [0, 2], [0, 10], [(1, 10, 2)])),  # a prompt chunk among decodes
-    ([4] * 9, (0, 0, 1, None, [], [(0, 9, 4)])),  # a prompt chunk alone: nothing blocked
-    ([], (0, 0, 1, None, None, [])),
+    ([1, 2, 3], ([(1, 4)], 1, None, None, [])),  # decode on distinct slots: the tokens are the block
+    ([2, 2, 3, 3], ([(2, 4)], 2, None, None, [])),
+    ([0, 0, 2], ([(0, 3)], 2, [0, 1, 4], None, [])),  # slot 1 has no tokens: its rows stay zero
+    ([5, 5, 5, 6], ([(5, 7)], 3, [0, 1, 2, 3], None, [])),  # slot 6 padded to the widest slot
+    ([3, 1, 3], ([(1, 4)], 2, [4, 0, 5], None, [])),  # unsorted: rows follow the slot, then arrival
+    ([1] + [2] * 9 + [3], ([(1, 4)], 1, [0, 2], [0, 10], [(1, 10, 2)])),  # a prompt chunk among decodes
+    ([4] * 9, ([], 1, None, [], [(0, 9, 4)])),  # a prompt chunk alone: nothing blocked
+    ([], ([], 1, None, None, [])),
+    ([1, 2, 30, 31], ([(1, 3), (30, 32)], 1, None, None, [])),  # 27 empty slots apart: two ranges
+    ([30, 1, 30, 2], ([(1, 3), (30, 31)], 2, [4, 0, 5, 2], None, [])),  # rows of the second range follow the first's
+    ([1, 6, 6], ([(1, 7)], 2, [0, 10, 11], None, [])),  # 4 empty slots: still one range
 ])
 def test_slot_groups(slots, want):
     g = batching.slot_groups(slots, batching.find_runs(slots), torch.device("cpu"))
     as_list = lambda t: None if t is None else t.tolist()  # noqa: E731
-    assert (g.lo, g.hi, g.width, as_list(g.token_rows), as_list(g.blocked), list(g.long_runs)) == want
+    assert (list(g.ranges), g.width, as_list(g.token_rows), as_list(g.blocked), list(g.long_runs)) == want
     assert g.num_blocked == len(slots) - sum(end - start for start, end, _ in g.long_runs)
 
 

@@ -49,14 +49,23 @@ CASES = [
     ([1, 2, 3, 0], [1, 12, 1, 9]),  # prompt chunks (long runs) among decode tokens
     ([2, 2, 1], [1, 10, 1]),  # a decode token and a prompt chunk on one slot: one long run
     ([3, 3, 1], [1, 1, 1]),  # two sequences on one slot, not adjacent
+    ([1, 2, 12, 13], [1, 1, 1, 1]),  # slots far apart: the padded block has two ranges
+    ([12, 1, 2, 12], [1, 1, 12, 1]),  # two ranges, a prompt chunk, a slot twice
 ]
+
+
+def case_weights(seq_slots: list[int], d_in: int, d_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked weights for a CASES entry: ranks 4, 8, 16, 2 in turn over every slot it uses."""
+    num_slots = max(5, max(seq_slots) + 1)
+    ranks = [(4, 8, 16, 2)[i % 4] for i in range(num_slots - 1)]
+    return stacked_weights(num_slots, ranks, 16, d_in, d_out, seed=len(seq_slots))
 
 
 @pytest.mark.parametrize("op_name", ["segmented", "batched", "auto", "gathered"])
 @pytest.mark.parametrize(("seq_slots", "chunk_lens"), CASES)
 @pytest.mark.parametrize(("d_in", "d_out"), [(16, 24), (64, 8)])
 def test_fast_ops_match_reference(op_name, seq_slots, chunk_lens, d_in, d_out):
-    shrink, expand = stacked_weights(5, [4, 8, 16, 2], 16, d_in, d_out, seed=len(seq_slots))
+    shrink, expand = case_weights(seq_slots, d_in, d_out)
     batch = make_batch(seq_slots, chunk_lens)
     x = torch.randn(sum(chunk_lens), d_in, generator=torch.Generator().manual_seed(1))
     want = reference_lora(x, shrink, expand, batch, batch.slots_present)

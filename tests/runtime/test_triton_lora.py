@@ -14,14 +14,20 @@ pytestmark = pytest.mark.cuda
 from loradock.runtime import triton_lora  # noqa: E402
 from loradock.runtime.lora_ops import apply_bias_and_dora, cuda_auto_lora, reference_lora  # noqa: E402
 
-from tests.runtime.test_lora_ops import CASES, make_batch, stacked_weights, static_batch  # noqa: E402
+from tests.runtime.test_lora_ops import (  # noqa: E402
+    CASES,
+    case_weights,
+    make_batch,
+    stacked_weights,
+    static_batch,
+)
 
 
 @pytest.mark.parametrize(("seq_slots", "chunk_lens"), CASES)
 @pytest.mark.parametrize("rank", [16, 5])  # 5: a rank slice of the buffers, as layers pass them
 def test_triton_op_matches_reference(seq_slots, chunk_lens, rank):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shrink, expand = stacked_weights(5, [4, 8, 16, 2], 16, 40, 24, seed=len(seq_slots))
+    shrink, expand = case_weights(seq_slots, 40, 24)
     shrink, expand = shrink[:, :rank].to(device), expand[:, :rank].to(device)  # strided views
     batch = make_batch(seq_slots, chunk_lens, device)
     x = torch.randn(sum(chunk_lens), 40, generator=torch.Generator().manual_seed(1)).to(device)
@@ -36,7 +42,7 @@ def test_triton_op_matches_reference(seq_slots, chunk_lens, rank):
 def test_cuda_auto_op_matches_reference(seq_slots, chunk_lens):
     """CUDA's "auto" (bmm for decode-only steps, Triton with prompt chunks) on every case."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shrink, expand = stacked_weights(5, [4, 8, 16, 2], 16, 40, 24, seed=len(seq_slots))
+    shrink, expand = case_weights(seq_slots, 40, 24)
     shrink, expand = shrink.to(device), expand.to(device)
     batch = make_batch(seq_slots, chunk_lens, device)
     x = torch.randn(sum(chunk_lens), 40, generator=torch.Generator().manual_seed(1)).to(device)
@@ -50,7 +56,7 @@ def test_cuda_auto_op_matches_reference(seq_slots, chunk_lens):
 def test_triton_op_in_bf16_is_within_bf16_rounding_of_the_spec(seq_slots, chunk_lens):
     """bf16 buffers (the CUDA default) go to the tensor cores as bf16; the result stays within
     bf16 rounding of the fp32 reference on the same values."""
-    shrink, expand = stacked_weights(5, [4, 8, 16, 2], 16, 40, 24, seed=len(seq_slots))
+    shrink, expand = case_weights(seq_slots, 40, 24)
     shrink, expand = shrink.to("cuda", torch.bfloat16), expand.to("cuda", torch.bfloat16)
     batch = make_batch(seq_slots, chunk_lens, torch.device("cuda"))
     x = torch.randn(sum(chunk_lens), 40, generator=torch.Generator().manual_seed(1)).to("cuda", torch.bfloat16)
@@ -79,11 +85,11 @@ def test_fused_rows_match_the_reference_composition(seq_slots, chunk_lens, runs,
     """`triton_lora_into` (a captured step's op on CUDA) adds delta, LoRA bias and DoRA rows into
     the base output as the expand kernel stores: equal to the reference op, then
     `apply_bias_and_dora`. Slot 1 has both rows, 2 neither, 3 a bias, 4 a DoRA scale; rows of
-    tokens without an adapter are left exactly as they were."""
+    tokens without an adapter are left exactly as they were; slots past 4 have both."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(7 + len(seq_slots))
-    shrink, expand = stacked_weights(5, [4, 8, 16, 2], 16, 40, 24, seed=len(seq_slots))
-    bias, dora = torch.randn(5, 24, generator=g), 0.5 * torch.randn(5, 24, generator=g)
+    shrink, expand = case_weights(seq_slots, 40, 24)
+    bias, dora = torch.randn(len(shrink), 24, generator=g), 0.5 * torch.randn(len(shrink), 24, generator=g)
     bias[[0, 2, 4]], dora[[0, 2, 3]] = 0, 0
     tokens = sum(chunk_lens)
     x = torch.randn(tokens, 40, generator=g)
