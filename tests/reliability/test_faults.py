@@ -218,7 +218,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(own_home: Path, 
     server = spawned(own_home, tmp_path / "serve.log")
     # Long enough that the streams are still generating while the late calls arrive (the tiny
     # base decodes 4 sequences at a few ms per step; unread tokens wait in grpc's buffers).
-    total, refs = 800, ["one", "two", "two@1", ""]
+    total, refs = 1600, ["one", "two", "two@1", ""]
     clients = [Client(server.address, timeout=120) for _ in refs]
     streams = [c.stream(PROMPT, adapter=ref, max_new_tokens=total, ignore_eos=True)
                for c, ref in zip(clients, refs, strict=True)]
