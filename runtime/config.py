@@ -89,8 +89,8 @@ class EngineConfig:
     slot; prompt chunks a matmul pair each), "triton" (two segmented-matmul Triton kernels per layer,
     CUDA only), "gathered" (each token's adapter weights gathered, two bmm: shapes fixed by the
     token count), or "auto" (on CUDA: batched for decode-only steps, triton once prompt chunks are in
-    the step; on CPU: batched when the padding is small, else segmented; measured, see
-    docs/architecture.md)."""
+    the step, or the torch ops alone if the Triton kernels fail at start; on CPU: batched when the
+    padding is small, else segmented; measured, see docs/architecture.md)."""
 
     cuda_graphs: bool = True
     """On CUDA, run decode-only steps as CUDA graphs, one per (batch, context) bucket (powers of

@@ -42,7 +42,8 @@ from .errors import (
 )
 from .handle import RequestHandle
 from .kv_cache import blocks_for
-from .lora_layer import MultiLoRALinear, warm_up_ops, wrap_linears
+from .lora_layer import MultiLoRALinear, use_torch_ops, warm_up_ops, wrap_linears
+from .lora_ops import uses_triton
 from .model_loader import (
     eos_token_ids,
     kv_pool_for,
@@ -86,6 +87,7 @@ class Engine:
         self.config = config
         self.registry = registry if registry is not None else Registry()
         self.ready = False
+        self.lora_fallback: str | None = None  # why the Triton kernels were replaced at start
         self._accepting = False
         self._stats = EngineStats()
         self._inbox: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
@@ -158,10 +160,26 @@ class Engine:
             self.runner.forward([StepItem(blocks, 0, [self.tokenizer.eos_token_id or 0] * 2, 0, True)])
         finally:
             self.kv.free(blocks)
-        if self.device.type == "cuda":  # Triton compiles on first use; CPU ops have nothing to warm
-            warm_up_ops(self.layers.values(), lora_batch([1] * 17, self.device))  # a prompt chunk's path
+        if any(uses_triton(layer.op) for layer in self.layers.values()):
+            self._warm_up_triton()
         if self.runner.graphs is not None:
             self.runner.graphs.capture_all(StepItem([0], 0, [0], 0, True))  # padding rows on the null block
+
+    def _warm_up_triton(self) -> None:
+        """Compile the Triton LoRA kernels now (on first use they would compile in a request's
+        step). Where they cannot run (Triton without a C compiler for its launcher, a version
+        the kernels do not support), serve with the torch ops, logged, or refuse to start when
+        lora_ops="triton" asked for them by name."""
+        try:
+            warm_up_ops(self.layers.values(), lora_batch([1] * 17, self.device))  # a prompt chunk's path
+        except Exception as e:
+            why = f"{type(e).__name__}: {e}"
+            if self.config.lora_ops == "triton":
+                raise ValueError(f"lora_ops='triton': the Triton kernels failed at start ({why}); "
+                                 "use lora_ops='auto' to serve with the torch ops") from e
+            log.warning("the Triton LoRA kernels failed at start (%s); serving with the torch ops", why)
+            use_torch_ops(self.layers.values())
+            self.lora_fallback = why
 
     def shutdown(self, drain: bool = True, timeout: float | None = 30.0) -> None:
         """Stop accepting requests; with `drain`, let queued and running ones finish first
@@ -307,7 +325,8 @@ class Engine:
             max_host_adapters=cfg.max_host_adapters, max_running=cfg.max_running,
             max_batch_tokens=cfg.max_batch_tokens, max_queue=cfg.max_queue,
             max_prompt_tokens=self.encoder.max_prompt_tokens, max_model_len=self.max_model_len,
-            kv_cache_tokens=self.kv.capacity_tokens, lora_ops=cfg.lora_ops,
+            kv_cache_tokens=self.kv.capacity_tokens,
+            lora_ops=cfg.lora_ops if self.lora_fallback is None else f"{cfg.lora_ops} (torch ops: Triton failed at start)",
         )
 
     def stats(self) -> dict:

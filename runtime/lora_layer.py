@@ -25,7 +25,14 @@ from loradock.registry.peft_format import SERVED_PROJECTIONS
 from torch import nn
 
 from .batch_context import LoRABatch, current_context
-from .lora_ops import LoRAOp, apply_bias_and_dora, pick_op, pick_static_op
+from .lora_ops import (
+    LoRAOp,
+    apply_bias_and_dora,
+    gathered_static_lora,
+    pick_op,
+    pick_static_op,
+    torch_twin,
+)
 
 
 def linear_shape(layer: nn.Module) -> tuple[int, int]:
@@ -188,6 +195,13 @@ def warm_up_ops(layers: Iterable[MultiLoRALinear], batch: LoRABatch) -> None:
             seen.add(key)
             x = layer.lora_shrink.new_zeros(batch.token_slots.shape[0], layer.in_features)
             layer.op(x, layer.lora_shrink, layer.lora_expand, batch, batch.slots_present)
+
+
+def use_torch_ops(layers: Iterable[MultiLoRALinear]) -> None:
+    """Serve `layers` with plain-torch ops (eager and static) where their Triton kernels cannot run."""
+    for layer in layers:
+        layer.op = torch_twin(layer.op)
+        layer.static_op = gathered_static_lora
 
 
 def iter_wrapped(model: nn.Module) -> Iterator[tuple[str, MultiLoRALinear]]:

@@ -221,6 +221,17 @@ def pick_static_op(device: torch.device) -> StaticLoRAOp:
     return triton_lora_into if device.type == "cuda" and triton_available() else gathered_static_lora
 
 
+def uses_triton(op: LoRAOp | StaticLoRAOp) -> bool:
+    """The op launches Triton kernels (in some steps or all)."""
+    return op in (triton_lora, cuda_auto_lora, triton_lora_into)
+
+
+def torch_twin(op: LoRAOp) -> LoRAOp:
+    """The plain-torch op to serve with where `op`'s Triton kernels cannot run: `auto_lora`
+    for the Triton-based ones, else `op` itself."""
+    return auto_lora if uses_triton(op) else op
+
+
 def pick_op(name: str, device: torch.device) -> LoRAOp:
     """The op called `name` for layers on `device`; "auto" means `cuda_auto_lora` on CUDA (when
     Triton is installed), else `auto_lora`."""

@@ -121,6 +121,12 @@ BREAKAGES = (
         ("tests/runtime/test_engine.py::test_the_largest_adapter_loads_into_memory_primed_at_start",),
     ),
     Breakage(
+        # Triton kernels that cannot run here keep serving: the engine starts with the failing op
+        "triton-failure-keeps-the-kernels", "runtime/engine.py",
+        "            use_torch_ops(self.layers.values())\n", "",
+        ("tests/runtime/test_oracle.py", "-k", "fall_back_to_torch"),
+    ),
+    Breakage(
         # the rows of a block's second slot range start at row 0 again: its tokens overwrite
         # the first range's and get their deltas
         "second-range-rows-overlap-the-first", "runtime/batching.py",

@@ -175,10 +175,50 @@ def test_triton_op_matches_peft_tiny(tiny_registry, tiny_base, tiny_adapter_dirs
     smaller case, as the interpreter runs every kernel program in Python)."""
     pytest.importorskip("triton")
     engine = engine_factory(tiny_registry, tiny_base.name, run_loop=False, lora_ops="triton")
+    assert engine.lora_fallback is None  # the start's warm-up ran the kernels
     names = ["law", "chem", "fin", None]
     oracle = load_peft_oracle(tiny_base.path, {n: tiny_adapter_dirs[n] for n in names if n}, "none")
     check_against_peft(engine, oracle, names, PROMPTS[:4], ATOL["none"], new_tokens=2, fp32=True,
                        decode_steps=1)
+
+
+@pytest.fixture
+def broken_triton(monkeypatch):
+    """The layers get CUDA's ops (`pick_op("auto")` and the static op on a GPU), and every Triton
+    launch fails as it does where Triton finds no C compiler for its launcher."""
+    from loradock.runtime import lora_layer, triton_lora
+    from loradock.runtime.lora_ops import cuda_auto_lora
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    monkeypatch.setattr(lora_layer, "pick_op", lambda name, device: cuda_auto_lora)
+    monkeypatch.setattr(lora_layer, "pick_static_op", lambda device: triton_lora.triton_lora_into)
+    monkeypatch.setattr(triton_lora, "segmented_matmul", no_compiler)
+
+
+def test_triton_kernels_that_cannot_run_fall_back_to_torch_ops(tiny_registry, tiny_base, tiny_adapter_dirs,
+                                                                 engine_factory, broken_triton, caplog):
+    """`auto` starts anyway, says why in the log and in its info, and serves with the torch ops,
+    equal to PEFT."""
+    from loradock.runtime.lora_ops import auto_lora, gathered_static_lora
+
+    engine = engine_factory(tiny_registry, tiny_base.name, run_loop=False)
+    assert "C compiler" in engine.lora_fallback
+    assert "Triton LoRA kernels failed at start" in caplog.text and "C compiler" in caplog.text
+    assert engine.info().lora_ops == "auto (torch ops: Triton failed at start)"
+    assert all(layer.op is auto_lora and layer.static_op is gathered_static_lora
+               for layer in engine.layers.values())
+    names = ["law", "chem", None]
+    oracle = load_peft_oracle(tiny_base.path, {n: tiny_adapter_dirs[n] for n in names if n}, "none")
+    check_against_peft(engine, oracle, names, PROMPTS[:3], ATOL["none"], new_tokens=3, fp32=True)
+
+
+def test_triton_asked_for_by_name_refuses_to_start_where_it_cannot_run(tiny_registry, tiny_base, engine_factory,
+                                                                       broken_triton):
+    with pytest.raises(ValueError, match="lora_ops='triton': the Triton kernels failed at start "
+                                         r"\(RuntimeError: Failed to find C compiler"):
+        engine_factory(tiny_registry, tiny_base.name, run_loop=False, lora_ops="triton")
 
 
 def test_int8_base_serves_adapters_like_peft(tiny_registry, tiny_base, tiny_adapter_dirs, engine_factory):
