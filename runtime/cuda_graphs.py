@@ -54,6 +54,19 @@ def fits(bucket_list: Sequence[int], n: int) -> int:
     return next(b for b in bucket_list if b >= n)
 
 
+def static_lora_batch(token_slots: torch.Tensor) -> LoRABatch:
+    """The LoRA layers' view of a captured step over `token_slots` [rows]: one run per token,
+    whose slot column is copied from `token_slots` now and before each forward (a persistent
+    input whose values change between replays)."""
+    rows = token_slots.shape[0]
+    run_table = torch.zeros(rows, 3, dtype=torch.int32, device=token_slots.device)  # [rows, 3]
+    run_table[:, 0] = torch.arange(rows, device=token_slots.device)
+    run_table[:, 1] = 1
+    run_table[:, 2] = token_slots
+    return LoRABatch(token_slots=token_slots, runs=(), run_table=run_table, longest_run=1, slots_present=(),
+                     groups=SlotGroups((), 1, None, None, rows, ()), static=True)
+
+
 class StaticDecodeStep:
     """Persistent inputs, batch context and (once captured) the graph of one (batch, context)
     bucket. `meta` holds [4, rows] (each row's token, position, adapter slot and pool slot to
@@ -73,10 +86,8 @@ class StaticDecodeStep:
         self.key_positions = torch.arange(context, device=device)
         self.mask = torch.zeros(rows, 1, 1, context, dtype=torch.bool, device=device)
         rows_index = torch.arange(rows, device=device)
-        self.run_table = torch.zeros(rows, 3, dtype=torch.int32, device=device)  # one run per token
-        self.run_table[:, 0], self.run_table[:, 1] = rows_index, 1
-        lora = LoRABatch(token_slots=self.slots, runs=(), run_table=self.run_table, longest_run=1, slots_present=(),
-                         groups=SlotGroups((), 1, None, None, rows, ()), static=True)
+        lora = static_lora_batch(self.slots)
+        self.run_table = lora.run_table
         group = AttentionGroup(rows_index[:, None], self.kv_index, self.mask, None, rows_index)
         self.ctx = BatchContext(lora, AttentionBatch(pool.k, pool.v, self.write_index, (group,)))
         self.keep = rows_index

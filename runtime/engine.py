@@ -32,7 +32,7 @@ from .adapter_weights import ServedModel
 from .admission import Admitter
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .cuda_graphs import DecodeGraphs
+from .cuda_graphs import DecodeGraphs, static_lora_batch
 from .detokenize import TextStream
 from .errors import (
     AdapterUnavailableError,
@@ -87,7 +87,7 @@ class Engine:
         self.config = config
         self.registry = registry if registry is not None else Registry()
         self.ready = False
-        self.lora_fallback: str | None = None  # why the Triton kernels were replaced at start
+        self.lora_fallback: str | None = None  # which Triton kernels were replaced at start, and why
         self._accepting = False
         self._stats = EngineStats()
         self._inbox: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
@@ -169,17 +169,28 @@ class Engine:
         """Compile the Triton LoRA kernels now (on first use they would compile in a request's
         step). Where they cannot run (Triton without a C compiler for its launcher, a version
         the kernels do not support), serve with the torch ops, logged, or refuse to start when
-        lora_ops="triton" asked for them by name."""
+        lora_ops="triton" asked for them by name. Where only the fused store of captured steps
+        fails, those steps take the torch static op and stay captured."""
+        layers = self.layers.values()
         try:
-            warm_up_ops(self.layers.values(), lora_batch([1] * 17, self.device))  # a prompt chunk's path
+            warm_up_ops(layers, lora_batch([1] * 17, self.device))  # a prompt chunk's path
         except Exception as e:
             why = f"{type(e).__name__}: {e}"
             if self.config.lora_ops == "triton":
                 raise ValueError(f"lora_ops='triton': the Triton kernels failed at start ({why}); "
                                  "use lora_ops='auto' to serve with the torch ops") from e
             log.warning("the Triton LoRA kernels failed at start (%s); serving with the torch ops", why)
-            use_torch_ops(self.layers.values())
-            self.lora_fallback = why
+            use_torch_ops(layers)
+            self.lora_fallback = "torch ops: Triton failed at start"
+            return
+        if any(uses_triton(layer.static_op) for layer in layers):
+            try:
+                warm_up_ops(layers, static_lora_batch(torch.zeros(1, dtype=torch.long, device=self.device)))
+            except Exception as e:
+                log.warning("the fused Triton store of captured decode steps failed at start (%s: %s); "
+                            "they use the torch static op", type(e).__name__, e)
+                use_torch_ops(layers, static_only=True)
+                self.lora_fallback = "torch op in captured steps: the fused Triton store failed at start"
 
     def shutdown(self, drain: bool = True, timeout: float | None = 30.0) -> None:
         """Stop accepting requests; with `drain`, let queued and running ones finish first
@@ -326,7 +337,7 @@ class Engine:
             max_batch_tokens=cfg.max_batch_tokens, max_queue=cfg.max_queue,
             max_prompt_tokens=self.encoder.max_prompt_tokens, max_model_len=self.max_model_len,
             kv_cache_tokens=self.kv.capacity_tokens,
-            lora_ops=cfg.lora_ops if self.lora_fallback is None else f"{cfg.lora_ops} (torch ops: Triton failed at start)",
+            lora_ops=cfg.lora_ops if self.lora_fallback is None else f"{cfg.lora_ops} ({self.lora_fallback})",
         )
 
     def stats(self) -> dict:

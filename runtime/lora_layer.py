@@ -185,22 +185,27 @@ def wrap_linears(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.d
 
 
 def warm_up_ops(layers: Iterable[MultiLoRALinear], batch: LoRABatch) -> None:
-    """Run the op of each distinct layer shape once on `batch` (zeros in, result dropped), so
-    that kernels compiled on first use (Triton's, specialized on shapes and strides) compile at
-    start rather than in a request's first step with adapters."""
+    """Run the op of each distinct layer shape once on `batch` (zeros in, result dropped; the
+    static op for a static batch), so that kernels compiled on first use (Triton's, specialized
+    on shapes and strides) compile at start rather than in a request's first step with adapters."""
     seen: set[tuple[int, int, torch.dtype]] = set()
     for layer in layers:
         key = (layer.in_features, layer.out_features, layer.lora_shrink.dtype)
         if key not in seen:
             seen.add(key)
             x = layer.lora_shrink.new_zeros(batch.token_slots.shape[0], layer.in_features)
-            layer.op(x, layer.lora_shrink, layer.lora_expand, batch, batch.slots_present)
+            if batch.static:
+                layer._static_forward(x, x.new_zeros(x.shape[0], layer.out_features), batch)
+            else:
+                layer.op(x, layer.lora_shrink, layer.lora_expand, batch, batch.slots_present)
 
 
-def use_torch_ops(layers: Iterable[MultiLoRALinear]) -> None:
-    """Serve `layers` with plain-torch ops (eager and static) where their Triton kernels cannot run."""
+def use_torch_ops(layers: Iterable[MultiLoRALinear], static_only: bool = False) -> None:
+    """Serve `layers` with plain-torch ops where their Triton kernels cannot run: the static op
+    of captured steps, and unless `static_only` the eager op too."""
     for layer in layers:
-        layer.op = torch_twin(layer.op)
+        if not static_only:
+            layer.op = torch_twin(layer.op)
         layer.static_op = gathered_static_lora
 
 

@@ -148,3 +148,14 @@ def test_warm_up_runs_each_layer_shape_once():
               for i, o in [(8, 6), (8, 6), (6, 8), (8, 6)]]
     warm_up_ops(layers, make_batch([1], [17]))
     assert calls == [((17, 8), (3, 4, 6), (1,)), ((17, 6), (3, 4, 8), (1,))]
+
+    static_calls = []  # a static batch: the static op (that of captured steps), once per shape too
+
+    def static_op(out, x, shrink, expand, batch, bias, dora_scale, base_bias):
+        static_calls.append((tuple(out.shape), tuple(x.shape)))
+        return out
+
+    for layer in layers:
+        layer.static_op = static_op
+    warm_up_ops(layers, static_batch(make_batch([0], [1])))
+    assert static_calls == [((1, 6), (1, 8)), ((1, 8), (1, 6))] and len(calls) == 2

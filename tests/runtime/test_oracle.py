@@ -183,29 +183,37 @@ def test_triton_op_matches_peft_tiny(tiny_registry, tiny_base, tiny_adapter_dirs
 
 
 @pytest.fixture
-def broken_triton(monkeypatch):
-    """The layers get CUDA's ops (`pick_op("auto")` and the static op on a GPU), and every Triton
-    launch fails as it does where Triton finds no C compiler for its launcher."""
+def triton_fails(monkeypatch):
+    """The layers get CUDA's ops (`pick_op("auto")` and the static op on a GPU); `fail(when)`
+    makes each Triton launch for which `when(kwargs)` holds raise as it does where Triton finds
+    no C compiler for its launcher."""
     from loradock.runtime import lora_layer, triton_lora
     from loradock.runtime.lora_ops import cuda_auto_lora
 
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
-
     monkeypatch.setattr(lora_layer, "pick_op", lambda name, device: cuda_auto_lora)
     monkeypatch.setattr(lora_layer, "pick_static_op", lambda device: triton_lora.triton_lora_into)
-    monkeypatch.setattr(triton_lora, "segmented_matmul", no_compiler)
+    launch = triton_lora.segmented_matmul
+
+    def fail(when):
+        def failing(*args, **kwargs):
+            if when(kwargs):
+                raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+            return launch(*args, **kwargs)
+
+        monkeypatch.setattr(triton_lora, "segmented_matmul", failing)
+
+    return fail
 
 
 def test_triton_kernels_that_cannot_run_fall_back_to_torch_ops(tiny_registry, tiny_base, tiny_adapter_dirs,
-                                                                 engine_factory, broken_triton, caplog):
+                                                                 engine_factory, triton_fails, caplog):
     """`auto` starts anyway, says why in the log and in its info, and serves with the torch ops,
     equal to PEFT."""
     from loradock.runtime.lora_ops import auto_lora, gathered_static_lora
 
+    triton_fails(lambda kwargs: True)
     engine = engine_factory(tiny_registry, tiny_base.name, run_loop=False)
-    assert "C compiler" in engine.lora_fallback
-    assert "Triton LoRA kernels failed at start" in caplog.text and "C compiler" in caplog.text
+    assert "Triton LoRA kernels failed at start (RuntimeError: Failed to find C compiler" in caplog.text
     assert engine.info().lora_ops == "auto (torch ops: Triton failed at start)"
     assert all(layer.op is auto_lora and layer.static_op is gathered_static_lora
                for layer in engine.layers.values())
@@ -214,8 +222,23 @@ def test_triton_kernels_that_cannot_run_fall_back_to_torch_ops(tiny_registry, ti
     check_against_peft(engine, oracle, names, PROMPTS[:3], ATOL["none"], new_tokens=3, fp32=True)
 
 
+def test_a_fused_store_that_cannot_run_falls_back_in_captured_steps_only(tiny_registry, tiny_base, engine_factory,
+                                                                         triton_fails, caplog):
+    """The static op's kernel (expand adding into the base output as it stores) fails, the
+    segmented kernels run: captured steps take the torch static op, eager ones keep Triton."""
+    from loradock.runtime.lora_ops import cuda_auto_lora, gathered_static_lora
+
+    triton_fails(lambda kwargs: kwargs.get("out") is not None)
+    engine = engine_factory(tiny_registry, tiny_base.name, run_loop=False)
+    assert "fused Triton store of captured decode steps failed at start (RuntimeError" in caplog.text
+    assert engine.info().lora_ops == "auto (torch op in captured steps: the fused Triton store failed at start)"
+    assert all(layer.op is cuda_auto_lora and layer.static_op is gathered_static_lora
+               for layer in engine.layers.values())
+
+
 def test_triton_asked_for_by_name_refuses_to_start_where_it_cannot_run(tiny_registry, tiny_base, engine_factory,
-                                                                       broken_triton):
+                                                                       triton_fails):
+    triton_fails(lambda kwargs: True)
     with pytest.raises(ValueError, match="lora_ops='triton': the Triton kernels failed at start "
                                          r"\(RuntimeError: Failed to find C compiler"):
         engine_factory(tiny_registry, tiny_base.name, run_loop=False, lora_ops="triton")
