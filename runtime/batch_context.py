@@ -44,6 +44,19 @@ class LoRABatch:
     static: bool = False
 
 
+def static_lora_batch(token_slots: torch.Tensor) -> LoRABatch:
+    """The LoRA layers' view of a captured step over `token_slots` [rows]: one run per token,
+    whose slot column is copied from `token_slots` now and before each forward (a persistent
+    input whose values change between replays)."""
+    rows = token_slots.shape[0]
+    run_table = torch.zeros(rows, 3, dtype=torch.int32, device=token_slots.device)  # [rows, 3]
+    run_table[:, 0] = torch.arange(rows, device=token_slots.device)
+    run_table[:, 1] = 1
+    run_table[:, 2] = token_slots
+    return LoRABatch(token_slots=token_slots, runs=(), run_table=run_table, longest_run=1, slots_present=(),
+                     groups=SlotGroups((), 1, None, None, rows, ()), static=True)
+
+
 @dataclass(frozen=True)
 class BatchContext:
     lora: LoRABatch

@@ -30,9 +30,10 @@ from .adapter_cache import AdapterCache, CacheCapacity, LoadState
 from .adapter_source import AdapterSource
 from .adapter_weights import ServedModel
 from .admission import Admitter
+from .batch_context import static_lora_batch
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .cuda_graphs import DecodeGraphs, static_lora_batch
+from .cuda_graphs import DecodeGraphs
 from .detokenize import TextStream
 from .errors import (
     AdapterUnavailableError,
@@ -42,8 +43,7 @@ from .errors import (
 )
 from .handle import RequestHandle
 from .kv_cache import blocks_for
-from .lora_layer import MultiLoRALinear, use_torch_ops, warm_up_ops, wrap_linears
-from .lora_ops import uses_triton
+from .lora_layer import MultiLoRALinear, prepare_kernels, wrap_linears
 from .model_loader import (
     eos_token_ids,
     kv_pool_for,
@@ -160,37 +160,12 @@ class Engine:
             self.runner.forward([StepItem(blocks, 0, [self.tokenizer.eos_token_id or 0] * 2, 0, True)])
         finally:
             self.kv.free(blocks)
-        if any(uses_triton(layer.op) for layer in self.layers.values()):
-            self._warm_up_triton()
+        # Triton compiles on first use: now, not in a request's step (or the torch ops, see there)
+        static_batch = static_lora_batch(torch.zeros(1, dtype=torch.long, device=self.device))
+        self.lora_fallback = prepare_kernels(list(self.layers.values()), lora_batch([1] * 17, self.device),
+                                             static_batch, by_name=self.config.lora_ops == "triton")
         if self.runner.graphs is not None:
             self.runner.graphs.capture_all(StepItem([0], 0, [0], 0, True))  # padding rows on the null block
-
-    def _warm_up_triton(self) -> None:
-        """Compile the Triton LoRA kernels now (on first use they would compile in a request's
-        step). Where they cannot run (Triton without a C compiler for its launcher, a version
-        the kernels do not support), serve with the torch ops, logged, or refuse to start when
-        lora_ops="triton" asked for them by name. Where only the fused store of captured steps
-        fails, those steps take the torch static op and stay captured."""
-        layers = self.layers.values()
-        try:
-            warm_up_ops(layers, lora_batch([1] * 17, self.device))  # a prompt chunk's path
-        except Exception as e:
-            why = f"{type(e).__name__}: {e}"
-            if self.config.lora_ops == "triton":
-                raise ValueError(f"lora_ops='triton': the Triton kernels failed at start ({why}); "
-                                 "use lora_ops='auto' to serve with the torch ops") from e
-            log.warning("the Triton LoRA kernels failed at start (%s); serving with the torch ops", why)
-            use_torch_ops(layers)
-            self.lora_fallback = "torch ops: Triton failed at start"
-            return
-        if any(uses_triton(layer.static_op) for layer in layers):
-            try:
-                warm_up_ops(layers, static_lora_batch(torch.zeros(1, dtype=torch.long, device=self.device)))
-            except Exception as e:
-                log.warning("the fused Triton store of captured decode steps failed at start (%s: %s); "
-                            "they use the torch static op", type(e).__name__, e)
-                use_torch_ops(layers, static_only=True)
-                self.lora_fallback = "torch op in captured steps: the fused Triton store failed at start"
 
     def shutdown(self, drain: bool = True, timeout: float | None = 30.0) -> None:
         """Stop accepting requests; with `drain`, let queued and running ones finish first

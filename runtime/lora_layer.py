@@ -18,7 +18,8 @@ Triton launches per layer, the second adding delta and rows into the base output
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import logging
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from loradock.registry.peft_format import SERVED_PROJECTIONS
@@ -32,7 +33,10 @@ from .lora_ops import (
     pick_op,
     pick_static_op,
     torch_twin,
+    uses_triton,
 )
+
+log = logging.getLogger(__name__)
 
 
 def linear_shape(layer: nn.Module) -> tuple[int, int]:
@@ -207,6 +211,37 @@ def use_torch_ops(layers: Iterable[MultiLoRALinear], static_only: bool = False) 
         if not static_only:
             layer.op = torch_twin(layer.op)
         layer.static_op = gathered_static_lora
+
+
+def prepare_kernels(layers: Sequence[MultiLoRALinear], prompt_batch: LoRABatch, static_batch: LoRABatch,
+                    by_name: bool) -> str | None:
+    """At start, compile the Triton kernels of the layers' ops (`warm_up_ops` on a prompt
+    chunk's batch, then on a captured step's), so none compiles in a request's step. Where they
+    cannot run (Triton without a C compiler for its launcher, a release the kernels do not
+    support), switch to the torch ops, logged, and return what was replaced; with `by_name`
+    (lora_ops="triton" asked for them) raise ValueError instead. Where only the fused store of
+    captured steps fails, those steps take the torch static op and stay captured."""
+    if not any(uses_triton(layer.op) for layer in layers):
+        return None
+    try:
+        warm_up_ops(layers, prompt_batch)
+    except Exception as e:
+        why = f"{type(e).__name__}: {e}"
+        if by_name:
+            raise ValueError(f"lora_ops='triton': the Triton kernels failed at start ({why}); "
+                             "use lora_ops='auto' to serve with the torch ops") from e
+        log.warning("the Triton LoRA kernels failed at start (%s); serving with the torch ops", why)
+        use_torch_ops(layers)
+        return "torch ops: Triton failed at start"
+    if any(uses_triton(layer.static_op) for layer in layers):
+        try:
+            warm_up_ops(layers, static_batch)
+        except Exception as e:
+            log.warning("the fused Triton store of captured decode steps failed at start (%s: %s); "
+                        "they use the torch static op", type(e).__name__, e)
+            use_torch_ops(layers, static_only=True)
+            return "torch op in captured steps: the fused Triton store failed at start"
+    return None
 
 
 def iter_wrapped(model: nn.Module) -> Iterator[tuple[str, MultiLoRALinear]]:
