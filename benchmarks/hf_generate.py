@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from loradock.registry.quantization import QuantizationRecipe
+from loradock.registry.quantization import QuantizationRecipe, pin_bitsandbytes_cpu_kernel
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
@@ -32,6 +32,7 @@ def load_base(path: Path, quantize: str, dtype: str) -> torch.nn.Module:
         path, quantization_config=BitsAndBytesConfig(**bnb) if bnb is not None else None,
         dtype=DTYPES[dtype], device_map="cuda:0" if torch.cuda.is_available() else "cpu",
     )
+    pin_bitsandbytes_cpu_kernel(model, recipe)  # the engine's 4-bit kernel on this CPU
     model.eval()
     return model
 

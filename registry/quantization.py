@@ -8,6 +8,11 @@ the benchmarks. Plain data: dtypes are names ("float32"), so the registry needs 
 The default turns double quantization off: the demo adapters give the same held-out answers
 served either way, and a decode step takes 11% less time without it on CPU; double quantization
 would save ~0.37 bits per weight (docs/architecture.md, "Double quantization: measured").
+
+`pin_bitsandbytes_cpu_kernel` makes the recipe's compute dtype the one that runs on every CPU:
+bitsandbytes 0.50 would otherwise switch a 4-bit layer to its AVX512-BF16 kernel (bfloat16 in
+and out) at its first forward without gradients, whatever compute dtype it was given, on the
+CPUs that have those instructions only.
 """
 
 from __future__ import annotations
@@ -94,6 +99,27 @@ class QuantizationRecipe:
         mine, theirs = self.to_json(), served.to_json()
         return [f"{name}: trained {mine[name]}, served {theirs[name]}"
                 for name in mine if mine[name] != theirs[name]]
+
+
+def pin_bitsandbytes_cpu_kernel(model, recipe: QuantizationRecipe, *, training: bool = False) -> bool:
+    """Allow bitsandbytes' AVX512-BF16 CPU kernel on `model`'s 4-bit layers only where `recipe`
+    computes in bfloat16 and no gradients are wanted; returns whether it is allowed (it runs
+    only on CPUs with AVX512-BF16; elsewhere bfloat16 compute dequantizes and multiplies in
+    bfloat16). Without this, on those CPUs a float32 recipe computed in bfloat16, and after the
+    first evaluation pass backward no longer reached a repacked layer's input (the kernel has
+    no autograd). Duck-typed, so the registry needs neither torch nor bitsandbytes."""
+    allowed = recipe.compute_dtype == "bfloat16" and not training
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes' Linear4bit
+            module.support_avx512bf16_for_cpu = (bool(module.support_avx512bf16_for_cpu) and allowed
+                                                 and _fits_cpu_kernel(module))
+    return allowed
+
+
+def _fits_cpu_kernel(layer) -> bool:
+    """The kernel's repacking asserts 32-row tiles and whole quantization blocks per row."""
+    block = getattr(getattr(layer.weight, "quant_state", None), "blocksize", 64)
+    return layer.out_features % 32 == 0 and layer.in_features % block == 0
 
 
 def recorded_recipe(manifest: dict) -> QuantizationRecipe | None:

@@ -306,7 +306,8 @@ class Engine:
         cfg = self.config
         return EngineInfo(
             base_name=self.base.name, base_fingerprint=self.base.fingerprint, quantization=cfg.quantize,
-            device=str(self.device), dtype=str(self.dtype).removeprefix("torch."), max_slots=cfg.max_slots,
+            device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
+            compute_dtype=self.recipe.compute_dtype, max_slots=cfg.max_slots,
             max_rank=cfg.max_rank, host_cache_bytes=cfg.host_cache_bytes,
             max_host_adapters=cfg.max_host_adapters, max_running=cfg.max_running,
             max_batch_tokens=cfg.max_batch_tokens, max_queue=cfg.max_queue,

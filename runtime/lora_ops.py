@@ -31,6 +31,7 @@ import torch
 
 from .batch_context import LoRABatch
 from .batching import SlotGroups
+from .config import LORA_OPS as LORA_OP_NAMES
 from .triton_lora import available as triton_available
 from .triton_lora import triton_lora, triton_lora_into
 
@@ -196,14 +197,9 @@ def apply_bias_and_dora(y: torch.Tensor, token_slots: torch.Tensor, bias: torch.
     return torch.addcmul(z, dora_scale.index_select(0, token_slots).to(y.dtype), z_base)
 
 
-LORA_OPS: dict[str, LoRAOp] = {
-    "reference": reference_lora,
-    "segmented": segmented_lora,
-    "batched": batched_lora,
-    "auto": auto_lora,
-    "triton": triton_lora,
-    "gathered": gathered_lora,
-}
+# The ops by name. The names are `config.LORA_OPS` (one list, torch-free, so EngineConfig and the
+# CLI check lora_ops without torch); the op called NAME is the function NAME_lora of this module.
+LORA_OPS: dict[str, LoRAOp] = {name: globals()[f"{name}_lora"] for name in LORA_OP_NAMES}
 
 
 def gathered_static_lora(out: torch.Tensor, x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor,

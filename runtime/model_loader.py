@@ -12,7 +12,7 @@ import torch
 from loradock.registry import Registry
 from loradock.registry.bases import ResolvedBase
 from loradock.registry.devices import device_name
-from loradock.registry.quantization import QuantizationRecipe
+from loradock.registry.quantization import QuantizationRecipe, pin_bitsandbytes_cpu_kernel
 
 from .attention import ATTENTION_NAME, register_attention
 from .config import EngineConfig
@@ -37,8 +37,10 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def serving_recipe(config: EngineConfig, dtype: torch.dtype) -> QuantizationRecipe:
-    """The one recipe this engine serves its base with."""
-    return QuantizationRecipe.named(config.quantize, dtype_name(dtype), config.double_quant)
+    """The one recipe this engine serves its base with: its matmuls in `compute_dtype`, or in
+    the activations' dtype when that is "auto"."""
+    compute = dtype_name(dtype) if config.compute_dtype == "auto" else config.compute_dtype
+    return QuantizationRecipe.named(config.quantize, compute, config.double_quant)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -61,6 +63,8 @@ def load_base_model(source: ResolvedBase, recipe: QuantizationRecipe, device: to
     model = AutoModelForCausalLM.from_pretrained(source.path, trust_remote_code=False, **kwargs)
     if bnb is None:
         model.to(device)
+    elif device.type == "cpu" and pin_bitsandbytes_cpu_kernel(model, recipe):
+        log.info("4-bit matmuls in bfloat16: bitsandbytes' AVX512-BF16 kernel where this CPU has it")
     model.eval()
     model.requires_grad_(False)
     return model

@@ -151,7 +151,8 @@ class EngineInfo:
     base_fingerprint: str
     quantization: str  # "nf4" | "int8" | "none"
     device: str
-    dtype: str
+    dtype: str  # activations and LoRA buffers
+    compute_dtype: str  # the quantized base's matmuls (what runs, on every CPU kind)
     max_slots: int
     max_rank: int
     host_cache_bytes: int

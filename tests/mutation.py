@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,8 +151,8 @@ BREAKAGES = (
         # a layer's bmm over the trimmed slot range writes its rows at the block's start, so
         # decode tokens get the delta of the slot next to theirs
         "trimmed-bmm-writes-the-wrong-rows", "runtime/lora_ops.py",
-        "expand[lo:hi], out=y[a:b])\n",
-        "expand[lo:hi], out=y[:b - a])\n",
+        "expand[lo:hi], out=y[part])\n",
+        "expand[lo:hi], out=y[:hi - lo])\n",
         ("tests/runtime/test_lora_ops.py",),
     ),
     Breakage(
@@ -188,6 +189,64 @@ BREAKAGES = (
         "                z += scale[None, :] * z_base\n",
         "                z += 0 * scale[None, :] * z_base\n",
         ("tests/runtime/test_triton_lora.py", "-k", "fused"),
+    ),
+    Breakage(
+        # the prefix cache keys blocks by the adapter's name: law@2 is served law@1's K/V
+        "prefix-cache-keyed-by-name", "runtime/sequence.py",
+        '        return "" if self.adapter is None else f"{self.adapter.ref}:{self.adapter.digest}"\n',
+        '        return "" if self.adapter is None else self.adapter.name\n',
+        ("tests/runtime/test_prefix_cache.py", "-k", "two_versions"),
+    ),
+    Breakage(
+        # a mixture's cache key leaves the weights out: recipes differing only in weights share
+        # one entry, the second served the first's merge and K/V
+        "mixture-key-ignores-the-weights", "runtime/adapter_source.py",
+        '        canonical = json.dumps({"components": [[c.ref, c.digest, w] for c, w in components],\n',
+        '        canonical = json.dumps({"components": [[c.ref, c.digest] for c, _ in components],\n',
+        ("tests/runtime/test_mixtures.py", "-k", "differing_only_in_weights"),
+    ),
+    Breakage(
+        # the usage chunk of a stream with n > 1 counts the first choice only
+        "streamed-usage-counts-one-choice", "runtime/http/generation.py",
+        "                yield format_sse_event(data_str=writer.usage(results))\n",
+        "                yield format_sse_event(data_str=writer.usage(results[:1]))\n",
+        ("tests/http/test_in_process.py", "-k", "usage"),
+    ),
+    Breakage(
+        # the trust policy picks the most specific matching pattern, not the first in the file
+        "trust-policy-longest-match-wins", "registry/trust.py",
+        "        return next((r for r in self.rules if fnmatch.fnmatchcase(name, r.pattern)), None)\n",
+        "        return max((r for r in self.rules if fnmatch.fnmatchcase(name, r.pattern)),\n"
+        "                   key=lambda r: len(r.pattern), default=None)\n",
+        ("tests/registry/test_signing.py", "-k", "first_matching_rule"),
+    ),
+    Breakage(
+        # a preempted sequence waits behind the requests that arrived after it
+        "preempted-sequence-queued-at-the-back", "runtime/scheduler.py",
+        "            self._enqueue(seq, front=True)\n",
+        "            self._enqueue(seq, front=False)\n",
+        ("tests/runtime/test_scheduler_unit.py",),
+    ),
+    Breakage(
+        # the HTTP catalog hands the engine the alias as given: a cluster's replicas would pin
+        # (and serve) whatever version the alias means when each resolves it
+        "catalog-forwards-the-alias", "runtime/http/models.py",
+        "        return ServedModel(version.ref, version.ref, version.name)\n",
+        "        return ServedModel(ref, version.ref, version.name)\n",
+        ("tests/http/test_in_process.py", "-k", "catalog"),
+    ),
+    Breakage(
+        # bitsandbytes' own choice: its bf16 kernel on AVX512-BF16 CPUs (emulated in the tests elsewhere)
+        "float32-recipe-takes-the-bf16-kernel", "registry/quantization.py",
+        '    allowed = recipe.compute_dtype == "bfloat16" and not training\n',
+        "    allowed = not training\n",
+        ("tests/test_quantization_recipe.py", "tests/runtime/test_bnb_cpu_kernel.py"),
+    ),
+    Breakage(
+        "trainer-evaluation-repacks-the-base", "trainer/model.py",
+        "    pin_bitsandbytes_cpu_kernel(model, recipe, training=True)  # evaluation must not cut the gradients\n",
+        "",
+        ("tests/trainer/test_qlora_cpu_kernel.py",),
     ),
 )
 
@@ -269,6 +328,48 @@ def run(breakage: Breakage, copy: Path, env: dict[str, str]) -> str:
     return f"{breakage.name}: caught by {test}"
 
 
+OPTIONS_WITH_VALUE = frozenset({"-k", "-m"})  # the pytest options the `tests` tuples use
+
+
+def named_paths(args: tuple[str, ...]) -> list[str]:
+    """The files, folders and node ids (`path::test`) among pytest arguments."""
+    paths, value_next = [], False
+    for arg in args:
+        if value_next:  # the value of -k / -m
+            value_next = False
+        elif arg.startswith("-"):
+            value_next = arg in OPTIONS_WITH_VALUE
+        else:
+            paths.append(arg)
+    return paths
+
+
+def stale(breakages: Sequence[Breakage], root: Path = ROOT) -> list[str]:
+    """What no longer applies in the tree at `root`, one line per problem (empty: all apply):
+    a patched file that is gone, an `old` text not there exactly once, a test path or test
+    function that does not exist."""
+    out = []
+    for b in breakages:
+        target = root / b.path
+        if not target.is_file():
+            out.append(f"{b.name} ({b.path}: no such file)")
+        elif (count := target.read_text().count(b.old)) != 1:
+            out.append(f"{b.name} ({b.path}: the old text occurs {count} times)")
+        for node in named_paths(b.tests):
+            path, *names = node.split("::")
+            if not (root / path).exists():
+                out.append(f"{b.name} (test path {path}: does not exist)")
+            elif names and not defines(root / path, names[-1]):
+                out.append(f"{b.name} (test {node}: no such test)")
+    return out
+
+
+def defines(path: Path, test: str) -> bool:
+    """Whether the test file defines `test` (a function or class; parameters in [] ignored)."""
+    name = re.escape(test.split("[")[0])
+    return re.search(rf"^\s*(?:async\s+)?(?:def|class)\s+{name}\b", path.read_text(), re.MULTILINE) is not None
+
+
 def main(names: list[str]) -> int:
     unknown = set(names) - {b.name for b in BREAKAGES}
     if unknown:
@@ -279,11 +380,10 @@ def main(names: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="loradock-mutation-") as tmp:
         copy = Path(tmp)
         copy_tree(copy)
-        stale = [f"{b.name} ({b.path})" for b in chosen
-                 if (copy / b.path).read_text().count(b.old) != 1]
-        if stale:
+        problems = stale(chosen, copy)
+        if problems:
             sys.exit("mutation: the code a breakage patches has changed, update tests/mutation.py: "
-                     + ", ".join(stale))
+                     + ", ".join(problems))
         env = install_finder(copy)
         for b in chosen:
             print(f"... {b.name}: pytest {' '.join(b.tests)}", file=sys.stderr, flush=True)

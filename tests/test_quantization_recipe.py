@@ -18,6 +18,7 @@ from loradock.runtime.types import GenerationRequest, SamplingParams
 from loradock.trainer import train
 
 from loradock.cli import main
+from tests.bnb_cpu_kernel import bf16_cpu_kernel
 from tests.trainer.conftest import make_tiny_config
 
 
@@ -60,6 +61,9 @@ def test_the_manifest_records_the_recipe_the_runtime_serves(engine, qlora_home):
     weights = served_4bit_weights(engine)
     assert weights, "the served base has no 4-bit layers"
     assert {w.quant_state.nested for w in weights} == {engine.recipe.double_quant}
+    # ... and computes in float32, on CPUs where bitsandbytes alone would switch to its bf16 kernel too
+    assert engine.info().compute_dtype == "float32"
+    engine.generate(GenerationRequest(adapter="same", prompt="item 3 is", sampling=SamplingParams(max_new_tokens=2)))
     assert {str(w.quant_state.dtype) for w in weights} == {"torch.float32"}
 
 
@@ -91,3 +95,22 @@ def test_an_adapter_trained_on_another_recipe_is_served_with_a_warning(engine, q
         assert main(["--home", str(qlora_home), "adapters", "show", "other"]) == 0
     line = next(x for x in out.getvalue().splitlines() if x.startswith("quantization"))
     assert other.trained_quantization in line
+
+
+def test_bf16_compute_is_what_runs_and_what_is_reported(qlora_home, tiny_base):
+    """`--compute-dtype bfloat16` on CPU: bitsandbytes' AVX512-BF16 kernel (emulated where the CPU
+    lacks it) runs, and the recipe, GetInfo and ListAdapters say bfloat16."""
+    with bf16_cpu_kernel():
+        engine = Engine(EngineConfig(base=tiny_base.name, quantize="nf4", compute_dtype="bfloat16", device="cpu",
+                                     cpu_threads=1, max_rank=16, max_model_len=256, max_prompt_tokens=128,
+                                     kv_cache_tokens=1024, registry_poll_s=0.0),
+                        Registry(qlora_home)).start()
+    try:
+        assert engine.recipe == QuantizationRecipe.named("nf4", "bfloat16")
+        assert (engine.info().dtype, engine.info().compute_dtype) == ("float32", "bfloat16")
+        engine.generate(GenerationRequest(adapter="same", prompt="item 3 is", sampling=SamplingParams(max_new_tokens=2)))
+        assert {str(w.quant_state.dtype) for w in served_4bit_weights(engine)} == {"torch.bfloat16"}
+        view = {v.name: v for v in catalog.list_adapters(Registry(qlora_home), engine)}["same"].versions[0]
+        assert view.quantization_mismatch == "compute_dtype: trained float32, served bfloat16"
+    finally:
+        engine.shutdown(drain=False, timeout=5)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from loradock.registry.devices import device_name
-from loradock.registry.quantization import QuantizationRecipe
+from loradock.registry.quantization import QuantizationRecipe, pin_bitsandbytes_cpu_kernel
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -59,6 +59,7 @@ def load_base(base_dir: Path, recipe: QuantizationRecipe, device: torch.device) 
         device_map={"": str(device)},
     )
     model.config.use_cache = False  # no KV cache needed while training
+    pin_bitsandbytes_cpu_kernel(model, recipe, training=True)  # evaluation must not cut the gradients
     return model
 
 

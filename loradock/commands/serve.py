@@ -24,6 +24,7 @@ CHOICES = {
     "quantize": engine_config.QUANTIZATIONS,
     "device": engine_config.DEVICES,
     "dtype": engine_config.DTYPES,
+    "compute_dtype": engine_config.DTYPES,
     "lora_ops": engine_config.LORA_OPS,
 }
 _TYPES = {"int": int, "float": float, "str": str}

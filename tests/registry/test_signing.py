@@ -54,6 +54,21 @@ def test_publish_signed_is_trusted_only_by_its_key(
     assert [r.ok for r in registry.verify(policy=trust_a)] == [True, False]  # plain: unsigned
 
 
+def test_the_first_matching_rule_decides_even_where_a_later_one_is_more_specific(
+        registry: Registry, lora_dir, keys, tmp_path):
+    """Guards picking the longest (most specific) matching pattern instead of the first: the
+    documented rule is file order, so a broad rule above a narrow one wins."""
+    registry.publish(lora_dir, "medical/notes", sign_key=keys["a"][0])
+    version = registry.resolve("medical/notes")
+    broad_first = policy_for(tmp_path, {"medical/*": [keys["b"][1]], "medical/notes": [keys["a"][1]]})
+    assert broad_first.rule_for("medical/notes").pattern == "medical/*"
+    refused = broad_first.check(version)
+    assert refused.state == "untrusted" and "medical/*" in refused.reason, refused
+    # the same rules the other way round trust it: the refusal above is the order's doing
+    narrow_first = policy_for(tmp_path, {"medical/notes": [keys["a"][1]], "medical/*": [keys["b"][1]]})
+    assert narrow_first.check(version).trusted
+
+
 def test_resigned_by_another_key_or_swapped_weights_are_refused(registry: Registry, lora_dir, lora_dir_2,
                                                                 keys, tmp_path):
     trust_a = policy_for(tmp_path, {"*": [keys["a"][1]]})

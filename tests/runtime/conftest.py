@@ -13,6 +13,7 @@ from loradock.registry import BaseInfo, Registry
 from loradock.runtime import Engine, EngineConfig
 
 from tests.adapters import make_lora_adapter
+from tests.bnb_cpu_kernel import bf16_cpu_kernel
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 ATTN_MLP = (*ATTN, "gate_proj", "up_proj", "down_proj")
@@ -106,7 +107,19 @@ def engine_factory() -> Iterator[Callable[..., Engine]]:
         engine.shutdown(drain=False, timeout=5)
 
 
-def oracle_quantization_config(quantize: str):
+@pytest.fixture(params=["float32", "bfloat16"])
+def cpu_4bit_compute(request) -> Iterator[str]:
+    """Both ways an NF4 base computes on CPU: float32 (`--compute-dtype` auto), and bitsandbytes'
+    AVX512-BF16 kernel (`--compute-dtype bfloat16`: native on CPUs that have it, emulated
+    elsewhere), for the engine and the oracle alike; build both inside the test."""
+    if request.param == "float32":
+        yield "float32"
+        return
+    with bf16_cpu_kernel():
+        yield "bfloat16"
+
+
+def oracle_quantization_config(quantize: str, compute: str = "float32"):
     """The oracle's own BitsAndBytesConfig, written out here and not taken from loradock: a
     config shared with the code under test would let both sides drift together (e.g. "nf4"
     silently loading full precision on both and still agreeing)."""
@@ -115,28 +128,35 @@ def oracle_quantization_config(quantize: str):
     if quantize == "none":
         return None
     if quantize == "nf4":
-        # What the runtime intends on CPU: NF4 weights, fp32 compute, no double quantization.
+        # What the runtime serves on CPU: NF4 weights, no double quantization, float32 compute
+        # unless asked for bf16.
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_compute_dtype=torch.float32,
+                                  bnb_4bit_compute_dtype=getattr(torch, compute),
                                   bnb_4bit_use_double_quant=False)
     if quantize == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     raise ValueError(f"no oracle for quantization {quantize!r}")
 
 
-def load_peft_oracle(base_path: Path, adapters: dict[str, Path], quantize: str, device: str = "cpu"):
-    """A PeftModel on a separately loaded base (same quantization, fp32 compute) holding all
-    adapters, on `device`."""
+def load_peft_oracle(base_path: Path, adapters: dict[str, Path], quantize: str, device: str = "cpu",
+                     compute: str = "float32"):
+    """A PeftModel on a separately loaded base (same quantization, float32 activations, 4-bit
+    matmuls in `compute`) holding all adapters, on `device`."""
+    from bitsandbytes.nn import Linear4bit
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     kwargs: dict = {"dtype": torch.float32}
-    qconfig = oracle_quantization_config(quantize)
+    qconfig = oracle_quantization_config(quantize, compute)
     if qconfig is not None:
         kwargs.update(quantization_config=qconfig, device_map={"": device})
     base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs).eval()
     if qconfig is None:
         base.to(device)
+    if compute == "float32":  # else bitsandbytes computes in bf16 on AVX512-BF16 CPUs
+        for layer in base.modules():
+            if isinstance(layer, Linear4bit):
+                layer.support_avx512bf16_for_cpu = False
     names = list(adapters)
     model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
     for name in names[1:]:

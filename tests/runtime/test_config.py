@@ -36,3 +36,31 @@ def test_every_field_is_documented():
     docs = EngineConfig.field_docs()
     assert set(docs) == {f.name for f in dataclasses.fields(EngineConfig)}
     assert all(len(text) > 15 for text in docs.values()), docs
+
+
+def test_every_lora_op_is_accepted():
+    """Each op runtime/lora_ops.py serves can be asked for by name (its names are the config's)."""
+    from loradock.runtime.lora_ops import LORA_OPS
+
+    assert "gathered" in LORA_OPS  # the op that the config's copy of the list once missed
+    for name in LORA_OPS:
+        assert EngineConfig(base="tiny", lora_ops=name).lora_ops == name
+
+
+def test_an_unknown_lora_op_is_refused_naming_the_choices():
+    from loradock.runtime.lora_ops import LORA_OPS
+
+    with pytest.raises(ValueError) as info:
+        EngineConfig(base="tiny", lora_ops="fused")
+    assert str(info.value) == ("invalid engine config: lora_ops='fused': expected one of "
+                               + ", ".join(LORA_OPS))
+
+
+def test_the_lora_op_names_need_no_torch():
+    """The CLI builds --lora-ops from the config without importing torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from loradock.runtime import config; "
+            "assert 'gathered' in config.LORA_OPS; assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from loradock.runtime import GenerationRequest, SamplingParams
 from loradock.runtime.kv_cache import KVPool, block_hashes
+from loradock.runtime.sequence import Sequence
+from loradock.runtime.types import ResolvedAdapter
 
 from tests.runtime.conftest import load_peft_oracle, oracle_greedy
 
@@ -43,6 +45,29 @@ def test_pool_shares_registered_blocks_and_evicts_idle_ones_last_released_last()
     assert kv.cached_blocks == 2 and kv.take_cached(hashes[:1]) == blocks[:1]
     assert not kv.grow(fresh, 16), "all or nothing: one block short"
     assert len(fresh) == 2
+
+
+def sequence(adapter: ResolvedAdapter | None, ids: list[int]) -> Sequence:
+    """A sequence as admission sees it (no handle, sampler or detokenizer needed for its hashes)."""
+    return Sequence(GenerationRequest(prompt_token_ids=tuple(ids)), handle=None, prompt_ids=list(ids),
+                    adapter=adapter, sampler=None, text=None, max_len=len(ids) + 4)
+
+
+def test_two_versions_of_one_adapter_never_share_kv_blocks():
+    """Guards keying the prefix cache by the adapter's name alone: law@2 (other weights) sent
+    the prompt law@1 already computed must prefill it, not get law@1's K/V."""
+    kv = pool(8)
+    ids = list(range(100, 116))  # 4 full blocks
+    law1, law2 = ResolvedAdapter("law", 1, "1" * 64), ResolvedAdapter("law", 2, "2" * 64)
+    first = sequence(law1, ids)
+    assert kv.grow(first.blocks, len(ids))
+    for block, h in zip(first.blocks, first.full_block_hashes(4), strict=True):
+        kv.register(block, h)
+    assert kv.take_cached(sequence(law2, ids).full_block_hashes(4)) == [], "law@2 got law@1's K/V"
+    assert kv.take_cached(sequence(ResolvedAdapter("med", 1, "1" * 64), ids).full_block_hashes(4)) == []
+    assert kv.take_cached(sequence(None, ids).full_block_hashes(4)) == [], "the base got law@1's K/V"
+    # the same version does reuse them: the comparisons above could fail
+    assert kv.take_cached(sequence(law1, ids).full_block_hashes(4)) == first.blocks
 
 
 def test_registering_a_hash_twice_keeps_the_first_block():

@@ -87,3 +87,19 @@ def test_pool_running_dry_preempts_the_newest_and_the_oldest_progresses():
             break
     assert len(seqs[0].output_ids) >= 8, "the oldest sequence keeps decoding while the pool is short"
     assert h.pool.free_blocks + sum(len(s.blocks) for s in seqs) == 4, "no block lost"
+
+
+def test_a_preempted_sequence_goes_back_ahead_of_newer_waiting_ones():
+    """Guards re-queueing a preempted sequence at the back: it held KV and had made progress,
+    so it runs again before requests that arrived after it."""
+    h = Harness(blocks=4, block_size=4, max_running=3)  # 16 tokens of KV
+    a, b, c, d = (FakeSeq(name, None, 4) for name in "abcd")
+    for s in (a, b, c, d):
+        h.sched.add(s)
+    assert h.step() == [("a", 4), ("b", 4), ("c", 4)]  # d waits: max_running
+    assert h.step() == [("a", 1), ("b", 1)] and h.preempted == ["c"]
+    assert h.sched.waiting() == [c, d], "c was admitted before d arrived: it waits ahead of d"
+    h.sched.finish(a)  # a finishes: its blocks and its running place free up
+    h.pool.free(a.blocks)
+    assert [name for name, _ in h.step()][-1] == "c", "c is admitted again, not d"
+    assert h.sched.waiting() == [d]

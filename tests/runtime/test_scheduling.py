@@ -95,7 +95,7 @@ def test_fairness_rare_adapter_is_not_starved(tiny_registry, tiny_base, engine_f
     assert order.index(rare.request_id) == 1
 
 
-@pytest.mark.parametrize("ops", ["reference", "segmented", "batched"])
+@pytest.mark.parametrize("ops", ["reference", "segmented", "batched", "gathered"])
 def test_lora_ops_choice_gives_same_tokens(tiny_registry, tiny_base, engine_factory, ops):
     auto = engine_factory(tiny_registry, tiny_base.name, run_loop=False, max_slots=4)
     other = engine_factory(tiny_registry, tiny_base.name, run_loop=False, max_slots=4, lora_ops=ops)

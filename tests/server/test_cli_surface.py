@@ -33,6 +33,13 @@ def test_serve_parses_sizes_and_choices():
         build_parser().parse_args(["serve", "--quantize", "fp3"])
 
 
+def test_serve_offers_every_lora_op():
+    from loradock.runtime.lora_ops import LORA_OPS
+
+    for name in LORA_OPS:
+        assert build_parser().parse_args(["serve", "--lora-ops", name]).lora_ops == name
+
+
 @pytest.mark.parametrize(
     ("argv", "words"),
     [

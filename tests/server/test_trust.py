@@ -39,13 +39,25 @@ class TrustServer:
     digest_cache: Path
     read_only: bool
     http_url: str
+    not_read_only_because: str  # why the server's registry is not a read-only mount ("" when it is)
 
 
-def can_mount_read_only(tmp: Path) -> bool:
+def why_no_read_only_mount(tmp: Path) -> str:
+    """Why a read-only bind mount in a private mount namespace cannot be made here; empty where it can."""
     tmp.mkdir(parents=True, exist_ok=True)
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", READ_ONLY_SCRIPT + ' && ! touch "$0/x" 2>/dev/null',
-                            str(tmp), "true"], capture_output=True)
-    return probe.returncode == 0 and not (tmp / "x").exists()
+    try:
+        probe = subprocess.run(["unshare", "-m", "sh", "-c", READ_ONLY_SCRIPT + ' && ! touch "$0/x" 2>/dev/null',
+                                str(tmp), "true"], capture_output=True, text=True)
+    except FileNotFoundError:
+        return "no unshare command (util-linux)"
+    if probe.returncode == 0 and not (tmp / "x").exists():
+        return ""
+    who = "root, but it is not permitted" if os.geteuid() == 0 else f"needs root; running as uid {os.geteuid()}"
+    if (tmp / "x").exists():
+        detail = "the mount stayed writable"
+    else:
+        detail = probe.stderr.strip().splitlines()[0] if probe.stderr.strip() else f"exit {probe.returncode}"
+    return f"cannot make a read-only bind mount in a private mount namespace here ({who}): {detail}"
 
 
 def swap_in(target: Path, other: Path) -> None:
@@ -80,7 +92,8 @@ def trust_server(session_home: Path, adapter_dirs: dict[str, Path],
     policy = write_policy(tmp / "trust.yaml", {"medical/*": [keys["medical"][1]],
                                                "*": [keys["medical"][1], keys["platform"][1]]})
     cache = tmp / "xdg-cache"
-    read_only = can_mount_read_only(tmp / "probe")
+    not_read_only_because = why_no_read_only_mount(tmp / "probe")
+    read_only = not not_read_only_because
     prefix = ("env", f"XDG_CACHE_HOME={cache}")
     if read_only:
         prefix += ("unshare", "-m", "sh", "-c", READ_ONLY_SCRIPT, str(home))
@@ -89,7 +102,8 @@ def trust_server(session_home: Path, adapter_dirs: dict[str, Path],
     key_ids = {name: registry.resolve(ref).manifest["signature"]["signer"]
                for name, ref in (("medical", "medical/notes"), ("platform", "general"))}
     try:
-        yield TrustServer(server, registry, key_ids, keys, cache, read_only, http[1] if http else "")
+        yield TrustServer(server, registry, key_ids, keys, cache, read_only, http[1] if http else "",
+                          not_read_only_because)
     finally:
         assert server.terminate() == 0, server.log()
 
@@ -134,7 +148,8 @@ def test_list_adapters_shows_signer_and_trust(trust_server: TrustServer):
 
 def test_read_only_registry_sees_a_writers_changes(trust_server: TrustServer):
     if not trust_server.read_only:
-        pytest.skip("no private mount namespace here (unshare -m and mount need root)")
+        pytest.skip(f"{trust_server.not_read_only_because} (test_read_only_registry.py checks a "
+                    "registry the server cannot write without a mount)")
     log = trust_server.server.log()
     assert "is read-only for this process" in log and str(trust_server.digest_cache) in log, log
     registry = trust_server.registry  # the writer, outside the server's read-only mount

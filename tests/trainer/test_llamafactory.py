@@ -32,7 +32,7 @@ from loradock.trainer.config import TrainConfig
 from loradock.trainer.datasets import load_datasets, split
 from loradock.trainer.lf_keys import IGNORED_KEYS, ignored_warning
 from loradock.trainer.lf_templates import TEMPLATES, check_template, fitting_templates
-from loradock.trainer.precision import pick_precision
+from loradock.trainer.precision import Precision, pick_precision
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
@@ -404,12 +404,28 @@ def test_ddp_timeout_is_the_process_groups_timeout(monkeypatch):
 
 def test_bf16_and_fp16_are_mapped_per_device():
     cpu = torch.device("cpu")
-    assert pick_precision(False, False, cpu) == pick_precision(False, False, cpu)
+    # neither flag asked for: CPU trains in float32, no autocast, nothing to note
+    assert pick_precision(False, False, cpu) == Precision(torch.float32, None, None)
     for bf16, fp16 in ((True, False), (False, True)):
         precision = pick_precision(bf16, fp16, cpu)
         assert (precision.base_dtype, precision.autocast_dtype) == (torch.float32, None)
         assert "has no effect on cpu" in precision.note
-    assert pick_precision(False, False, cpu).note is None
+
+
+@pytest.mark.parametrize(("bf16_ok", "bf16", "fp16", "base", "autocast", "noted"), [
+    (True, True, False, torch.bfloat16, torch.bfloat16, False),
+    (False, True, False, torch.float32, None, True),  # no bfloat16 units: float32, said so
+    (True, False, True, torch.float16, torch.float16, False),
+    (False, False, True, torch.float16, torch.float16, False),
+    (True, False, False, torch.bfloat16, None, False),  # half the memory where the GPU has it
+    (False, False, False, torch.float32, None, False),
+])
+def test_bf16_and_fp16_on_cuda(monkeypatch, bf16_ok, bf16, fp16, base, autocast, noted):
+    """The CUDA branch, with the GPU's bfloat16 support faked (no GPU needed)."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_ok)
+    precision = pick_precision(bf16, fp16, torch.device("cuda"))
+    assert (precision.base_dtype, precision.autocast_dtype) == (base, autocast)
+    assert (precision.note is not None) == noted
 
 
 def test_warmup_steps_wins_over_warmup_ratio():

@@ -264,7 +264,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("base_name", "base_fingerprint", "quantization", "device", "dtype", "max_slots", "max_rank", "host_cache_bytes", "max_host_adapters", "max_running", "max_batch_tokens", "max_queue", "max_prompt_tokens", "max_model_len", "kv_cache_tokens", "lora_ops", "loradock_version", "pid", "start_time")
+    __slots__ = ("base_name", "base_fingerprint", "quantization", "device", "dtype", "max_slots", "max_rank", "host_cache_bytes", "max_host_adapters", "max_running", "max_batch_tokens", "max_queue", "max_prompt_tokens", "max_model_len", "kv_cache_tokens", "lora_ops", "loradock_version", "pid", "start_time", "compute_dtype")
     BASE_NAME_FIELD_NUMBER: _ClassVar[int]
     BASE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
@@ -284,6 +284,7 @@ class GetInfoResponse(_message.Message):
     LORADOCK_VERSION_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     base_name: str
     base_fingerprint: str
     quantization: str
@@ -303,4 +304,5 @@ class GetInfoResponse(_message.Message):
     loradock_version: str
     pid: int
     start_time: float
-    def __init__(self, base_name: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., quantization: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_slots: _Optional[int] = ..., max_rank: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., max_host_adapters: _Optional[int] = ..., max_running: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_model_len: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., lora_ops: _Optional[str] = ..., loradock_version: _Optional[str] = ..., pid: _Optional[int] = ..., start_time: _Optional[float] = ...) -> None: ...
+    compute_dtype: str
+    def __init__(self, base_name: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., quantization: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_slots: _Optional[int] = ..., max_rank: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., max_host_adapters: _Optional[int] = ..., max_running: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_model_len: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., lora_ops: _Optional[str] = ..., loradock_version: _Optional[str] = ..., pid: _Optional[int] = ..., start_time: _Optional[float] = ..., compute_dtype: _Optional[str] = ...) -> None: ...
