@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from loradock.registry.quantization import QuantizationRecipe
+from loradock.registry.quantization import QuantizationRecipe, pin_bitsandbytes_cpu_kernel
 
 from .timing import device_seconds
 
@@ -22,18 +22,22 @@ DECODE_BATCH, PREFILL_TOKENS = 32, 256
 
 
 def load(base_path: Path, fmt: str, device: torch.device):
-    """The base in format `fmt` ("<weights>/<compute dtype>"), on `device`."""
+    """The base in format `fmt` ("<weights>/<activations dtype>[/<4-bit matmul dtype>]"), on
+    `device`, with the engine's choice of bitsandbytes CPU kernel for that recipe."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    weights, compute = fmt.split("/")
-    dtype = getattr(torch, compute)
-    kwargs: dict = {"dtype": dtype}
+    weights, activations, *matmuls = fmt.split("/")
+    compute = matmuls[0] if matmuls else activations
+    kwargs: dict = {"dtype": getattr(torch, activations)}
+    recipe = None
     if weights in ("nf4", "nf4-dq"):  # the engine's recipe, double quantization off or on
         recipe = QuantizationRecipe.named("nf4", compute, double_quant=weights == "nf4-dq")
         kwargs.update(device_map={"": device}, quantization_config=BitsAndBytesConfig(**recipe.bnb_kwargs()))
     model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs).eval()
-    if "device_map" not in kwargs:
+    if recipe is None:
         model.to(device)
+    else:
+        pin_bitsandbytes_cpu_kernel(model, recipe)
     if weights.startswith("torchao-"):
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
@@ -59,7 +63,7 @@ def measure(model, vocab: int, repeats: int) -> dict:
             "prefill_ms": prefill_s * 1e3, "prefill_tokens_per_s": PREFILL_TOKENS / prefill_s}
 
 
-FORMATS = ("none/float32", "none/bfloat16", "nf4/float32", "nf4-dq/float32", "nf4/bfloat16",
+FORMATS = ("none/float32", "none/bfloat16", "nf4/float32", "nf4/float32/bfloat16", "nf4-dq/float32", "nf4/bfloat16",
            "torchao-int8/float32", "torchao-int8/bfloat16", "torchao-int4/bfloat16")
 CUDA_FORMATS = ("none/bfloat16", "nf4/bfloat16", "nf4-dq/bfloat16", "none/float32")
 
@@ -70,7 +74,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over every format")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per format per round")
-    p.add_argument("--formats", nargs="+", help="weights/compute-dtype pairs (default: all that "
+    p.add_argument("--formats", nargs="+", help="weights/activations[/4-bit matmul dtype] (default: all that "
                    "run on this device)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

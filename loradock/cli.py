@@ -50,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "httpx2", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # On AVX512-BF16 CPUs bitsandbytes tries to fetch an optional kernel from the Hub at import and
+    # warns when it cannot; its own kernel runs instead, so the warning says nothing to act on.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "kernels-community" not in record.getMessage())
     try:
         return int(args.func(args) or 0)
     except (RegistryError, UserError) as e:

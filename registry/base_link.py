@@ -1,6 +1,6 @@
 """Which base model an adapter belongs to, and whether its layers fit that base.
 
-Order: the explicit `base` (must be a registry base); else adapter_config's
+Order: the explicit `base` (a registry base, by name or by its model directory); else adapter_config's
 `base_model_name_or_path` when it names a registry base (by name, by directory, or
 by a local directory with the same fingerprint); else a local model directory that
 is not in the registry (fingerprinted and checked all the same); else the name
@@ -38,7 +38,7 @@ def _local_fingerprint(path: Path) -> str | None:
 def link_base(bases: BaseStore, base: str | None, spec: AdapterSpec) -> BaseLink:
     """The base for `spec` (see the module docstring); NotFoundError for an unknown explicit base."""
     if base is not None:
-        info = bases.get(base)
+        info = bases.registered(base)
         return BaseLink(info.name, info.fingerprint, info.path)
     hint = spec.base_model_name_or_path
     if not hint:

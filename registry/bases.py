@@ -116,6 +116,24 @@ class BaseStore:
         data["path"] = path.parent
         return BaseInfo(**data)
 
+    def registered(self, spec: str) -> BaseInfo:
+        """The stored base `spec` names: a registry base name, or a model directory that is a
+        stored base (by path or by fingerprint). A directory that is not stored is refused with
+        the command that adds it; an unknown name lists the bases that exist."""
+        path = Path(spec).expanduser()
+        if not path.is_dir():
+            if "/" in spec or path.exists():
+                raise NotFoundError(f"{spec}: no such model directory (give a registry base name or a model "
+                                    "directory; `loradock bases list` shows the names)")
+            return self.get(spec)
+        check_model_dir(path)
+        fp = fingerprint(path)
+        same = next((b for b in self.list() if b.path.resolve() == path.resolve() or b.fingerprint == fp), None)
+        if same is None:
+            raise NotFoundError(f"{spec}: this model directory is not in the registry; add it with "
+                                f"`loradock bases add {spec}` and pass its name (or the directory) again")
+        return same
+
     def resolve(self, spec: str) -> ResolvedBase:
         """A model directory path, else a registry base name -> ResolvedBase.
 

@@ -37,9 +37,10 @@ class Registry:
 
     # ---- bases: Hugging Face model directories under bases/ (see bases.py) ----
 
-    def base(self, name: str) -> BaseInfo:
-        """The stored base `name`; NotFoundError lists the bases that exist."""
-        return self.bases.get(name)
+    def base(self, spec: str) -> BaseInfo:
+        """The stored base a name or a model directory (stored, by path or fingerprint) refers to;
+        NotFoundError says which bases exist or the command that adds the directory."""
+        return self.bases.registered(spec)
 
     def has_base(self, name: str) -> bool:
         return self.bases.exists(name)

@@ -8,7 +8,8 @@ into the paged pool with one `index_copy_`, then runs at most two SDPA calls wha
 the batch: one for all decode tokens, one for all prompt chunks. Each call gathers
 its sequences' cached keys from the pool ([N, L] slot indices built once per step)
 and masks what a query may not see (other sequences are never in its row; padding
-and the future are masked). No 4D mask reaches transformers: the name is not
+and the future are masked; so are keys outside the layer's sliding window, whose
+masks are built once per step too, one per window size the model has). No 4D mask reaches transformers: the name is not
 registered as a mask function, so it passes `attention_mask=None`.
 
 Outside a loradock step (no batch context) it behaves as plain SDPA, so the model
@@ -40,12 +41,17 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     q_all = query[0].transpose(0, 1)  # [T, heads, d]
     out = torch.empty_like(q_all)
     gqa = query.shape[1] != key.shape[1]
+    window = kwargs.get("sliding_window")
     for g in batch.groups:
+        mask = g.masks.get(window)
+        if mask is None:  # never silently attend past a window the model asks for
+            raise ValueError(f"layer {module.layer_idx} asks for a sliding window of {window}, "
+                             f"which this step built no mask for (windows: {sorted(w for w in g.masks if w)})")
         out_g = F.scaled_dot_product_attention(
             rows(q_all, g.q_index).transpose(1, 2),  # [N, heads, Q, d]
             rows(k_pool, g.kv_index).transpose(1, 2),  # [N, kv_heads, L, d]
             rows(v_pool, g.kv_index).transpose(1, 2),
-            attn_mask=g.mask, scale=scaling, enable_gqa=gqa,
+            attn_mask=mask, scale=scaling, enable_gqa=gqa,
         ).transpose(1, 2).reshape(-1, *q_all.shape[1:])  # [N * Q, heads, d]
         if g.select is not None:
             out_g = out_g.index_select(0, g.select)

@@ -184,9 +184,21 @@ class AttentionGroup(NamedTuple):
 
     q_index: torch.Tensor  # [N, Q] packed position of each query (padding repeats the last one)
     kv_index: torch.Tensor  # [N, L] pool slot of each key (padding points anywhere, masked out)
-    mask: torch.Tensor  # [N, 1, Q, L] bool: key visible to query (causal, own sequence only)
+    # [N, 1, Q, L] bool by sliding window (None: the whole causal context): key visible to query
+    masks: dict[int | None, torch.Tensor]
     select: torch.Tensor | None  # [n_valid] rows of the flattened [N * Q] output that are real
     out_rows: torch.Tensor  # [n_valid] packed positions those rows belong to
+
+
+def window_masks(causal: torch.Tensor, key_pos: torch.Tensor, query_pos: torch.Tensor,
+                 windows: Sequence[int]) -> dict[int | None, torch.Tensor]:
+    """The causal mask and, per sliding window w, the same mask limited to the last w keys of
+    each query (transformers' rule: key position > query position - w). `key_pos` and
+    `query_pos` broadcast to the mask's shape."""
+    masks: dict[int | None, torch.Tensor] = {None: causal}
+    for w in windows:
+        masks[w] = causal & (key_pos > query_pos - w)
+    return masks
 
 
 def slot_index(tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -199,18 +211,21 @@ def slot_index(tables: torch.Tensor, positions: torch.Tensor, block_size: int) -
 
 
 def attention_group(starts: Sequence[int], past_lens: Sequence[int], chunk_lens: Sequence[int],
-                    tables: torch.Tensor, block_size: int) -> AttentionGroup:
+                    tables: torch.Tensor, block_size: int, windows: Sequence[int] = ()) -> AttentionGroup:
     """One attention call over N sequences: where each sequence's chunk starts in the packed
     batch, its cached length, its chunk length ([N] each) and its block table [N, blocks] (on
-    the model's device, where every tensor made here stays).
+    the model's device, where every tensor made here stays); a mask per sliding window in
+    `windows` besides the causal one.
 
-    >>> g = attention_group([0, 3], [0, 5], [3, 1], torch.tensor([[1], [2]]), 8)
+    >>> g = attention_group([0, 3], [0, 5], [3, 1], torch.tensor([[1], [2]]), 8, windows=[2])
     >>> g.q_index.tolist(), g.kv_index.tolist(), g.out_rows.tolist()
     ([[0, 1, 2], [3, 3, 3]], [[8, 9, 10, 0, 0, 0], [16, 17, 18, 19, 20, 21]], [0, 1, 2, 3])
-    >>> g.mask[0, 0].int().tolist()  # a prompt chunk: causal
+    >>> g.masks[None][0, 0].int().tolist()  # a prompt chunk: causal
     [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]]
-    >>> g.mask[1, 0, 0].int().tolist()  # a decode token after 5 cached ones (padded queries repeat it)
+    >>> g.masks[None][1, 0, 0].int().tolist()  # a decode token after 5 cached ones (padded queries repeat it)
     [1, 1, 1, 1, 1, 1]
+    >>> g.masks[2][1, 0, 0].int().tolist()  # ... under a window of 2: itself and the key before
+    [0, 0, 0, 0, 1, 1]
     """
     device = tables.device
     q_max, kv_max = max(chunk_lens), max(p + c for p, c in zip(past_lens, chunk_lens, strict=True))
@@ -225,8 +240,10 @@ def attention_group(starts: Sequence[int], past_lens: Sequence[int], chunk_lens:
     kv_index = torch.where(k < (past + chunk)[:, None],
                            slot_index(tables, k.expand(len(starts), -1), block_size), 0)  # [N, L]
     # Query i of a sequence sits at position past + i and sees keys 0..past + i of its own cache.
-    mask = (k[:, None, :] <= (past[:, None] + q_clamped)[:, :, None])[:, None]  # [N, 1, Q, L]
+    q_pos = (past[:, None] + q_clamped)[:, None, :, None]  # [N, 1, Q, 1]
+    key_pos = k[:, None, None, :]  # [1, 1, 1, L]
+    masks = window_masks(key_pos <= q_pos, key_pos, q_pos, windows)  # [N, 1, Q, L] each
     if q_max == 1:
-        return AttentionGroup(q_index, kv_index, mask, None, q_index.view(-1))
+        return AttentionGroup(q_index, kv_index, masks, None, q_index.view(-1))
     select = (q < chunk[:, None]).view(-1).nonzero().view(-1)  # [n_valid]
-    return AttentionGroup(q_index, kv_index, mask, select, q_index.view(-1)[select])
+    return AttentionGroup(q_index, kv_index, masks, select, q_index.view(-1)[select])

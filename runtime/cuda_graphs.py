@@ -63,7 +63,7 @@ class StaticDecodeStep:
     FIELDS = 4
 
     def __init__(self, model: torch.nn.Module, pool: KVPool, device: torch.device, rows: int,
-                 context: int) -> None:
+                 context: int, windows: Sequence[int] = ()) -> None:
         self.model, self.rows, self.context, self.device = model, rows, context, device
         size = rows * (self.FIELDS + context)
         self.meta = torch.zeros(size, dtype=torch.long, device=device)
@@ -71,11 +71,13 @@ class StaticDecodeStep:
         self.tokens, self.positions, self.slots, self.write_index = self.meta[:self.FIELDS * rows].view(self.FIELDS, rows)
         self.kv_index = self.meta[self.FIELDS * rows:].view(rows, context)
         self.key_positions = torch.arange(context, device=device)
-        self.mask = torch.zeros(rows, 1, 1, context, dtype=torch.bool, device=device)
+        # One persistent mask per sliding window (None: the whole context), rewritten before each replay.
+        self.masks = {w: torch.zeros(rows, 1, 1, context, dtype=torch.bool, device=device)
+                      for w in (None, *windows)}
         rows_index = torch.arange(rows, device=device)
         lora = static_lora_batch(self.slots)
         self.run_table = lora.run_table
-        group = AttentionGroup(rows_index[:, None], self.kv_index, self.mask, None, rows_index)
+        group = AttentionGroup(rows_index[:, None], self.kv_index, self.masks, None, rows_index)
         self.ctx = BatchContext(lora, AttentionBatch(pool.k, pool.v, self.write_index, (group,)))
         self.keep = rows_index
         self.logits: torch.Tensor | None = None
@@ -101,7 +103,12 @@ class StaticDecodeStep:
 
     def forward(self) -> torch.Tensor:
         """The static forward over the current inputs (what a capture records) -> logits [rows, vocab]."""
-        torch.le(self.key_positions[None, :], self.positions[:, None], out=self.mask.view(self.rows, -1))
+        causal = self.masks[None].view(self.rows, -1)
+        torch.le(self.key_positions[None, :], self.positions[:, None], out=causal)
+        for window, mask in self.masks.items():
+            if window is not None:  # the last `window` keys: position > query position - window
+                torch.logical_and(causal, self.key_positions[None, :] > (self.positions - window)[:, None],
+                                  out=mask.view(self.rows, -1))
         self.run_table[:, 2].copy_(self.slots)
         with use_context(self.ctx):
             out = self.model(input_ids=self.tokens[None], position_ids=self.positions[None],
@@ -135,8 +142,9 @@ class DecodeGraphs:
     `capture_all` when `capture`, else run as eager static forwards."""
 
     def __init__(self, model: torch.nn.Module, pool: KVPool, device: torch.device, max_batch: int,
-                 max_context: int, capture: bool) -> None:
+                 max_context: int, capture: bool, windows: Sequence[int] = ()) -> None:
         self.model, self.pool, self.device, self.capture = model, pool, device, capture
+        self.windows = tuple(windows)
         self.batch_buckets = buckets(max_batch)
         self.context_buckets = buckets(max_context, min(MIN_CONTEXT_BUCKET, max_context))
         self.steps: dict[tuple[int, int], StaticDecodeStep] = {}
@@ -154,7 +162,8 @@ class DecodeGraphs:
         key = (rows, context)
         step = self.steps.get(key)
         if step is None:
-            step = self.steps[key] = StaticDecodeStep(self.model, self.pool, self.device, rows, context)
+            step = self.steps[key] = StaticDecodeStep(self.model, self.pool, self.device, rows, context,
+                                                             self.windows)
         return step
 
     def forward(self, items: Sequence) -> torch.Tensor:

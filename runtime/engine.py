@@ -53,6 +53,7 @@ from .model_loader import (
     pick_dtype,
     resolve_base,
     serving_recipe,
+    sliding_windows,
 )
 from .model_runner import ModelRunner, StepItem, lora_batch
 from .prompts import PromptEncoder
@@ -132,9 +133,13 @@ class Engine:
         self.encoder = PromptEncoder(self.tokenizer, mc.vocab_size,
                                      min(cfg.max_prompt_tokens, self.max_model_len - 1))
         self.eos_ids = eos_token_ids(model, self.tokenizer)
-        graphs = (DecodeGraphs(model, self.kv, self.device, cfg.max_running, self.max_model_len, capture=True)
+        windows = sliding_windows(mc)
+        if windows:
+            log.info("sliding-window attention: %s tokens", ", ".join(map(str, windows)))
+        graphs = (DecodeGraphs(model, self.kv, self.device, cfg.max_running, self.max_model_len, capture=True,
+                               windows=windows)
                   if cfg.cuda_graphs and self.device.type == "cuda" and cfg.quantize != "int8" else None)
-        self.runner = ModelRunner(model, self.kv, self.device, graphs)
+        self.runner = ModelRunner(model, self.kv, self.device, graphs, windows)
         self.cache = AdapterCache(
             CacheCapacity(cfg.max_slots, cfg.host_cache_bytes, cfg.max_host_adapters),
             load=self.adapters.read, layers=self.layers, stats=self._stats,

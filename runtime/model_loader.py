@@ -70,6 +70,14 @@ def load_base_model(source: ResolvedBase, recipe: QuantizationRecipe, device: to
     return model
 
 
+def sliding_windows(config) -> tuple[int, ...]:
+    """The sliding-window sizes the model's attention layers ask for (transformers passes each
+    layer's as `sliding_window`; its config holds one size, used by every layer (Mistral) or by
+    the layers `layer_types` marks "sliding_attention" (Qwen2, Gemma 2/3)); () when none."""
+    window = getattr(config, "sliding_window", None)
+    return (int(window),) if window else ()
+
+
 def load_tokenizer(source: ResolvedBase):
     from transformers import AutoTokenizer
 

@@ -51,8 +51,9 @@ def lora_batch(slot_list: Sequence[int], device: torch.device) -> LoRABatch:
 
 
 def attention_batch(pool: KVPool, items: Sequence[StepItem], cu_lens: Sequence[int],
-                    device: torch.device) -> AttentionBatch:
-    """The attention function's view of a step: pool slots to write, one group per call."""
+                    device: torch.device, windows: Sequence[int] = ()) -> AttentionBatch:
+    """The attention function's view of a step: pool slots to write, one group per call, with a
+    mask per sliding window in `windows`."""
     bs = pool.block_size
     width = max(len(it.blocks) for it in items)
     tables = torch.tensor([[*it.blocks, *[0] * (width - len(it.blocks))] for it in items],
@@ -67,7 +68,7 @@ def attention_batch(pool: KVPool, items: Sequence[StepItem], cu_lens: Sequence[i
         if members:
             groups.append(batching.attention_group(
                 [cu_lens[i] for i in members], [items[i].past for i in members], [chunks[i] for i in members],
-                tables[members], bs))
+                tables[members], bs, windows))
     return AttentionBatch(pool.k, pool.v, write_index, tuple(groups))
 
 
@@ -75,11 +76,12 @@ class ModelRunner:
     """Runs the (LoRA-wrapped) model on packed steps. One call = one model forward."""
 
     def __init__(self, model: torch.nn.Module, pool: KVPool, device: torch.device,
-                 graphs: DecodeGraphs | None = None) -> None:
+                 graphs: DecodeGraphs | None = None, windows: Sequence[int] = ()) -> None:
         self.model = model
         self.pool = pool
         self.device = device
         self.graphs = graphs  # decode-only steps go there when set (CUDA graphs)
+        self.windows = tuple(windows)  # the model's sliding windows (model_loader.sliding_windows)
 
     @torch.inference_mode()
     def forward(self, items: Sequence[StepItem]) -> StepLogits:
@@ -99,7 +101,7 @@ class ModelRunner:
         token_slots = batching.token_slots([it.slot for it in ordered], chunk_lens)  # [T]
         keep = batching.sample_indices(cu_lens, [it.wants_logits for it in ordered])  # [n_sample]
         ctx = BatchContext(lora=lora_batch(token_slots, self.device),
-                           attention=attention_batch(self.pool, ordered, cu_lens, self.device))
+                           attention=attention_batch(self.pool, ordered, cu_lens, self.device, self.windows))
         with use_context(ctx):
             out = self.model(
                 input_ids=input_ids[None].to(self.device),

@@ -40,26 +40,22 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def build_tiny_llama(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     """A 2-layer Llama with hidden size 64 and SmolLM2's tokenizer, saved as safetensors."""
+    return build_tiny_model(out, tokenizer_dir, "llama", seed)
+
+
+def build_tiny_model(out: Path, tokenizer_dir: Path, model_type: str, seed: int = 0, **config) -> Path:
+    """A random 2-layer model of transformers' `model_type` (hidden size 64, SmolLM2's tokenizer,
+    `config` overriding the rest), saved as safetensors."""
     import shutil
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    model = LlamaForCausalLM(config)
+    shape = {"vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
+             "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**shape, **config}))
     model.save_pretrained(out)
     for f in tokenizer_dir.iterdir():
         shutil.copy2(f, out / f.name)

@@ -86,8 +86,8 @@ BREAKAGES = (
     Breakage(
         # a query may read keys past its own position (the future of its chunk)
         "paged-attention-not-causal", "runtime/batching.py",
-        "    mask = (k[:, None, :] <= (past[:, None] + q_clamped)[:, :, None])[:, None]  # [N, 1, Q, L]\n",
-        "    mask = (k[:, None, :] < (past + chunk)[:, None, None])[:, None]\n",
+        "    masks = window_masks(key_pos <= q_pos, key_pos, q_pos, windows)  # [N, 1, Q, L] each\n",
+        "    masks = window_masks(key_pos < (past + chunk)[:, None, None, None], key_pos, q_pos, windows)\n",
         ("tests/runtime/test_paged_attention.py",),
     ),
     Breakage(
@@ -241,6 +241,24 @@ BREAKAGES = (
         '    allowed = recipe.compute_dtype == "bfloat16" and not training\n',
         "    allowed = not training\n",
         ("tests/test_quantization_recipe.py", "tests/runtime/test_bnb_cpu_kernel.py"),
+    ),
+    Breakage(
+        "sliding-window-ignored", "runtime/attention.py",
+        "        mask = g.masks.get(window)\n",
+        "        mask = g.masks.get(None)\n",
+        ("tests/runtime/test_sliding_window.py",),
+    ),
+    Breakage(
+        "sliding-window-one-key-short", "runtime/batching.py",
+        "        masks[w] = causal & (key_pos > query_pos - w)\n",
+        "        masks[w] = causal & (key_pos > query_pos - w + 1)\n",
+        ("tests/runtime/test_sliding_window.py",),
+    ),
+    Breakage(
+        "static-decode-step-ignores-the-window", "runtime/cuda_graphs.py",
+        "                torch.logical_and(causal, self.key_positions[None, :] > (self.positions - window)[:, None],\n",
+        "                torch.logical_and(causal, causal,\n",
+        ("tests/runtime/test_sliding_window.py", "-k", "static"),
     ),
     Breakage(
         "trainer-evaluation-repacks-the-base", "trainer/model.py",

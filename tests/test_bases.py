@@ -146,3 +146,21 @@ def test_cli_add_default_base_in_fresh_home(smollm2_base, tmp_path, monkeypatch,
     (listed,) = json.loads(capsys.readouterr().out)
     assert listed["name"] == "smollm2-135m-instruct"
     assert listed["fingerprint"] == smollm2_base.fingerprint
+
+
+def test_base_accepts_a_stored_bases_model_directory_and_names_the_command_for_others(
+        tiny_base, tmp_path, tokenizer_dir, home, capsys):
+    registry = Registry(home)
+    copy = shutil.copytree(tiny_base.path, tmp_path / "copy")  # another path, the same fingerprint
+    assert registry.base(str(tiny_base.path)).name == registry.base(str(copy)).name == TINY_BASE
+
+    from tests.conftest import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", tokenizer_dir, "llama", num_hidden_layers=3)
+    with pytest.raises(NotFoundError, match=f"not in the registry; add it with `loradock bases add {other}`"):
+        registry.base(str(other))
+    with pytest.raises(NotFoundError, match="no such model directory"):
+        registry.base("/path/to/model")
+    # the CLI says the same, in one line and with exit 2 (serve stops before loading anything)
+    assert main(["--home", str(home), "serve", "--base", str(other)]) == 2
+    assert "loradock bases add" in capsys.readouterr().err

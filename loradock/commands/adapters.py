@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     pub.add_argument("dir", help="directory written by PEFT's save_pretrained")
     pub.add_argument("--name", required=True, help="adapter name, optionally ORG/NAME")
-    pub.add_argument("--base", help="registry base the adapter was trained on (checked against "
+    pub.add_argument("--base", help="registry base (name or model directory) the adapter was trained on (checked against "
                      "its layer shapes; default: the base named in adapter_config.json)")
     pub.add_argument("--alias", action="append", default=[], metavar="ALIAS",
                      help="point ALIAS at the new version (repeatable)")

@@ -78,7 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "HTTP on URL' once warm. SIGTERM or Ctrl-C drains: new requests get UNAVAILABLE (HTTP 503), "
         "running ones finish, then it exits 0.",
     )
-    parser.add_argument("--base", help="registry base name (default: the only base in the registry)")
+    parser.add_argument("--base", help="registry base name, or the model directory of a registry base "
+                        "(default: the only base in the registry)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=50051,
                         help="gRPC port; 0 picks a free one (default: %(default)s)")
@@ -159,8 +160,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.allow_adapter_updates and not registry.is_writable():
             raise UserError("--allow-adapter-updates publishes into the registry, which this "
                             "process cannot write")
-    base = pick_base(registry, args.base)
-    registry.base(base)  # a clear NotFoundError now rather than a traceback later
+    base = registry.base(pick_base(registry, args.base)).name  # a name or a stored base's directory
     knobs = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if f.name != "base"}
     try:
         config = EngineConfig(base=base, **knobs)
