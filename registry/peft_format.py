@@ -28,15 +28,18 @@ _TENSOR = re.compile(
     r"base_model\.model\.(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector)")
 A, B, BIAS, MAGNITUDE = "lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector"
 
-# Projections the runtime wraps with LoRA slots (Llama-family names).
-SERVED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The runtime wraps every linear layer of the base with LoRA slots (fused ones too: Phi-3's
+# qkv_proj and gate_up_proj, GPT-NeoX's and Falcon's query_key_value), except the output head;
+# the embeddings are no linear layers. These are their names in the families transformers ships.
+HEAD_AND_EMBEDDINGS = ("lm_head", "embed_out", "embed_tokens", "embed_in", "wte", "wpe", "word_embeddings")
 
 # Config keys that turn on something the runtime does not apply, with why (falsy/None = off).
 _NOT_SERVED = {
     "fan_in_fan_out": "fan_in_fan_out=true (Conv1D weights) is not served: Linear layers only",
     "modules_to_save": "modules_to_save (whole trained modules) is not served: only LoRA weights are",
     "trainable_token_indices": "trainable_token_indices (trained embedding rows) is not served",
-    "target_parameters": "target_parameters (LoRA on bare parameters, e.g. MoE experts) is not served",
+    "target_parameters": ("target_parameters: MoE expert LoRA (LoRA on bare parameters: experts' fused "
+                          "weights, routers) is not served; LoRA on attention and dense layers is"),
     "layer_replication": "layer_replication (a deeper model built from repeated layers) is not served",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not served",
     "use_qalora": "QALoRA (use_qalora) is not served",
@@ -138,11 +141,22 @@ def serving_problems(config: dict, modules: Mapping[str, LoraModule] = ()) -> li
     if config.get("bias", "none") != "none":
         problems.append(f"bias={config.get('bias')!r} (trained base-layer biases) is not served; "
                         "lora_bias=true is")
-    others = sorted({name.rsplit(".", 1)[-1] for name in modules} - set(SERVED_PROJECTIONS))
-    if others:
-        problems.append(f"target_modules: LoRA on {', '.join(others)} is not served; the runtime adapts "
-                        f"{', '.join(SERVED_PROJECTIONS)}")
+    outside = sorted({name.rsplit(".", 1)[-1] for name in modules} & set(HEAD_AND_EMBEDDINGS))
+    if outside:
+        problems.append(f"target_modules: LoRA on {', '.join(outside)} (the embeddings or the output head) is "
+                        "not served; the runtime adapts the linear layers of the decoder")
     return problems
+
+
+def parameter_lora(module: str, config: dict) -> bool:
+    """Whether `module`'s tensors are LoRA on bare parameters (`target_parameters`: MoE experts'
+    fused weights, routers), which PEFT names after the module holding the parameter. Those are
+    left out of the module checks; `serving_problems` says they are not served."""
+    targets = config.get("target_modules")
+    if not config.get("target_parameters") or not isinstance(targets, list):
+        return False
+    parts = [p for p in module.split(".") if p != "base_layer"]
+    return parts[-1] not in targets
 
 
 def read_modules(shapes: Mapping[str, list[int]], config: dict) -> tuple[list[str], dict[str, LoraModule]]:
@@ -156,7 +170,8 @@ def read_modules(shapes: Mapping[str, list[int]], config: dict) -> tuple[list[st
             problems.append(f"unexpected tensor {name!r} (only lora_A / lora_B weights, lora_B.bias and "
                             "DoRA's lora_magnitude_vector are supported)")
             continue
-        parts.setdefault(parsed[0], {})[parsed[1]] = list(shape)
+        if not parameter_lora(parsed[0], config):
+            parts.setdefault(parsed[0], {})[parsed[1]] = list(shape)
     if not parts:
         problems.append(f"{WEIGHTS_FILE} holds no LoRA tensors")
     targets = config.get("target_modules") or []

@@ -41,22 +41,39 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     q_all = query[0].transpose(0, 1)  # [T, heads, d]
     out = torch.empty_like(q_all)
     gqa = query.shape[1] != key.shape[1]
-    window = kwargs.get("sliding_window")
+    if kwargs.get("s_aux") is not None:  # never silently drop what the model asks for
+        raise NotImplementedError("attention sinks (s_aux) are not served")
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    attend = F.scaled_dot_product_attention if softcap is None else softcapped_attention
     for g in batch.groups:
         mask = g.masks.get(window)
         if mask is None:  # never silently attend past a window the model asks for
             raise ValueError(f"layer {module.layer_idx} asks for a sliding window of {window}, "
                              f"which this step built no mask for (windows: {sorted(w for w in g.masks if w)})")
-        out_g = F.scaled_dot_product_attention(
+        extra = {} if softcap is None else {"softcap": softcap}
+        out_g = attend(
             rows(q_all, g.q_index).transpose(1, 2),  # [N, heads, Q, d]
             rows(k_pool, g.kv_index).transpose(1, 2),  # [N, kv_heads, L, d]
             rows(v_pool, g.kv_index).transpose(1, 2),
-            attn_mask=mask, scale=scaling, enable_gqa=gqa,
+            attn_mask=mask, scale=scaling, enable_gqa=gqa, **extra,
         ).transpose(1, 2).reshape(-1, *q_all.shape[1:])  # [N * Q, heads, d]
         if g.select is not None:
             out_g = out_g.index_select(0, g.select)
         out.index_copy_(0, g.out_rows, out_g)
     return out[None], None
+
+
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor,
+                         scale: float | None, enable_gqa: bool, softcap: float) -> torch.Tensor:
+    """SDPA with Gemma 2's logit soft-capping (scores -> softcap * tanh(scores / softcap) before
+    the mask and softmax, as transformers' eager attention does), which SDPA has no argument for."""
+    if enable_gqa:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 def rows(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

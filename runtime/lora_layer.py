@@ -22,7 +22,7 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
-from loradock.registry.peft_format import SERVED_PROJECTIONS
+from loradock.registry.peft_format import HEAD_AND_EMBEDDINGS
 from torch import nn
 
 from .batch_context import LoRABatch, current_context
@@ -172,14 +172,22 @@ class MultiLoRALinear(nn.Module):
         return dequantized_weight(self.base_layer)
 
 
+def lora_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers that take LoRA: every linear layer but the output head (bitsandbytes' 4-bit and
+    8-bit layers are linear layers too); MoE experts' fused weights are no linear layers."""
+    head = model.get_output_embeddings()
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and module is not head
+            and name.rsplit(".", 1)[-1] not in HEAD_AND_EMBEDDINGS]
+
+
 def wrap_linears(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype,
                  device: torch.device, ops: str) -> dict[str, MultiLoRALinear]:
-    """Replace every targetable linear of `model` by a MultiLoRALinear; {module name: wrapper}."""
+    """Replace every linear layer of `model` but its output head (fused projections included) by a
+    MultiLoRALinear; {module name: wrapper}."""
     op = pick_op(ops, device)
-    targets = [(name, module) for name, module in model.named_modules()
-               if name.rsplit(".", 1)[-1] in SERVED_PROJECTIONS and hasattr(module, "in_features")]
     wrapped: dict[str, MultiLoRALinear] = {}
-    for name, module in targets:
+    for name, module in lora_targets(model):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         wrapper = MultiLoRALinear(module, num_slots, max_rank, dtype, device, op)

@@ -95,12 +95,21 @@ def eos_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
     return ids
 
 
+def kv_heads(config) -> int:
+    """Key/value heads per layer: grouped-query families call them num_key_value_heads, Falcon
+    num_kv_heads (one for its multi-query models), multi-head families (GPT-NeoX) have as many as
+    query heads."""
+    if config.model_type == "falcon":
+        return config.num_kv_heads if config.new_decoder_architecture or not config.multi_query else 1
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
 def kv_pool_for(model: torch.nn.Module, config: EngineConfig, dtype: torch.dtype, device: torch.device) -> KVPool:
     """The paged KV pool for `model`'s layers, sized by the config: a fraction of the free device
     memory (CUDA, when set), else kv_cache_bytes when set, else kv_cache_tokens."""
     mc = model.config
     head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
-    kv_shape = (mc.num_hidden_layers, mc.num_key_value_heads, head_dim)
+    kv_shape = (mc.num_hidden_layers, kv_heads(mc), head_dim)
     budget = config.kv_cache_bytes
     if config.kv_cache_memory_fraction and device.type == "cuda":
         budget = int(torch.cuda.mem_get_info(device)[0] * config.kv_cache_memory_fraction)

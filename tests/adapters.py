@@ -18,7 +18,7 @@ def make_lora_adapter(
     *,
     rank: int = 8,
     alpha: int = 16,
-    targets: Sequence[str] = ("q_proj", "v_proj"),
+    targets: Sequence[str] | str = ("q_proj", "v_proj"),
     seed: int = 0,
     use_rslora: bool = False,
     base_model_name_or_path: str | None = None,
@@ -44,7 +44,7 @@ def make_lora_adapter(
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
-        target_modules=list(targets),
+        target_modules=targets if isinstance(targets, str) else list(targets),  # or "all-linear"
         use_rslora=use_rslora,
         use_dora=use_dora,
         lora_bias=lora_bias,

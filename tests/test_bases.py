@@ -105,7 +105,9 @@ def test_cli_list_and_show_json(tiny_base, home, capsys):
     listed = json.loads(capsys.readouterr().out)
     assert any(b["name"] == TINY_BASE and b["fingerprint"] == tiny_base.fingerprint for b in listed)
     assert main(["bases", "show", TINY_BASE, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["path"] == str(Path(home) / "bases" / TINY_BASE)
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["path"] == str(Path(home) / "bases" / TINY_BASE)
+    assert shown["lora_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     assert main(["bases", "show", "nope"]) == 2
     assert "unknown base 'nope'" in capsys.readouterr().err
 
@@ -164,3 +166,15 @@ def test_base_accepts_a_stored_bases_model_directory_and_names_the_command_for_o
     # the CLI says the same, in one line and with exit 2 (serve stops before loading anything)
     assert main(["--home", str(home), "serve", "--base", str(other)]) == 2
     assert "loradock bases add" in capsys.readouterr().err
+
+
+def test_bases_add_names_the_family_and_its_lora_layers_and_refuses_with_the_reason(tmp_path, tokenizer_dir, home,
+                                                                                     capsys):
+    from tests.conftest import build_tiny_model
+
+    phi3 = build_tiny_model(tmp_path / "phi3", tokenizer_dir, "phi3")
+    assert main(["bases", "add", str(phi3), "--name", "tiny-phi3"]) == 0
+    assert "family phi3; LoRA served on: down_proj, gate_up_proj, o_proj, qkv_proj" in capsys.readouterr().out
+    gpt2 = build_tiny_model(tmp_path / "gpt2", tokenizer_dir, "gpt2")
+    assert main(["bases", "add", str(gpt2)]) == 2
+    assert "unsupported architecture 'gpt2': its projections are Conv1D layers" in capsys.readouterr().err

@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     lst.set_defaults(func=cmd_list)
 
     show = bases.add_parser("show", help="show one base", description="Show one stored base.")
-    show.add_argument("name", help="base name")
+    show.add_argument("name", help="base name or its model directory")
     show.add_argument("--json", action="store_true", help="print JSON instead of text")
     show.set_defaults(func=cmd_show)
 
@@ -44,31 +44,41 @@ def cmd_add(args: argparse.Namespace) -> int:
 
     info, created = import_base(registry_from(args), args.source, args.name)
     if args.json:
-        print_json(info.to_json())
-    elif created:
+        print_json(with_lora_modules(info))
+        return 0
+    if created:
         print(f"added base {info.name} (fingerprint {info.fingerprint[:12]}) at {info.path}")
     else:
         print(f"base {info.name} already present (fingerprint {info.fingerprint[:12]}); nothing to do")
+    print(f"family {info.model_type}; LoRA served on: {', '.join(with_lora_modules(info)['lora_modules'])}")
     return 0
+
+
+def with_lora_modules(info) -> dict:
+    """The base as JSON, with the layers the runtime serves LoRA on."""
+    from loradock.bases import lora_modules  # torch import only when needed
+
+    return {**info.to_json(), "lora_modules": lora_modules(info.path)}
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     bases = registry_from(args).list_bases()
     if args.json:
-        print_json([b.to_json() for b in bases])
+        print_json([with_lora_modules(b) for b in bases])
     elif not bases:
         print("no bases; run `loradock bases add` to import the default SmolLM2-135M-Instruct")
     else:
-        rows = [(b.name, b.model_type, f"{b.num_parameters / 1e6:.0f}M", b.fingerprint[:12], b.source) for b in bases]
-        print_table(("NAME", "TYPE", "PARAMS", "FINGERPRINT", "SOURCE"), rows)
+        rows = [(b.name, b.model_type, f"{b.num_parameters / 1e6:.0f}M", b.fingerprint[:12],
+                 ",".join(with_lora_modules(b)["lora_modules"]), b.source) for b in bases]
+        print_table(("NAME", "FAMILY", "PARAMS", "FINGERPRINT", "LORA ON", "SOURCE"), rows)
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    info = registry_from(args).base(args.name)
+    data = with_lora_modules(registry_from(args).base(args.name))
     if args.json:
-        print_json(info.to_json())
+        print_json(data)
     else:
-        for key, value in info.to_json().items():
-            print(f"{key:15} {value}")
+        for key, value in data.items():
+            print(f"{key:15} {', '.join(value) if isinstance(value, list) else value}")
     return 0

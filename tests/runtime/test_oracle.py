@@ -138,9 +138,9 @@ def check_against_peft(engine, oracle, names: list[str | None], prompts, atol: f
                        greedy_oracle=oracle_greedy, ignore_eos: bool = True, fp32: bool = False,
                        decode_steps: int = DECODE_STEPS, logits_only: bool = False) -> dict[str, float]:
     """Assert the engine's mixed-batch logits and greedy outputs equal PEFT's for each request
-    alone. `atol` None: the 4-bit kernel rounds to bf16, and logits must agree within twice
-    PEFT's own disagreement with itself (`kernel_noise`), tokens be PEFT's or within that noise
-    of its top one. `fp32`: also hold decode to PEFT's full forward (cached and full paths agree
+    alone. `atol` None: the 4-bit kernel rounds to bf16, and logits must
+    agree within twice PEFT's own disagreement with itself (`kernel_noise`), and tokens be
+    PEFT's or within that of its top one. `fp32`: also hold decode to PEFT's full forward (cached and full paths agree
     in fp32 arithmetic). `logits_only`: skip the full-forward distance, the distinct-adapter
     check and generation. Returns the max differences seen."""
     tok = engine.tokenizer

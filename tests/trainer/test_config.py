@@ -134,8 +134,11 @@ def test_train_help_documents_every_key(capsys):
 
 def test_an_adapter_the_runtime_cannot_serve_is_refused_before_training():
     """The registry's PEFT format rules, applied to the config: no run trains and then cannot be
-    served. DoRA is servable; LoRA on a layer the runtime does not adapt is not."""
+    served. DoRA is servable, and so is every linear layer of the decoder (Phi's dense and fc1
+    among them); LoRA on the output head or the embeddings is not."""
     assert TrainConfig(**MINIMAL, use_dora=True, lora_target=["q_proj", "down_proj"]).use_dora
+    assert TrainConfig(**MINIMAL, lora_target=["q_proj", "dense", "fc1"]).lora_target == ["q_proj", "dense", "fc1"]
     with pytest.raises(ConfigError) as info:
-        TrainConfig(**MINIMAL, lora_target=["q_proj", "dense", "fc1"])
-    assert "lora_target: LoRA on dense, fc1 is not served; the runtime adapts q_proj" in str(info.value)
+        TrainConfig(**MINIMAL, lora_target=["q_proj", "lm_head", "embed_tokens"])
+    assert ("lora_target: LoRA on embed_tokens, lm_head (the embeddings or the output head) is not served"
+            in str(info.value))

@@ -47,8 +47,11 @@ def test_bad_records_are_all_reported_and_nothing_is_trained(tiny_config, tmp_pa
         ({"adapter_name": "../escape"}, "adapter_name: invalid name '../escape'"),
         ({"aliases": "1bad"}, "aliases: invalid alias '1bad'"),
         ({"dataset": "nope.json"}, "dataset 'nope.json': no such dataset name or file"),
-        # Refused with the serving rules when the config is read, before the base is loaded.
-        ({"lora_target": "q_proj,attn_out"}, "lora_target: LoRA on attn_out is not served; the runtime adapts q_proj, "),
+        # Refused with the serving rules when the config is read, before the base is loaded ...
+        ({"lora_target": "q_proj,lm_head"}, "lora_target: LoRA on lm_head (the embeddings or the output head) is "),
+        # ... and a layer the base lacks once it is, with the base's real names.
+        ({"lora_target": "q_proj,attn_out"}, "lora_target: attn_out not found in the base model; its linear layers "
+                                            "are: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
         ({"val_size": 24}, "val_size 24 leaves no training records"),
         # LLaMA-Factory's cut keeps a share of every answer down to a couple of tokens.
         ({"cutoff_len": 2}, "no training examples left: all 20 lost their answers to cutoff_len 2"),
