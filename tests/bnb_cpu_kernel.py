@@ -22,13 +22,16 @@ The repacking itself is bitsandbytes' own torch code and runs unchanged under th
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import bitsandbytes.functional as F
 import bitsandbytes.nn.modules as bnb_modules
 import torch
 
-NATIVE = bool(F.has_avx512bf16())
+# LORADOCK_EMULATE_BF16_KERNEL=1 takes the emulation on a CPU that has the kernel too (to run the
+# suite there as it runs on CPUs without it).
+NATIVE = bool(F.has_avx512bf16()) and not os.environ.get("LORADOCK_EMULATE_BF16_KERNEL")
 TILE = 32  # rows per packed tile (`block_n` of the repacking)
 
 
@@ -43,7 +46,10 @@ def emulated_gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state) -> torch.Te
     """What the kernel returns for `x` [..., K] and a repacked weight: bf16 [..., N]."""
     n, k = state.shape
     blocks, size = k // state.blocksize, state.blocksize
-    weights = state.code.to(torch.bfloat16).float()[unpack_codes(packed.view(torch.uint8), n, k)]
+    weights = getattr(state, "emulated_codes", None)  # the codes as bf16 values, looked up once per layer
+    if weights is None:
+        weights = state.emulated_codes = state.code.to(torch.bfloat16).float()[
+            unpack_codes(packed.view(torch.uint8), n, k)]
     rows = x.reshape(-1, k).to(torch.bfloat16).float()
     block_sums = torch.einsum("mbk,nbk->mnb", rows.view(-1, blocks, size), weights.view(n, blocks, size))
     scales = state.absmax.float().T  # [N, K/blocksize], bf16 values
