@@ -131,4 +131,8 @@ def base_problems(modules: dict[str, LoraModule], base_shapes: dict[str, list[in
                 f"{m.name}: adapter maps {m.in_features} -> {m.out_features} features but the "
                 f"base weight is {shape} (out, in)"
             )
-    return _listed(problems)
+    if not any(p.endswith("no such layer in the base model") for p in problems):
+        return _listed(problems)
+    layers = sorted({name.removesuffix(".weight").rsplit(".", 1)[-1] for name, shape in base_shapes.items()
+                     if name.endswith(".weight") and len(shape) == 2} - set(peft_format.HEAD_AND_EMBEDDINGS))
+    return [*_listed(problems), f"the base's layers that take LoRA are named {', '.join(layers)}"]

@@ -183,7 +183,7 @@ def test_rank_pattern_is_honoured(registry, tiny_base, tmp_path):
     assert "self_attn.v_proj: rank in tensors (lora_A [2, 64], lora_B [32, 2])" in msg and "r=3" in msg
 
 
-def test_adapter_for_another_base_is_refused(registry, tmp_path):
+def test_adapter_for_another_base_is_refused(registry, tmp_path, tiny_base):
     """An adapter built on a hidden-32 model does not fit the hidden-64 tiny base."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -262,3 +262,16 @@ def test_regex_target_modules(registry, editable_lora):
     edit_config(editable_lora, target_modules=r".*\.(q_proj|v_proj)")
     v = registry.publish(editable_lora, "regex")
     assert v.manifest["target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_an_adapter_naming_layers_the_base_lacks_is_refused_with_the_bases_own_names(registry, tmp_path, tiny_base,
+                                                                                      tokenizer_dir):
+    """A Phi-3 adapter (fused qkv_proj, gate_up_proj) published for a Llama base."""
+    from tests.conftest import build_tiny_model
+
+    phi3 = build_tiny_model(tmp_path / "phi3", tokenizer_dir, "phi3")
+    src = make_lora_adapter(phi3, tmp_path / "a", targets=("qkv_proj", "gate_up_proj"))
+    msg = publish_fails(registry, src, IncompatibleBaseError, base=TINY_BASE)
+    assert "model.layers.0.self_attn.qkv_proj: no such layer in the base model" in msg
+    assert msg.endswith("the base's layers that take LoRA are named down_proj, gate_proj, k_proj, o_proj, q_proj, "
+                        "up_proj, v_proj")
