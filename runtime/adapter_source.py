@@ -45,7 +45,7 @@ from .errors import (
     InvalidRequestError,
 )
 from .host_memory import HostBlocks
-from .types import AdapterMixture, ResolvedAdapter, ResolvedMixture
+from .types import MIXTURE_PREFIX, AdapterMixture, ResolvedAdapter, ResolvedMixture
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class AdapterSource:
         canonical = json.dumps({"components": [[c.ref, c.digest, w] for c, w in components],
                                 **recipe.as_json()}, sort_keys=True)
         digest = hashlib.sha256(canonical.encode()).hexdigest()
-        return ResolvedMixture(f"mixture-{digest[:12]}", 0, digest, components, recipe.strategy,
+        return ResolvedMixture(f"{MIXTURE_PREFIX}{digest[:12]}", 0, digest, components, recipe.strategy,
                                recipe.density, recipe.majority_sign_method, recipe.seed)
 
     def _config(self, version: AdapterVersion) -> dict:

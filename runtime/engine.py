@@ -218,9 +218,13 @@ class Engine:
             adapter = self.adapters.mixture_key(request.mixture)  # cached like a version, by recipe
         elif request.adapter:
             adapter = self.adapters.key(request.adapter)
+        wanted = request.sampling.max_new_tokens
+        if wanted is not None and len(prompt_ids) + wanted > self.max_model_len:
+            raise InvalidRequestError(  # up front, as vLLM and OpenAI do, not cut at the context's end
+                f"sampling.max_new_tokens: the prompt's {len(prompt_ids)} tokens + {wanted} new ones exceed "
+                f"max_model_len={self.max_model_len}; ask for at most {self.max_model_len - len(prompt_ids)}")
         # Capped by the pool too, so a sequence alone always fits and preemption always ends.
-        max_len = min(len(prompt_ids) + request.sampling.max_new_tokens, self.max_model_len,
-                      self.kv.capacity_tokens)
+        max_len = min(self.max_model_len if wanted is None else len(prompt_ids) + wanted, self.kv.capacity_tokens)
         handle = RequestHandle(request.request_id, self._request_cancel)
         seq = Sequence(
             request=request, handle=handle, prompt_ids=prompt_ids, adapter=adapter,

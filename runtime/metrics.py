@@ -20,7 +20,7 @@ from typing import Any
 
 import prometheus_client
 from loradock.runtime.stats import BASE_KEY
-from loradock.runtime.types import GenerationResult
+from loradock.runtime.types import MIXTURE_PREFIX, GenerationResult
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -70,6 +70,7 @@ class Metrics:
 
     def observe(self, adapter: str, method: str, code: str, result: GenerationResult | None = None) -> None:
         """Count one finished generation request; `result` is given when it completed."""
+        adapter = series_name(adapter)
         self._requests.labels(adapter, method, code).inc()
         if code != "OK":
             self._errors.labels(adapter, code).inc()
@@ -81,6 +82,7 @@ class Metrics:
 
     def add_tokens(self, adapter: str, prompt: int, completion: int) -> None:
         """Tokens of a request's further choices (an HTTP request with n > 1 counts once)."""
+        adapter = series_name(adapter)
         self._tokens.labels(adapter, "prompt").inc(prompt)
         self._tokens.labels(adapter, "completion").inc(completion)
 
@@ -94,12 +96,31 @@ class Metrics:
         return prometheus_client.generate_latest(self.registry)
 
 
+def series_name(adapter: str) -> str:
+    """The `adapter` label of a served name: every per-request mixture shares one ("mixture"),
+    since clients choose their recipes and a series each would grow /metrics without bound."""
+    return "mixture" if adapter.startswith(MIXTURE_PREFIX) else adapter
+
+
 def _split_key(key: str) -> tuple[str, str]:
-    """Engine stats keys are "name@version" or BASE_KEY; as `adapter` and `version` labels."""
+    """Engine stats keys are "name@version" or BASE_KEY; as `adapter` and `version` labels
+    (mixtures: "mixture" and no version)."""
     if key == BASE_KEY:
         return "", ""
     name, _, version = key.rpartition("@")
+    if name.startswith(MIXTURE_PREFIX):
+        return series_name(name), ""
     return (name, version) if name else (key, "")
+
+
+def _by_series(per_key: Mapping[str, Mapping[str, float]]) -> dict[tuple[str, str], dict[str, float]]:
+    """Engine counters summed by their labels (all mixtures into one series)."""
+    totals: dict[tuple[str, str], dict[str, float]] = {}
+    for key, values in per_key.items():
+        series = totals.setdefault(_split_key(key), {})
+        for stat, value in values.items():
+            series[stat] = series.get(stat, 0) + value
+    return totals
 
 
 class EngineCollector(Collector):
@@ -118,13 +139,13 @@ class EngineCollector(Collector):
         except Exception:  # a scrape must not fail because the engine is starting or stopping
             log.exception("reading engine stats for /metrics failed")
             return
-        per_adapter: Mapping[str, Mapping[str, float]] = stats.get("adapters", {})
-        for stat in sorted({k for values in per_adapter.values() for k in values}):
+        per_series = _by_series(stats.get("adapters", {}))
+        for stat in sorted({k for values in per_series.values() for k in values}):
             family = CounterMetricFamily(f"loradock_engine_{stat}", f"Engine counter '{stat}', by "
                                          "adapter version.", labels=("adapter", "version"))
-            for key, values in sorted(per_adapter.items()):
+            for labels, values in sorted(per_series.items()):
                 if stat in values:
-                    family.add_metric(_split_key(key), values[stat])
+                    family.add_metric(labels, values[stat])
             yield family
         for key, value in sorted(stats.items()):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -149,9 +170,9 @@ class ReplicaCollector(Collector):
                                          "each replica, by adapter version.",
                                          labels=("replica", "adapter", "version"))
             for replica, by_key in sorted(by_replica.items()):
-                for key, values in sorted(by_key.items()):
+                for labels, values in sorted(_by_series(by_key).items()):
                     if stat in values:
-                        family.add_metric((replica, *_split_key(key)), values[stat])
+                        family.add_metric((replica, *labels), values[stat])
             yield family
 
 

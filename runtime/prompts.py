@@ -16,6 +16,12 @@ class PromptEncoder:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_prompt_tokens = max_prompt_tokens
+        self.longest_token = max((len(token) for token in tokenizer.get_vocab()), default=1)
+        # No token covers more characters than its vocabulary string has (byte-level BPE and
+        # SentencePiece tokens spell at least the bytes they stand for), so a longer text cannot
+        # fit, whatever it says; four times that, so that a normalizer folding characters (NFKC,
+        # accents) can never get a fitting text refused.
+        self.max_chars = 4 * self.longest_token * max_prompt_tokens
 
     def encode(self, req: GenerationRequest) -> list[int]:
         validate_sampling(req.sampling)
@@ -27,6 +33,11 @@ class PromptEncoder:
                 "prompt: give exactly one of prompt, messages, prompt_token_ids"
                 + (f" (got {', '.join(given)})" if given else " (got none)")
             )
+        chars = len(req.prompt or "") + sum(len(m.content) for m in req.messages or () if isinstance(m.content, str))
+        if chars > self.max_chars:  # refused before tokenizing: a huge text costs seconds to tokenize
+            raise InvalidRequestError(
+                f"prompt: {chars} characters cannot fit max_prompt_tokens={self.max_prompt_tokens} "
+                f"(no token of this tokenizer spells more than {self.longest_token} characters)")
         if req.prompt is not None:
             if not req.prompt:
                 raise InvalidRequestError("prompt: must not be empty")

@@ -23,8 +23,11 @@ def validate_sampling(params: SamplingParams) -> None:
     def bad(field: str, why: str) -> InvalidRequestError:
         return InvalidRequestError(f"sampling.{field}: {why}")
 
-    if not isinstance(params.max_new_tokens, int) or params.max_new_tokens < 1:
-        raise bad("max_new_tokens", f"must be a positive integer, got {params.max_new_tokens!r}")
+    if params.max_new_tokens is not None and (
+            not isinstance(params.max_new_tokens, int) or isinstance(params.max_new_tokens, bool)
+            or params.max_new_tokens < 1):
+        raise bad("max_new_tokens", f"must be a positive integer (or None: until the context is full), "
+                                    f"got {params.max_new_tokens!r}")
     if not math.isfinite(params.temperature) or params.temperature < 0:
         raise bad("temperature", f"must be >= 0 (0 = greedy), got {params.temperature!r}")
     if not math.isfinite(params.top_p) or not 0 < params.top_p <= 1:

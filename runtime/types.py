@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 class SamplingParams:
     """How to pick tokens. The defaults are greedy decoding."""
 
-    max_new_tokens: int = 64
+    max_new_tokens: int | None = 64  # None: until the context is full (max_model_len)
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 means no top-k cut
@@ -83,6 +83,9 @@ class ResolvedAdapter:
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
+
+
+MIXTURE_PREFIX = "mixture-"
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,7 @@ def _stop(stop: str | list[str] | None) -> tuple[str, ...]:
     return stops
 
 
-def _sampling(body, max_tokens: int, seed_offset: int) -> SamplingParams:
+def _sampling(body, max_tokens: int | None, seed_offset: int) -> SamplingParams:
     seed = None if body.seed is None else (body.seed + seed_offset) % SEED_LIMIT
     return SamplingParams(
         max_new_tokens=max_tokens,
@@ -192,15 +192,15 @@ def _messages(body: ChatCompletionRequest) -> tuple[ChatMessage, ...]:
     return tuple(out)
 
 
-def chat_plan(body: ChatCompletionRequest, model: ServedModel, max_model_len: int) -> Plan:
+def chat_plan(body: ChatCompletionRequest, model: ServedModel) -> Plan:
     """Raises ApiError 400 naming the field for anything loradock cannot honour."""
     _refuse_unimplemented(body, _CHAT_NOT_IMPLEMENTED)
     stream, include_usage = _stream_flags(body)
     if body.max_tokens is not None and body.max_completion_tokens is not None \
             and body.max_tokens != body.max_completion_tokens:
         raise bad_request("max_completion_tokens", "give max_completion_tokens or max_tokens, not both")
-    # OpenAI's default: until the context is full (the engine caps at max_model_len).
-    max_tokens = body.max_completion_tokens or body.max_tokens or max_model_len
+    # OpenAI's default: until the context is full (None); a given value must fit the context.
+    max_tokens = body.max_completion_tokens or body.max_tokens
     messages = _messages(body)
     _log_identity(body, "chat")
     n = body.n or 1

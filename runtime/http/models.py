@@ -110,7 +110,8 @@ class ModelCatalog:
             base_created = _unix(self._registry.base(base).created_at)
         except (NotFoundError, InvalidNameError):  # served from a directory, not the registry
             base_created = 0
-        cards = [ModelCard(id=base, created=base_created, root=base, max_model_len=info.max_model_len)]
+        limits = {"max_model_len": info.max_model_len, "max_prompt_tokens": info.max_prompt_tokens}
+        cards = [ModelCard(id=base, created=base_created, root=base, **limits)]
 
         def fits(v: AdapterVersion) -> bool:
             fingerprint = (v.manifest.get("base") or {}).get("fingerprint")
@@ -126,7 +127,7 @@ class ModelCatalog:
 
             def card(model_id: str, v: AdapterVersion) -> ModelCard:
                 return ModelCard(id=model_id, created=_unix(str(v.manifest.get("created_at", ""))),
-                                 root=v.ref, parent=base, max_model_len=info.max_model_len)
+                                 root=v.ref, parent=base, **limits)
 
             newest = versions[max(versions)]
             if fits(newest):

@@ -106,8 +106,7 @@ def create_app(
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         """Chat completion; with `stream: true`, server-sent `chat.completion.chunk`s, then `[DONE]`."""
-        max_model_len = engine.info().max_model_len
-        return await generation.run(request, body.model, lambda m: convert.chat_plan(body, m, max_model_len),
+        return await generation.run(request, body.model, lambda m: convert.chat_plan(body, m),
                                     chat=True, stream=bool(body.stream))
 
     @app.post("/v1/completions", response_model=Completion, responses=ERRORS)

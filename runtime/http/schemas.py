@@ -211,7 +211,8 @@ class ModelCard(BaseModel):
     owned_by: str = "loradock"
     root: str = Field(description="the concrete name@N this id means now (the base: its own name)")
     parent: str | None = Field(None, description="the base model an adapter runs on")
-    max_model_len: int
+    max_model_len: int = Field(description="tokens of context: the prompt plus max_tokens must fit")
+    max_prompt_tokens: int = Field(description="the longest prompt accepted, in tokens")
 
 
 class ModelList(BaseModel):

@@ -59,7 +59,8 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
 
 
 def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
-    _check_unsigned("max_new_tokens", params.max_new_tokens)
+    if params.max_new_tokens is not None:  # None: left unset, the server's default (64)
+        _check_unsigned("max_new_tokens", params.max_new_tokens)
     _check_unsigned("top_k", params.top_k)
     if params.seed is not None:
         _check_unsigned("seed", params.seed, bits=64)

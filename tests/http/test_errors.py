@@ -45,6 +45,8 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
     ({"seed": -1}, 400, "seed", "invalid_value"),
     ({"stop": [""]}, 400, "stop", "invalid_value"),
     ({"max_tokens": 4, "max_completion_tokens": 5}, 400, "max_completion_tokens", "invalid_value"),
+    # more than the context holds after the prompt: refused up front, not cut at the context's end
+    ({"max_tokens": 10_000_000}, 400, "max_tokens", "invalid_value"),
     ({"logprobs": True}, 400, "logprobs", "unsupported_parameter"),
     ({"presence_penalty": 0.5}, 400, "presence_penalty", "unsupported_parameter"),
     ({"response_format": {"type": "json_object"}}, 400, "response_format", "unsupported_parameter"),
@@ -73,11 +75,20 @@ def test_bad_chat_requests_get_the_right_status_naming_the_field(client, change,
     ({"suffix": "!"}, "suffix"),
     ({"logprobs": 2}, "logprobs"),
     ({"prompt": "x" * 9000}, "prompt"),  # longer than max_prompt_tokens, refused by the engine
+    ({"max_tokens": 4_869_494}, "max_tokens"),  # prompt + max_tokens > max_model_len
 ])
 def test_bad_text_completion_requests_name_the_field(client, change, param):
     request = {"model": "a1", "prompt": "Hello", "max_tokens": 2, **change}
     error = status_error(lambda: client.completions.create(**request))
     assert (error.status_code, error.body["param"]) == (400, param), error.body
+
+
+def test_a_text_too_long_for_any_tokenization_is_refused_before_tokenizing(client):
+    """A 1.5 MB prompt under the body limit: 400 by its length alone (the message says so;
+    tokenizing it would take seconds of server CPU)."""
+    error = status_error(lambda: client.completions.create(model="a1", prompt="x " * 750_000, max_tokens=1))
+    assert (error.status_code, error.body["param"]) == (400, "prompt"), error.body
+    assert "characters cannot fit max_prompt_tokens=" in error.body["message"]
 
 
 def test_bearer_token_is_required_on_the_api_but_not_on_probes(api):

@@ -117,8 +117,9 @@ def test_models_list_the_registry_and_follow_an_alias_move(api, client, http_reg
     assert cards["mover"].root == "mover@2" and cards["mover@prod"].root == "mover@1"
     assert {"mover@1", "mover@2"} <= set(cards)
     assert not {"big", "big@1", "broken@0"} & set(cards), "rank 32 is above --max-rank 16: not servable"
-    info_len = cards[BASE].max_model_len
-    assert info_len > 0 and all(c.max_model_len == info_len for c in cards.values())
+    info_len, prompt_len = cards[BASE].max_model_len, cards[BASE].max_prompt_tokens
+    assert 0 < prompt_len < info_len
+    assert all((c.max_model_len, c.max_prompt_tokens) == (info_len, prompt_len) for c in cards.values())
     assert cards["a0@1"].created > 1_600_000_000
     assert client.models.retrieve("mover@prod").root == "mover@1"
 

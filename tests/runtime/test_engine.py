@@ -289,3 +289,22 @@ def test_the_largest_adapter_loads_into_memory_primed_at_start(registry, tiny_ba
     assert primed > 0
     engine.generate(req("big", n=2), timeout=60)
     assert pool.free_bytes == primed, "the cold load allocated new host buffers"
+
+
+def test_max_new_tokens_beyond_the_context_is_refused_up_front_and_none_fills_it(tiny_registry, tiny_base,
+                                                                                 engine_factory):
+    """As vLLM and OpenAI: prompt + max_new_tokens > max_model_len is an error before anything
+    runs; None (OpenAI chat's default) generates until the context is full."""
+    from loradock.runtime.errors import InvalidRequestError
+
+    engine = engine_factory(tiny_registry, tiny_base.name, max_model_len=40, max_prompt_tokens=32)
+    prompt = "The capital of France is"
+    n = len(engine.tokenizer.encode(prompt))
+    with pytest.raises(InvalidRequestError, match=rf"sampling.max_new_tokens: the prompt's {n} tokens \+ "
+                                                  rf"{41 - n} new ones exceed max_model_len=40; ask for at most {40 - n}"):
+        engine.submit(GenerationRequest(prompt=prompt, sampling=SamplingParams(max_new_tokens=41 - n)))
+    fits = engine.generate(GenerationRequest(prompt=prompt, sampling=SamplingParams(max_new_tokens=40 - n,
+                                                                                    ignore_eos=True)))
+    rest = engine.generate(GenerationRequest(prompt=prompt, sampling=SamplingParams(max_new_tokens=None,
+                                                                                    ignore_eos=True)))
+    assert len(fits.token_ids) == len(rest.token_ids) == 40 - n

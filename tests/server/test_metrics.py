@@ -53,6 +53,26 @@ def test_names_labels_and_values_are_kept():
     assert families["loradock_requests"] == "counter" and families["loradock_engine_running"] == "gauge"
 
 
+def test_every_mixture_shares_one_series_so_clients_cannot_grow_the_page():
+    """Each per-request mixture recipe is its own cache entry ("mixture-<digest>"), chosen by the
+    client: counted under one `adapter="mixture"` series, the engine's counters summed."""
+    stats = {"adapters": {f"mixture-{i:012x}@0": {"requests": 1, "loads": 1} for i in range(20)}
+             | {"med@1": {"requests": 2, "loads": 1}}}
+    metrics = Metrics(lambda: stats)
+    for i in range(20):
+        metrics.observe(f"mixture-{i:012x}", "Generate", "OK", _result(f"mixture-{i:012x}", 7, 30))
+    lines = [line for line in metrics.render().decode().splitlines() if line and not line.startswith("#")]
+    s = _samples("\n".join(lines))
+    assert s['loradock_requests_total{adapter="mixture",code="OK",method="Generate"}'] == 20
+    assert s['loradock_engine_requests_total{adapter="mixture",version=""}'] == 20
+    assert s['loradock_engine_requests_total{adapter="med",version="1"}'] == 2
+    assert not any("mixture-" in line for line in lines)
+    few = Metrics(lambda: {"adapters": {"mixture-000000000000@0": {"requests": 1, "loads": 1}}})
+    few.observe("mixture-000000000000", "Generate", "OK", _result("mixture-000000000000", 7, 30))
+    # as many lines as with one mixture, plus med@1's two engine counters
+    assert len(lines) <= len([x for x in few.render().decode().splitlines() if x and not x.startswith("#")]) + 2
+
+
 def test_engine_stats_failing_does_not_break_the_page():
     """A scrape while the engine starts or stops still answers with the edge's own metrics."""
     def broken() -> dict:
