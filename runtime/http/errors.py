@@ -10,6 +10,7 @@ means the same whichever edge counted it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from fastapi.exceptions import RequestValidationError
@@ -175,8 +176,10 @@ def validation_error(exc: RequestValidationError) -> ApiError:
     return ApiError(400, "; ".join(problems), param=first_param, code=first_code)
 
 
-def http_error(status: int, detail: str) -> ApiError:
-    """Starlette's own errors (no such route, wrong method, body too large) in OpenAI's shape."""
+def http_error(status: int, detail: str, headers: Mapping[str, str] | None = None) -> ApiError:
+    """Starlette's own errors (no such route, wrong method, body too large) in OpenAI's shape,
+    keeping their headers (a 405's `Allow`)."""
     kind = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(status, "http_error")
     canonical = {404: "NOT_FOUND", 405: "UNIMPLEMENTED", 413: "INVALID_ARGUMENT"}.get(status, "UNKNOWN")
-    return ApiError(status, detail, type="invalid_request_error", code=kind, canonical=canonical)
+    return ApiError(status, detail, type="invalid_request_error", code=kind, canonical=canonical,
+                    headers=dict(headers or {}))

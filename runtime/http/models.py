@@ -98,9 +98,12 @@ class ModelCatalog:
         return cards
 
     def card(self, model_id: str) -> ModelCard:
+        """The card of `model_id`, also written `BASE:ADAPTER` as generation accepts it."""
+        named_base, sep, ref = model_id.partition(":")
+        listed = (ref or self.base_name) if sep and named_base == self.base_name else model_id
         for card in self.cards():
-            if card.id == model_id:
-                return card
+            if card.id == listed:
+                return card if listed == model_id else card.model_copy(update={"id": model_id})
         raise model_not_found(model_id, "GET /v1/models lists the models served here")
 
     def _build_cards(self) -> list[ModelCard]:

@@ -86,7 +86,7 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> Response:
-        return http_error(exc.status_code, str(exc.detail)).response()
+        return http_error(exc.status_code, str(exc.detail), exc.headers).response()
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> Response:

@@ -34,11 +34,13 @@ class FakeEngine:
 
     ready = True
 
-    def __init__(self) -> None:
+    def __init__(self, fingerprint: str = "") -> None:
         self.submitted: list[GenerationRequest] = []
+        self.fingerprint = fingerprint
 
     def info(self) -> SimpleNamespace:
-        return SimpleNamespace(base_name=TINY_BASE, base_fingerprint="", max_model_len=64, max_rank=16)
+        return SimpleNamespace(base_name=TINY_BASE, base_fingerprint=self.fingerprint, max_model_len=64,
+                               max_prompt_tokens=48, max_rank=16)
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
         self.submitted.append(request)
@@ -58,7 +60,7 @@ class FakeEngine:
 
 @pytest.fixture(scope="module")
 def edge(http_registry: Registry) -> Iterator[tuple[TestClient, FakeEngine]]:
-    engine = FakeEngine()
+    engine = FakeEngine(http_registry.base(TINY_BASE).fingerprint)
     with TestClient(create_app(engine, http_registry, metrics=Metrics())) as client:
         yield client, engine
 
@@ -110,3 +112,20 @@ def test_streamed_usage_counts_every_choice(edge):
     usage = chunks[-1]["usage"]
     assert usage["completion_tokens"] == len(tokens), "every streamed token of every choice is counted"
     assert usage == unary["usage"]
+
+
+def test_a_model_card_is_found_by_every_name_generation_accepts(edge):
+    client, _ = edge
+    for model, root in [("mover@prod", "mover@1"), (f"{TINY_BASE}:mover@prod", "mover@1"), (f"{TINY_BASE}:", TINY_BASE),
+                        (TINY_BASE, TINY_BASE)]:
+        card = client.get(f"/v1/models/{model}")
+        assert card.status_code == 200, (model, card.text)
+        assert (card.json()["id"], card.json()["root"]) == (model, root)
+    assert client.get("/v1/models/other-base:mover").status_code == 404
+
+
+def test_a_wrong_method_is_405_with_allow(edge):
+    client, _ = edge
+    answer = client.get("/v1/chat/completions")
+    assert answer.status_code == 405 and answer.json()["error"]["code"] == "method_not_allowed"
+    assert answer.headers["Allow"] == "POST"
