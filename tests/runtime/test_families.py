@@ -40,14 +40,11 @@ FAMILIES = {
 MOE = ("mixtral", "qwen3_moe", "olmoe")
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family(request, session_home, tokenizer_dir, tmp_path_factory):
-    """(base, {adapter: dir}) for one family."""
-    name = request.param
+def build_family(name: str, home, tokenizer_dir, out) -> tuple:
+    """The tiny `name` base stored in `home`'s registry, and its two adapters: (base, {adapter: dir})."""
     overrides, attention = FAMILIES[name]
-    src = build_tiny_model(tmp_path_factory.mktemp(f"{name}-src"), tokenizer_dir, name, **overrides)
-    base, _ = import_base(Registry(session_home), src, name=f"tiny-{name}")
-    out = tmp_path_factory.mktemp(f"{name}-adapters")
+    src = build_tiny_model(out / "src", tokenizer_dir, name, **overrides)
+    base, _ = import_base(Registry(home), src, name=f"tiny-{name}")
     # PEFT's all-linear on an MoE base also targets the experts' parameters (not served, below)
     every_linear = ("q_proj", "o_proj") if name in MOE else "all-linear"
     with one_thread():
@@ -56,6 +53,11 @@ def family(request, session_home, tokenizer_dir, tmp_path_factory):
                 "all": make_lora_adapter(base.path, out / "all", rank=4, alpha=8, targets=every_linear, seed=2,
                                          scale=0.3)}
     return base, dirs
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, session_home, tokenizer_dir, tmp_path_factory):
+    return build_family(request.param, session_home, tokenizer_dir, tmp_path_factory.mktemp(request.param))
 
 
 def test_mixed_batch_matches_peft(family, registry, engine_factory):
@@ -73,14 +75,7 @@ def test_a_new_family_in_nf4(family_name, session_home, tokenizer_dir, tmp_path,
                              cpu_4bit_compute):
     """NF4 on a fused and a soft-capped, windowed family, both 4-bit kernels: PEFT's logits within
     1e-5 (float32 compute) or within the bf16 kernel's own noise."""
-    overrides, attention = FAMILIES[family_name]
-    src = build_tiny_model(tmp_path / "src", tokenizer_dir, family_name, **overrides)
-    base, _ = import_base(Registry(session_home), src, name=f"tiny-{family_name}")
-    with one_thread():
-        dirs = {"attn": make_lora_adapter(base.path, tmp_path / "attn", rank=8, alpha=16, targets=attention, seed=1,
-                                          scale=0.3),
-                "all": make_lora_adapter(base.path, tmp_path / "all", rank=4, alpha=8, targets="all-linear", seed=2,
-                                         scale=0.3)}
+    base, dirs = build_family(family_name, session_home, tokenizer_dir, tmp_path)
     for name, path in dirs.items():
         registry.publish(path, name, base=base.name)
     engine = engine_factory(registry, base.name, run_loop=False, quantize="nf4", compute_dtype=cpu_4bit_compute)
