@@ -92,7 +92,7 @@ def build_request(
     """A GenerationRequest from `prompt` (a string, or chat messages) or `prompt_token_ids`.
 
     Sampling comes from `sampling` or from SamplingParams field names given as keywords
-    (max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos).
+    (max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos, logprobs).
     """
     if sampling is not None and sampling_fields:
         raise TypeError("give either sampling= or sampling keywords, not both")

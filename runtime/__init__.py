@@ -28,6 +28,7 @@ from .types import (
     SamplingParams,
     Timings,
     TokenEvent,
+    TokenLogprob,
 )
 
 if TYPE_CHECKING:
@@ -67,4 +68,5 @@ __all__ = [
     "SamplingParams",
     "Timings",
     "TokenEvent",
+    "TokenLogprob",
 ]

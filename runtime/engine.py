@@ -57,7 +57,7 @@ from .model_loader import (
 )
 from .model_runner import ModelRunner, StepItem, lora_batch
 from .prompts import PromptEncoder
-from .sampling import Sampler
+from .sampling import Sampler, token_logprobs
 from .scheduler import Admission, Scheduler
 from .sequence import SeqStatus, Sequence
 from .stats import BASE_KEY, EngineStats
@@ -70,6 +70,7 @@ from .types import (
     ResolvedAdapter,
     Timings,
     TokenEvent,
+    TokenLogprob,
 )
 
 log = logging.getLogger(__name__)
@@ -406,17 +407,35 @@ class Engine:
                 self._fail(seq, EngineError(f"internal error in the forward pass: {e}"))
             return True
         greedy = step.logits.argmax(dim=-1).tolist()  # one batched argmax for every greedy request
+        sampled: list[tuple[Sequence, int, int]] = []  # (sequence, logits row, token)
         for (seq, _), item, row in zip(plan, items, step.rows, strict=True):
             self.blocks.computed(seq, len(item.tokens))
             if row is None:
                 continue
             try:
-                token = greedy[row] if seq.sampler.greedy else seq.sampler(step.logits[row])
-                self._on_token(seq, token)
+                sampled.append((seq, row, greedy[row] if seq.sampler.greedy else seq.sampler(step.logits[row])))
+            except Exception as e:
+                log.exception("request %s failed while sampling", seq.request_id)
+                self._fail(seq, EngineError(f"internal error: {e}"))
+        logprobs = self._logprobs(step.logits, sampled)
+        for seq, _, token in sampled:
+            try:
+                self._on_token(seq, token, logprobs.get(seq.request_id))
             except Exception as e:
                 log.exception("request %s failed after sampling", seq.request_id)
                 self._fail(seq, EngineError(f"internal error: {e}"))
         return True
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, sampled: list[tuple[Sequence, int, int]]) -> dict[str, TokenLogprob]:
+        """The log probabilities of the step's tokens for the requests that asked, in one batch."""
+        wanted = [(seq, row, token) for seq, row, token in sampled if seq.request.sampling.logprobs is not None]
+        if not wanted:
+            return {}
+        rows = torch.tensor([row for _, row, _ in wanted], device=logits.device)
+        found = token_logprobs(logits.index_select(0, rows), [t for _, _, t in wanted],
+                               [seq.request.sampling.logprobs for seq, _, _ in wanted])
+        return {seq.request_id: lp for (seq, _, _), lp in zip(wanted, found, strict=True)}
 
     def _admit(self, seq: Sequence) -> Admission:
         """The scheduler's question: may `seq` start now? (see `admission.Admitter`)"""
@@ -437,15 +456,17 @@ class Engine:
         log.info("KV pool full: preempted request %s (%d tokens, to be recomputed)",
                  seq.request_id, seq.num_tokens)
 
-    def _on_token(self, seq: Sequence, token: int) -> None:
+    def _on_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         seq.output_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
         text = seq.text.add(token)
         finish = seq.finish_reason(token, self.eos_ids)
         if finish is not None:
             text += seq.text.finish()
-        seq.handle._emit(TokenEvent(seq.request_id, token, text, len(seq.output_ids) - 1))
+        seq.handle._emit(TokenEvent(seq.request_id, token, text, len(seq.output_ids) - 1, logprob))
         self._stats.add(seq.adapter.ref if seq.adapter else BASE_KEY, generated_tokens=1)
         if finish is not None:
             self._complete(seq, finish)
@@ -477,6 +498,7 @@ class Engine:
             prompt_tokens=len(seq.prompt_ids),
             completion_tokens=len(seq.output_ids),
             timings=Timings(queue_ms=ms(seq.admitted_at), ttft_ms=ms(seq.first_token_at), total_ms=ms(now)),
+            logprobs=tuple(seq.logprobs) if seq.request.sampling.logprobs is not None else None,
         ))
 
     def _fail(self, seq: Sequence, error: BaseException) -> None:

@@ -10,7 +10,7 @@ from .detokenize import TextStream
 from .handle import RequestHandle
 from .kv_cache import block_hashes
 from .sampling import Sampler
-from .types import FinishReason, GenerationRequest, ResolvedAdapter
+from .types import FinishReason, GenerationRequest, ResolvedAdapter, TokenLogprob
 
 
 class SeqStatus(enum.Enum):
@@ -30,6 +30,7 @@ class Sequence:
     max_len: int  # prompt + max_new_tokens, capped by the engine's max_model_len
     status: SeqStatus = SeqStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per output token, when asked for
     computed: int = 0  # tokens whose K/V are in the cache
     blocks: list[int] = field(default_factory=list)  # KV pool block table
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks (prefix cache)

@@ -19,6 +19,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks generate exactly max_new_tokens
+    # None: no log probabilities; k: each generated token's and its k most likely alternatives'
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,17 @@ class ResolvedMixture(ResolvedAdapter):
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log probability and its most likely alternatives', from the model's
+    logits for that step (after the adapter; before temperature, top-k and top-p: vLLM's raw
+    logprobs)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """One step's output for one request, streamed as soon as it is produced."""
 
@@ -113,6 +126,7 @@ class TokenEvent:
     token_id: int
     text: str  # newly completed text (may be "" while a multi-byte character is incomplete)
     index: int  # 0-based position among the generated tokens
+    logprob: TokenLogprob | None = None  # when the request asked for log probabilities
 
 
 @dataclass(frozen=True)
@@ -132,6 +146,7 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     timings: Timings
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per generated token, when asked for
 
 
 @dataclass(frozen=True)

@@ -274,6 +274,13 @@ BREAKAGES = (
         ("tests/runtime/test_families.py", "-k", "gpt_neox and mixed"),
     ),
     Breakage(
+        # every request that asked gets the first such row's distribution
+        "logprobs-read-from-one-row", "runtime/engine.py",
+        "        rows = torch.tensor([row for _, row, _ in wanted], device=logits.device)\n",
+        "        rows = torch.tensor([wanted[0][1] for _ in wanted], device=logits.device)\n",
+        ("tests/runtime/test_logprobs.py",),
+    ),
+    Breakage(
         "trainer-evaluation-repacks-the-base", "trainer/model.py",
         "    pin_bitsandbytes_cpu_kernel(model, recipe, training=True)  # evaluation must not cut the gradients\n",
         "",

@@ -8,6 +8,8 @@ unless they hold their "off" value; identification-only fields (`user`, `metadat
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import uuid
 from collections.abc import Sequence
@@ -21,6 +23,8 @@ from loradock.runtime.types import (
     GenerationResult,
     MixtureComponent,
     SamplingParams,
+    TokenEvent,
+    TokenLogprob,
 )
 
 from .errors import ApiError, bad_request, unsupported
@@ -34,9 +38,13 @@ from .schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
+    ChatLogprobs,
+    ChatTokenLogprob,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
+    TopLogprob,
     Usage,
 )
 
@@ -53,8 +61,6 @@ _NOT_IMPLEMENTED = {
 }
 _CHAT_NOT_IMPLEMENTED = {
     **_NOT_IMPLEMENTED,
-    "logprobs": ((None, False), "the engine does not return log probabilities"),
-    "top_logprobs": ((None, 0), "the engine does not return log probabilities"),
     "response_format": ((None, {"type": "text"}), "only plain text output; no JSON mode or schemas"),
     "tools": ((None, []), "no tool calling"),
     "tool_choice": ((None, "none"), "no tool calling"),
@@ -72,7 +78,6 @@ _CHAT_NOT_IMPLEMENTED = {
 }
 _COMPLETION_NOT_IMPLEMENTED = {
     **_NOT_IMPLEMENTED,
-    "logprobs": ((None,), "the engine does not return log probabilities"),
     "suffix": ((None, ""), "no insertion (suffix) mode"),
 }
 # What each endpoint acts on; every other field of its schema is in a table above or identifies
@@ -80,8 +85,9 @@ _COMPLETION_NOT_IMPLEMENTED = {
 IDENTIFYING = frozenset({"user", "metadata", "safety_identifier", "prompt_cache_key"})
 SHARED_HONOURED = frozenset({"model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream",
                              "stream_options", "top_k", "ignore_eos", "mixture"})
-CHAT_HONOURED = SHARED_HONOURED | {"messages", "max_completion_tokens", "parallel_tool_calls"}
-COMPLETION_HONOURED = SHARED_HONOURED | {"prompt", "echo", "best_of"}
+CHAT_HONOURED = SHARED_HONOURED | {"messages", "max_completion_tokens", "parallel_tool_calls", "logprobs",
+                                   "top_logprobs"}
+COMPLETION_HONOURED = SHARED_HONOURED | {"prompt", "echo", "best_of", "logprobs"}
 _MESSAGE_NOT_IMPLEMENTED = {
     "name": "participant names are not rendered by chat templates",
     "tool_calls": "no tool calling",
@@ -133,7 +139,7 @@ def _stop(stop: str | list[str] | None) -> tuple[str, ...]:
     return stops
 
 
-def _sampling(body, max_tokens: int | None, seed_offset: int) -> SamplingParams:
+def _sampling(body, max_tokens: int | None, seed_offset: int, logprobs: int | None = None) -> SamplingParams:
     seed = None if body.seed is None else (body.seed + seed_offset) % SEED_LIMIT
     return SamplingParams(
         max_new_tokens=max_tokens,
@@ -143,6 +149,7 @@ def _sampling(body, max_tokens: int | None, seed_offset: int) -> SamplingParams:
         seed=seed,
         stop=_stop(body.stop),
         ignore_eos=bool(body.ignore_eos),
+        logprobs=logprobs,
     )
 
 
@@ -201,13 +208,16 @@ def chat_plan(body: ChatCompletionRequest, model: ServedModel) -> Plan:
         raise bad_request("max_completion_tokens", "give max_completion_tokens or max_tokens, not both")
     # OpenAI's default: until the context is full (None); a given value must fit the context.
     max_tokens = body.max_completion_tokens or body.max_tokens
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs", "needs logprobs: true")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
     messages = _messages(body)
     _log_identity(body, "chat")
     n = body.n or 1
     plan = Plan(model, [], [0] * n, stream, include_usage)
     mixture = _mixture(body, model)
     plan.requests = [GenerationRequest(adapter=model.ref, mixture=mixture, messages=messages,
-                                       sampling=_sampling(body, max_tokens, i), request_id=f"{plan.id}-{i}")
+                                       sampling=_sampling(body, max_tokens, i, logprobs), request_id=f"{plan.id}-{i}")
                      for i in range(n)]
     return plan
 
@@ -221,6 +231,8 @@ def completion_plan(body: CompletionRequest, model: ServedModel) -> Plan:
     prompts = _prompts(body.prompt)
     if body.echo and any(not isinstance(p, str) for p in prompts):
         raise unsupported("echo", "echoing a prompt given as token ids; send text")
+    if body.echo and body.logprobs is not None:
+        raise unsupported("echo", "log probabilities of the prompt's tokens (echo with logprobs) are not returned")
     max_tokens = body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
     _log_identity(body, "completion")
     plan = Plan(model, [], [], stream, include_usage)
@@ -232,7 +244,7 @@ def completion_plan(body: CompletionRequest, model: ServedModel) -> Plan:
             ids = None if isinstance(prompt, str) else tuple(prompt)
             plan.requests.append(GenerationRequest(adapter=model.ref, mixture=mixture, prompt=text,
                                                    prompt_token_ids=ids,
-                                                   sampling=_sampling(body, max_tokens, j),
+                                                   sampling=_sampling(body, max_tokens, j, body.logprobs),
                                                    request_id=f"{plan.id}-{choice}"))
             plan.prompt_of.append(p)
             plan.echo.append(prompt if body.echo else "")
@@ -276,19 +288,57 @@ def served_id(plan: Plan, result: GenerationResult | None) -> str:
     return plan.model.id
 
 
-def chat_completion(plan: Plan, results: Sequence[GenerationResult], created: int) -> ChatCompletion:
+class TokenTexts:
+    """A token's text as OpenAI's log probabilities show it: the token decoded alone (cached)."""
+
+    def __init__(self, tokenizer) -> None:
+        self._text = functools.lru_cache(maxsize=1 << 16)(lambda token_id: tokenizer.decode([token_id]))
+
+    def __call__(self, token_id: int) -> str:
+        return self._text(token_id)
+
+
+def chat_logprobs(logprobs: Sequence[TokenLogprob] | None, texts: TokenTexts) -> ChatLogprobs | None:
+    if logprobs is None:
+        return None
+
+    def entry(token_id: int, logprob: float) -> dict:
+        text = texts(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return ChatLogprobs(content=[ChatTokenLogprob(**entry(lp.token_id, lp.logprob),
+                                                  top_logprobs=[TopLogprob(**entry(i, v)) for i, v in lp.top])
+                                 for lp in logprobs])
+
+
+def completion_logprobs(logprobs: Sequence[TokenLogprob] | None, texts: TokenTexts,
+                        offset: int) -> CompletionLogprobs | None:
+    """The legacy completions shape; `offset`: where the first token's text starts in the choice."""
+    if logprobs is None:
+        return None
+    tokens = [texts(lp.token_id) for lp in logprobs]
+    offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=offset))
+    return CompletionLogprobs(tokens=tokens, token_logprobs=[lp.logprob for lp in logprobs],
+                              top_logprobs=[{texts(i): v for i, v in lp.top} for lp in logprobs],
+                              text_offset=offsets[:len(tokens)])
+
+
+def chat_completion(plan: Plan, results: Sequence[GenerationResult], created: int,
+                    texts: TokenTexts) -> ChatCompletion:
     return ChatCompletion(
         id=f"chatcmpl-{plan.id}", created=created, model=served_id(plan, results[0]),
         choices=[ChatChoice(index=i, message=AssistantMessage(content=r.text),
+                            logprobs=chat_logprobs(r.logprobs, texts),
                             finish_reason=finish_reason(r.finish_reason)) for i, r in enumerate(results)],
         usage=usage(plan, results),
     )
 
 
-def completion(plan: Plan, results: Sequence[GenerationResult], created: int) -> Completion:
+def completion(plan: Plan, results: Sequence[GenerationResult], created: int, texts: TokenTexts) -> Completion:
     return Completion(
         id=f"cmpl-{plan.id}", created=created, model=served_id(plan, results[0]),
-        choices=[CompletionChoice(index=i, text=plan.echo[i] + r.text, finish_reason=finish_reason(r.finish_reason))
+        choices=[CompletionChoice(index=i, text=plan.echo[i] + r.text, finish_reason=finish_reason(r.finish_reason),
+                                  logprobs=completion_logprobs(r.logprobs, texts, len(plan.echo[i])))
                  for i, r in enumerate(results)],
         usage=usage(plan, results),
     )
@@ -297,11 +347,13 @@ def completion(plan: Plan, results: Sequence[GenerationResult], created: int) ->
 class ChunkWriter:
     """Streamed chunks of one plan, as JSON text (one SSE `data:` each)."""
 
-    def __init__(self, plan: Plan, created: int, chat: bool) -> None:
+    def __init__(self, plan: Plan, created: int, chat: bool, texts: TokenTexts) -> None:
         self.plan = plan
         self.created = created
         self.chat = chat
+        self.texts = texts
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{plan.id}"
+        self.offsets = [len(echo) for echo in plan.echo]  # completions: text written so far per choice
 
     def _dump(self, choices: list, usage_: Usage | None = None) -> str:
         cls = ChatCompletionChunk if self.chat else Completion
@@ -316,10 +368,15 @@ class ChunkWriter:
             return self._dump([CompletionChoice(index=index, text=self.plan.echo[index])])
         return None
 
-    def token(self, index: int, text: str) -> str:
+    def token(self, index: int, event: TokenEvent) -> str:
+        logprobs = None if event.logprob is None else [event.logprob]
         if self.chat:
-            return self._dump([ChatChunkChoice(index=index, delta=ChatDelta(content=text))])
-        return self._dump([CompletionChoice(index=index, text=text)])
+            return self._dump([ChatChunkChoice(index=index, delta=ChatDelta(content=event.text),
+                                               logprobs=chat_logprobs(logprobs, self.texts))])
+        choice = CompletionChoice(index=index, text=event.text,
+                                  logprobs=completion_logprobs(logprobs, self.texts, self.offsets[index]))
+        self.offsets[index] += len(event.text)
+        return self._dump([choice])
 
     def finished(self, index: int, result: GenerationResult) -> str:
         reason = finish_reason(result.finish_reason)

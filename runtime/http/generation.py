@@ -77,6 +77,13 @@ class Generation:
         self._engine = engine
         self._catalog = catalog
         self._metrics = metrics
+        self._token_texts: convert.TokenTexts | None = None
+
+    def _texts(self) -> convert.TokenTexts:
+        """Token texts for log probabilities (the tokenizer is there once the engine has started)."""
+        if self._token_texts is None:
+            self._token_texts = convert.TokenTexts(getattr(self._engine, "tokenizer", None))
+        return self._token_texts
 
     async def run(self, request: Request, model: str, build: PlanBuilder, *, chat: bool,
                   stream: bool) -> Response:
@@ -95,7 +102,8 @@ class Generation:
             if not plan.stream:
                 results = await unless_disconnected(request, requests.finish())
                 outcome.record("OK", results)
-                body = (convert.chat_completion if chat else convert.completion)(plan, results, created)
+                body = (convert.chat_completion if chat else convert.completion)(plan, results, created,
+                                                                                  self._texts())
                 return Response(body.model_dump_json(), media_type="application/json")
             items = requests.items()
             first = await unless_disconnected(request, anext(items))
@@ -111,7 +119,7 @@ class Generation:
             requests.cancel()  # a finished request is not affected
             outcome.record("CANCELLED")  # no-op when the stream already recorded its end
 
-        writer = convert.ChunkWriter(plan, created, chat)
+        writer = convert.ChunkWriter(plan, created, chat, self._texts())
         events = self._events(writer, requests, first, items, outcome, model, prompt_field)
         return EngineEventStream(events, on_close=closed)
 
@@ -129,7 +137,7 @@ class Generation:
                 if opening is not None:
                     out.append(opening)
             if isinstance(item, TokenEvent):
-                out.append(writer.token(index, item.text))
+                out.append(writer.token(index, item))
             else:
                 out.append(writer.finished(index, item))
             return out

@@ -82,8 +82,9 @@ class _Sampling(_Request):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: Any = None
-    top_logprobs: Any = None
+    logprobs: bool | None = Field(None, description="return each generated token's log probability")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="and this many most likely alternatives "
+                                     "per token (needs logprobs: true)")
     response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
@@ -109,7 +110,8 @@ class CompletionRequest(_Sampling):
         description="text, several texts, token ids, or several lists of token ids")
     echo: bool | None = None
     best_of: Any = None
-    logprobs: Any = None
+    logprobs: int | None = Field(None, ge=0, le=5, description="return each generated token's log probability "
+                                 "and this many most likely alternatives")
     suffix: Any = None
 
 
@@ -136,6 +138,30 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = Field(description="the token's text as UTF-8")
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """Log probabilities from the model's logits (after the adapter; before temperature, top-k, top-p)."""
+
+    content: list[ChatTokenLogprob] | None
+    refusal: None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -145,7 +171,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str
 
 
@@ -171,7 +197,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -188,7 +214,7 @@ class ChatCompletionChunk(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 

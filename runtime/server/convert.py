@@ -28,6 +28,7 @@ from loradock.runtime.types import (
     SamplingParams,
     Timings,
     TokenEvent,
+    TokenLogprob,
 )
 
 _DEFAULT_SAMPLING = SamplingParams()
@@ -55,6 +56,7 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         seed=msg.seed if msg.HasField("seed") else None,
         stop=tuple(msg.stop),
         ignore_eos=msg.ignore_eos,
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
     )
 
 
@@ -72,6 +74,7 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
         seed=params.seed,
         stop=list(params.stop),
         ignore_eos=params.ignore_eos,
+        logprobs=params.logprobs,
     )
 
 
@@ -179,6 +182,7 @@ def result_to_proto(result: GenerationResult) -> pb.GenerateResponse:
         prompt_tokens=result.prompt_tokens,
         completion_tokens=result.completion_tokens,
         timings=pb.Timings(**dataclasses.asdict(result.timings)),
+        logprobs=[logprob_to_proto(lp) for lp in result.logprobs or ()],
     )
 
 
@@ -193,13 +197,24 @@ def result_from_proto(msg: pb.GenerateResponse) -> GenerationResult:
         completion_tokens=msg.completion_tokens,
         timings=Timings(queue_ms=msg.timings.queue_ms, ttft_ms=msg.timings.ttft_ms,
                         total_ms=msg.timings.total_ms),
+        logprobs=tuple(logprob_from_proto(lp) for lp in msg.logprobs) or None,
     )
+
+
+def logprob_to_proto(lp: TokenLogprob) -> pb.TokenLogprob:
+    return pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                           top=[pb.TopLogprob(token_id=i, logprob=v) for i, v in lp.top])
+
+
+def logprob_from_proto(msg: pb.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(msg.token_id, msg.logprob, tuple((t.token_id, t.logprob) for t in msg.top))
 
 
 def event_to_proto(event: TokenEvent) -> pb.GenerateStreamResponse:
     return pb.GenerateStreamResponse(
         request_id=event.request_id,
-        chunk=pb.TokenChunk(text=event.text, token_id=event.token_id, index=event.index),
+        chunk=pb.TokenChunk(text=event.text, token_id=event.token_id, index=event.index,
+                            logprob=None if event.logprob is None else logprob_to_proto(event.logprob)),
     )
 
 
@@ -212,7 +227,8 @@ def stream_item_from_proto(msg: pb.GenerateStreamResponse) -> TokenEvent | Gener
     if msg.WhichOneof("event") == "result":
         return result_from_proto(msg.result)
     chunk = msg.chunk
-    return TokenEvent(request_id=msg.request_id, token_id=chunk.token_id, text=chunk.text, index=chunk.index)
+    return TokenEvent(request_id=msg.request_id, token_id=chunk.token_id, text=chunk.text, index=chunk.index,
+                      logprob=logprob_from_proto(chunk.logprob) if chunk.HasField("logprob") else None)
 
 
 # ---- adapters and server info ----

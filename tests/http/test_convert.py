@@ -28,7 +28,7 @@ def test_off_values_pass_and_anything_else_is_refused_by_name():
     off = ChatCompletionRequest(**base, logprobs=False, tools=[], tool_choice="none", presence_penalty=0,
                                 response_format={"type": "text"}, service_tier="auto", store=False)
     assert len(convert.chat_plan(off, MODEL).requests) == 1
-    for name, value in [("logprobs", True), ("top_logprobs", 2), ("store", True), ("modalities", ["audio"])]:
+    for name, value in [("top_logprobs", 2), ("store", True), ("modalities", ["audio"])]:
         with pytest.raises(ApiError) as info:
             convert.chat_plan(ChatCompletionRequest(**base, **{name: value}), MODEL)
         assert (info.value.status, info.value.param) == (400, name)
@@ -38,7 +38,8 @@ def test_sampling_follows_openai_defaults_and_n_gets_distinct_seeds():
     plan = convert.chat_plan(ChatCompletionRequest(model="a", messages=[{"role": "developer", "content": "x"}],
                                                    n=2, seed=5), MODEL)
     first, second = (r.sampling for r in plan.requests)
-    assert (first.temperature, first.top_p, first.max_new_tokens) == (1.0, 1.0, 64)  # OpenAI's defaults
+    # OpenAI's defaults; max_new_tokens None: until the context is full
+    assert (first.temperature, first.top_p, first.max_new_tokens) == (1.0, 1.0, None)
     assert (first.seed, second.seed) == (5, 6)
     assert plan.requests[0].messages[0].role == "system"  # "developer" is OpenAI's newer name for it
     text = convert.completion_plan(CompletionRequest(model="a", prompt=["x", "y"], n=2), MODEL)

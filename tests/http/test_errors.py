@@ -47,7 +47,8 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
     ({"max_tokens": 4, "max_completion_tokens": 5}, 400, "max_completion_tokens", "invalid_value"),
     # more than the context holds after the prompt: refused up front, not cut at the context's end
     ({"max_tokens": 10_000_000}, 400, "max_tokens", "invalid_value"),
-    ({"logprobs": True}, 400, "logprobs", "unsupported_parameter"),
+    ({"top_logprobs": 2}, 400, "top_logprobs", "invalid_value"),  # without logprobs: true
+    ({"logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "invalid_value"),
     ({"presence_penalty": 0.5}, 400, "presence_penalty", "unsupported_parameter"),
     ({"response_format": {"type": "json_object"}}, 400, "response_format", "unsupported_parameter"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "unsupported_parameter"),
@@ -73,7 +74,8 @@ def test_bad_chat_requests_get_the_right_status_naming_the_field(client, change,
     ({"prompt": [1, 2], "echo": True}, "echo"),
     ({"best_of": 3}, "best_of"),
     ({"suffix": "!"}, "suffix"),
-    ({"logprobs": 2}, "logprobs"),
+    ({"logprobs": 6}, "logprobs"),
+    ({"logprobs": 2, "echo": True}, "echo"),  # the prompt's log probabilities are not returned
     ({"prompt": "x" * 9000}, "prompt"),  # longer than max_prompt_tokens, refused by the engine
     ({"max_tokens": 4_869_494}, "max_tokens"),  # prompt + max_tokens > max_model_len
 ])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import openai
+import pytest
 from loradock.runtime.types import FinishReason
 
 from loradock.client import Client
@@ -174,3 +175,28 @@ def test_n_choices_seeds_stop_strings_and_text_completions(client):
     assert "".join(c.choices[0].text for c in streamed) == unary.choices[0].text
     assert client.completions.create(model="a7", prompt="Once", temperature=0,
                                      extra_body={"ignore_eos": True}).usage.completion_tokens == 16
+
+
+def test_log_probabilities_through_the_official_client(client):
+    """Chat (`logprobs`, `top_logprobs`) and text completions (`logprobs`), unary and streamed:
+    one entry per generated token, whose texts make up the answer; greedy picks each step's most
+    likely token, so its logprob is the first alternative's; the stream carries the same values."""
+    answer = chat(client, "a1", max_tokens=6, logprobs=True, top_logprobs=3)
+    content = answer.choices[0].logprobs.content
+    assert len(content) == answer.usage.completion_tokens == 6
+    assert "".join(c.token for c in content) == answer.choices[0].message.content
+    for c in content:
+        assert c.logprob <= 0 and len(c.top_logprobs) == 3 and c.bytes == list(c.token.encode())
+        assert c.top_logprobs[0].token == c.token and abs(c.top_logprobs[0].logprob - c.logprob) < 1e-6
+        assert [t.logprob for t in c.top_logprobs] == sorted((t.logprob for t in c.top_logprobs), reverse=True)
+    streamed = [lp for chunk in chat(client, "a1", max_tokens=6, logprobs=True, top_logprobs=3, stream=True)
+                for choice in chunk.choices if choice.logprobs for lp in choice.logprobs.content]
+    assert [(s.token, round(s.logprob, 5)) for s in streamed] == [(c.token, round(c.logprob, 5)) for c in content]
+    assert chat(client, "a1", max_tokens=2).choices[0].logprobs is None  # not asked: none
+
+    text = client.completions.create(model="a2", prompt="Once upon a time", max_tokens=5, temperature=0, logprobs=2)
+    lp = text.choices[0].logprobs
+    assert "".join(lp.tokens) == text.choices[0].text and len(lp.token_logprobs) == 5
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+    assert all(len(top) <= 2 and max(top.values()) == pytest.approx(v, abs=1e-6)
+               for top, v in zip(lp.top_logprobs, lp.token_logprobs, strict=True))

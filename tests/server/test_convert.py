@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import grpc
 import pytest
 from loradock.proto.loradock.v1 import runtime_pb2 as pb
@@ -24,10 +26,11 @@ from loradock.runtime.types import (
     SamplingParams,
     Timings,
     TokenEvent,
+    TokenLogprob,
 )
 
 SAMPLING = SamplingParams(max_new_tokens=7, temperature=0.7, top_p=0.9, top_k=5, seed=2**40, stop=("\n", "END"),
-                          ignore_eos=True)
+                          ignore_eos=True, logprobs=3)
 
 
 @pytest.mark.parametrize(
@@ -57,6 +60,11 @@ def test_results_and_stream_items_round_trip():
     base_only = GenerationResult("r2", "", (), FinishReason.LENGTH, None, 3, 0, Timings(0, 0, 0))
     assert convert.result_from_proto(convert.result_to_proto(base_only)).adapter is None
     event = TokenEvent("r1", 6, "Par", 0)
+    assert convert.stream_item_from_proto(convert.event_to_proto(event)) == event
+    logprobs = (TokenLogprob(5, -0.25, ((5, -0.25), (9, -1.5))), TokenLogprob(6, -2.0, ()))
+    with_logprobs = dataclasses.replace(result, logprobs=logprobs)
+    assert convert.result_from_proto(convert.result_to_proto(with_logprobs)) == with_logprobs
+    event = TokenEvent("r1", 5, "Par", 0, logprobs[0])
     assert convert.stream_item_from_proto(convert.event_to_proto(event)) == event
     assert convert.stream_item_from_proto(convert.final_to_proto(result)) == result
     for reason in FinishReason:

@@ -333,3 +333,14 @@ def test_oversized_message_is_refused_and_the_server_keeps_serving(server, clien
         pb_grpc.RuntimeStub(channel).Generate(huge, timeout=30)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert client.generate("Small", adapter="alpha", max_new_tokens=2).completion_tokens == 2
+
+
+def test_log_probabilities_over_grpc(client):
+    """SamplingParams.logprobs over the wire: per generated token, unary and streamed alike."""
+    ref, prompt = CASES[0]
+    result = client.generate(prompt, adapter=ref, max_new_tokens=3, logprobs=2)
+    assert [lp.token_id for lp in result.logprobs] == list(result.token_ids)
+    assert all(lp.logprob <= 0 and len(lp.top) == 2 and lp.top[0][0] == lp.token_id for lp in result.logprobs)
+    stream = client.stream(prompt, adapter=ref, max_new_tokens=3, logprobs=2)
+    assert [event.logprob for event in stream] == list(result.logprobs) == list(stream.result.logprobs)
+    assert client.generate(prompt, adapter=ref, max_new_tokens=1).logprobs is None
