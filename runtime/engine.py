@@ -229,7 +229,7 @@ class Engine:
         handle = RequestHandle(request.request_id, self._request_cancel)
         seq = Sequence(
             request=request, handle=handle, prompt_ids=prompt_ids, adapter=adapter,
-            sampler=Sampler(request.sampling, self.device),
+            sampler=Sampler(request.sampling, self.device, self.eos_ids),
             text=TextStream(self.tokenizer, request.sampling.stop), max_len=max_len,
         )
         self._seqs[request.request_id] = seq
@@ -413,7 +413,9 @@ class Engine:
             if row is None:
                 continue
             try:
-                sampled.append((seq, row, greedy[row] if seq.sampler.greedy else seq.sampler(step.logits[row])))
+                token = (greedy[row] if seq.sampler.batched_greedy
+                         else seq.sampler(step.logits[row], seq.prompt_ids, seq.output_ids))
+                sampled.append((seq, row, token))
             except Exception as e:
                 log.exception("request %s failed while sampling", seq.request_id)
                 self._fail(seq, EngineError(f"internal error: {e}"))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .errors import InvalidRequestError
-from .sampling import validate_sampling
+from .sampling import check_token_ids, validate_sampling
 from .types import GenerationRequest
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -25,6 +25,7 @@ class PromptEncoder:
 
     def encode(self, req: GenerationRequest) -> list[int]:
         validate_sampling(req.sampling)
+        check_token_ids(req.sampling, self.vocab_size)
         given = [name for name, value in (("prompt", req.prompt), ("messages", req.messages),
                                           ("prompt_token_ids", req.prompt_token_ids))
                  if value is not None and value != ()]

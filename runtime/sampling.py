@@ -60,23 +60,81 @@ def validate_sampling(params: SamplingParams) -> None:
                                         or not 0 <= params.logprobs <= MAX_TOP_LOGPROBS):
         raise bad("logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}] (alternatives per token), "
                               f"got {params.logprobs!r}")
+    if not math.isfinite(params.repetition_penalty) or params.repetition_penalty <= 0:
+        raise bad("repetition_penalty", f"must be > 0 (1 = off), got {params.repetition_penalty!r}")
+    for name in ("frequency_penalty", "presence_penalty"):
+        value = getattr(params, name)
+        if not math.isfinite(value) or not -2 <= value <= 2:
+            raise bad(name, f"must be in [-2, 2], got {value!r}")
+    if any(not math.isfinite(bias) or not -100 <= bias <= 100 for _, bias in params.logit_bias):
+        raise bad("logit_bias", "biases must be in [-100, 100]")
+    if not isinstance(params.min_tokens, int) or params.min_tokens < 0 or (
+            params.max_new_tokens is not None and params.min_tokens > params.max_new_tokens):
+        raise bad("min_tokens", f"must be an integer in [0, max_new_tokens], got {params.min_tokens!r}")
+
+
+def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
+    """The token ids a request names (logit_bias, stop_token_ids) are in the vocabulary."""
+    for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)):
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidRequestError(f"sampling.{name}: {bad[:5]} not in the vocabulary [0, {vocab_size})")
 
 
 class Sampler:
-    """Picks the next token of one request from its logits [vocab]."""
+    """Picks the next token of one request from its logits [vocab]. `batched_greedy`: plain
+    greedy, which the engine does for all such requests in one argmax."""
 
-    def __init__(self, params: SamplingParams, device: torch.device) -> None:
+    def __init__(self, params: SamplingParams, device: torch.device, end_ids: set[int] = frozenset()) -> None:
         self.params = params
         self.greedy = params.temperature < GREEDY_BELOW_TEMPERATURE
+        self.processors = LogitsProcessors(params, end_ids) if LogitsProcessors.wanted(params) else None
+        self.batched_greedy = self.greedy and self.processors is None
         self.generator: torch.Generator | None = None
         if not self.greedy:
             seed = params.seed if params.seed is not None else random.getrandbits(63)
             self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor) -> int:
+    def __call__(self, logits: torch.Tensor, prompt_ids: list[int] = (), output_ids: list[int] = ()) -> int:
+        if self.processors is not None:
+            logits = self.processors(logits, prompt_ids, output_ids)
         if self.greedy:
             return int(torch.argmax(logits))
         return int(sample_token(logits, self.params, self.generator))
+
+
+class LogitsProcessors:
+    """Repetition, frequency and presence penalties, logit bias and min_tokens on one request's
+    logits [vocab], in vLLM's order, before temperature."""
+
+    @staticmethod
+    def wanted(params: SamplingParams) -> bool:
+        return bool(params.repetition_penalty != 1 or params.frequency_penalty or params.presence_penalty
+                    or params.logit_bias or params.min_tokens)
+
+    def __init__(self, params: SamplingParams, end_ids: set[int]) -> None:
+        self.params = params
+        self.end_ids = sorted(set(end_ids) | set(params.stop_token_ids))  # what min_tokens holds back
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
+        p, logits = self.params, logits.float().clone()
+        device = logits.device
+        if p.repetition_penalty != 1 and (prompt_ids or output_ids):
+            seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), device=device)
+            values = logits[seen]
+            logits[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if (p.frequency_penalty or p.presence_penalty) and output_ids:
+            counts = torch.bincount(torch.tensor(output_ids, device=device), minlength=logits.shape[0]).float()
+            logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+        if p.logit_bias:
+            if self.bias is None:
+                ids, values = zip(*p.logit_bias, strict=True)
+                self.bias = (torch.tensor(ids, device=device), torch.tensor(values, device=device))
+            logits.index_add_(0, *self.bias)
+        if len(output_ids) < p.min_tokens and self.end_ids:
+            logits[torch.tensor(self.end_ids, device=device)] = float("-inf")
+        return logits
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

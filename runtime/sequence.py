@@ -63,7 +63,7 @@ class Sequence:
         """Why the sequence ends now that `last_token` was generated and detokenized; None: it goes on."""
         if last_token in eos_ids and not self.request.sampling.ignore_eos:
             return FinishReason.EOS
-        if self.text.stopped:
+        if self.text.stopped or last_token in self.request.sampling.stop_token_ids:
             return FinishReason.STOP
         if self.num_tokens >= self.max_len:
             return FinishReason.LENGTH

@@ -21,6 +21,13 @@ class SamplingParams:
     ignore_eos: bool = False  # benchmarks generate exactly max_new_tokens
     # None: no log probabilities; k: each generated token's and its k most likely alternatives'
     logprobs: int | None = None
+    # Logits processors, applied in this order before temperature (OpenAI's and vLLM's meaning):
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and the output (HF's rule)
+    frequency_penalty: float = 0.0  # minus this x each token's count in the output so far
+    presence_penalty: float = 0.0  # minus this for each token that occurs in the output so far
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added
+    min_tokens: int = 0  # end-of-sequence and stop_token_ids are impossible before this many tokens
+    stop_token_ids: tuple[int, ...] = ()  # also end the sequence (finish reason STOP)
 
 
 @dataclass(frozen=True)

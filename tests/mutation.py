@@ -281,6 +281,15 @@ BREAKAGES = (
         ("tests/runtime/test_logprobs.py",),
     ),
     Breakage(
+        "frequency-penalty-counts-the-prompt", "runtime/sampling.py",
+        "        if (p.frequency_penalty or p.presence_penalty) and output_ids:\n"
+        "            counts = torch.bincount(torch.tensor(output_ids, device=device), minlength=logits.shape[0]).float()\n",
+        "        if p.frequency_penalty or p.presence_penalty:\n"
+        "            counts = torch.bincount(torch.tensor(list(prompt_ids) + list(output_ids), device=device),\n"
+        "                                    minlength=logits.shape[0]).float()\n",
+        ("tests/runtime/test_sampling_controls.py",),
+    ),
+    Breakage(
         "trainer-evaluation-repacks-the-base", "trainer/model.py",
         "    pin_bitsandbytes_cpu_kernel(model, recipe, training=True)  # evaluation must not cut the gradients\n",
         "",

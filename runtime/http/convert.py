@@ -54,13 +54,7 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 # field -> (values that mean "off", why loradock refuses anything else)
-_NOT_IMPLEMENTED = {
-    "frequency_penalty": ((None, 0, 0.0), "repetition penalties are not implemented"),
-    "presence_penalty": ((None, 0, 0.0), "repetition penalties are not implemented"),
-    "logit_bias": ((None, {}), "logit biases are not implemented"),
-}
 _CHAT_NOT_IMPLEMENTED = {
-    **_NOT_IMPLEMENTED,
     "response_format": ((None, {"type": "text"}), "only plain text output; no JSON mode or schemas"),
     "tools": ((None, []), "no tool calling"),
     "tool_choice": ((None, "none"), "no tool calling"),
@@ -77,14 +71,14 @@ _CHAT_NOT_IMPLEMENTED = {
     "prompt_cache_retention": ((None,), "prompts are not cached"),
 }
 _COMPLETION_NOT_IMPLEMENTED = {
-    **_NOT_IMPLEMENTED,
     "suffix": ((None, ""), "no insertion (suffix) mode"),
 }
 # What each endpoint acts on; every other field of its schema is in a table above or identifies
 # the caller (tests/http/test_convert.py checks that the three cover the schema).
 IDENTIFYING = frozenset({"user", "metadata", "safety_identifier", "prompt_cache_key"})
 SHARED_HONOURED = frozenset({"model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream",
-                             "stream_options", "top_k", "ignore_eos", "mixture"})
+                             "stream_options", "top_k", "ignore_eos", "mixture", "frequency_penalty",
+                             "presence_penalty", "logit_bias", "repetition_penalty", "min_tokens", "stop_token_ids"})
 CHAT_HONOURED = SHARED_HONOURED | {"messages", "max_completion_tokens", "parallel_tool_calls", "logprobs",
                                    "top_logprobs"}
 COMPLETION_HONOURED = SHARED_HONOURED | {"prompt", "echo", "best_of", "logprobs"}
@@ -139,6 +133,14 @@ def _stop(stop: str | list[str] | None) -> tuple[str, ...]:
     return stops
 
 
+def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} as (id, bias) pairs; the engine checks the ids and ranges."""
+    try:
+        return tuple((int(token), value) for token, value in (bias or {}).items())
+    except ValueError:
+        raise bad_request("logit_bias", "keys must be token ids (integers written as strings)") from None
+
+
 def _sampling(body, max_tokens: int | None, seed_offset: int, logprobs: int | None = None) -> SamplingParams:
     seed = None if body.seed is None else (body.seed + seed_offset) % SEED_LIMIT
     return SamplingParams(
@@ -150,6 +152,12 @@ def _sampling(body, max_tokens: int | None, seed_offset: int, logprobs: int | No
         stop=_stop(body.stop),
         ignore_eos=bool(body.ignore_eos),
         logprobs=logprobs,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        logit_bias=_logit_bias(body.logit_bias),
+        min_tokens=body.min_tokens or 0,
+        stop_token_ids=tuple(body.stop_token_ids or ()),
     )
 
 

@@ -95,6 +95,13 @@ ENGINE_FIELDS = {
     "sampling.top_k": "top_k",
     "sampling.seed": "seed",
     "sampling.stop": "stop",
+    "sampling.logprobs": "logprobs",
+    "sampling.repetition_penalty": "repetition_penalty",
+    "sampling.frequency_penalty": "frequency_penalty",
+    "sampling.presence_penalty": "presence_penalty",
+    "sampling.logit_bias": "logit_bias",
+    "sampling.min_tokens": "min_tokens",
+    "sampling.stop_token_ids": "stop_token_ids",
     "prompt_token_ids": "prompt",
 }
 

@@ -69,12 +69,19 @@ class _Sampling(_Request):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    frequency_penalty: Any = None
-    presence_penalty: Any = None
-    logit_bias: Any = None
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="minus this x each token's count "
+                                            "in the output so far")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="minus this for each token in the "
+                                           "output so far")
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100] "
+                                                "added to its logit")
     # vLLM's extensions, honoured
     top_k: int | None = Field(None, ge=-1, description="keep the k most likely tokens (0 or -1: off)")
     ignore_eos: bool | None = Field(None, description="generate max_tokens tokens even past EOS")
+    repetition_penalty: float | None = Field(None, gt=0, description="> 1 discourages tokens of the prompt and "
+                                             "the output (1: off)")
+    min_tokens: int | None = Field(None, ge=0, description="no end of sequence before this many tokens")
+    stop_token_ids: list[int] | None = Field(None, description="token ids that also end the answer")
     # loradock's extension
     mixture: Mixture | None = None
 

@@ -57,6 +57,12 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         stop=tuple(msg.stop),
         ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
+        frequency_penalty=msg.frequency_penalty,
+        presence_penalty=msg.presence_penalty,
+        logit_bias=tuple(sorted(msg.logit_bias.items())),
+        min_tokens=msg.min_tokens,
+        stop_token_ids=tuple(msg.stop_token_ids),
     )
 
 
@@ -75,6 +81,12 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
         stop=list(params.stop),
         ignore_eos=params.ignore_eos,
         logprobs=params.logprobs,
+        repetition_penalty=params.repetition_penalty,
+        frequency_penalty=params.frequency_penalty,
+        presence_penalty=params.presence_penalty,
+        logit_bias=dict(params.logit_bias),
+        min_tokens=params.min_tokens,
+        stop_token_ids=list(params.stop_token_ids),
     )
 
 

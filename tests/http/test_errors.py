@@ -49,7 +49,10 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
     ({"max_tokens": 10_000_000}, 400, "max_tokens", "invalid_value"),
     ({"top_logprobs": 2}, 400, "top_logprobs", "invalid_value"),  # without logprobs: true
     ({"logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "invalid_value"),
-    ({"presence_penalty": 0.5}, 400, "presence_penalty", "unsupported_parameter"),
+    ({"presence_penalty": 2.5}, 400, "presence_penalty", "invalid_value"),
+    ({"logit_bias": {"hello": 1}}, 400, "logit_bias", "invalid_value"),
+    ({"logit_bias": {"13": 101}}, 400, "logit_bias", "invalid_value"),
+    ({"extra_body": {"min_tokens": 5}}, 400, "min_tokens", "invalid_value"),  # more than max_tokens
     ({"response_format": {"type": "json_object"}}, 400, "response_format", "unsupported_parameter"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "unsupported_parameter"),
     ({"stream_options": {"include_usage": True}}, 400, "stream_options", "invalid_value"),

@@ -200,3 +200,16 @@ def test_log_probabilities_through_the_official_client(client):
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
     assert all(len(top) <= 2 and max(top.values()) == pytest.approx(v, abs=1e-6)
                for top, v in zip(lp.top_logprobs, lp.token_logprobs, strict=True))
+
+
+def test_penalties_bias_and_vllm_sampling_extras_through_the_official_client(client):
+    """logit_bias and the penalties as OpenAI spells them, min_tokens / stop_token_ids /
+    repetition_penalty as vLLM's extra fields: honoured, not refused."""
+    plain = chat(client, "a1", max_tokens=3, logprobs=True)
+    forced = chat(client, "a1", max_tokens=3, logprobs=True, logit_bias={"13": 100})  # token 13 every step
+    tokens = [c.token for c in forced.choices[0].logprobs.content]
+    assert len(tokens) == 3 and len(set(tokens)) == 1
+    assert tokens != [c.token for c in plain.choices[0].logprobs.content]
+    penalised = chat(client, "a1", max_tokens=4, frequency_penalty=2.0, presence_penalty=2.0,
+                     extra_body={"repetition_penalty": 1.5, "min_tokens": 2, "stop_token_ids": [2]})
+    assert penalised.usage.completion_tokens >= 2
