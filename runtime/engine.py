@@ -61,6 +61,7 @@ from .sampling import Sampler, token_logprobs
 from .scheduler import Admission, Scheduler
 from .sequence import SeqStatus, Sequence
 from .stats import BASE_KEY, EngineStats
+from .structured import Grammars, mask_rows
 from .types import (
     EngineInfo,
     FinishReason,
@@ -134,6 +135,7 @@ class Engine:
         self.encoder = PromptEncoder(self.tokenizer, mc.vocab_size,
                                      min(cfg.max_prompt_tokens, self.max_model_len - 1))
         self.eos_ids = eos_token_ids(model, self.tokenizer)
+        self.grammars = Grammars(self.tokenizer, mc.vocab_size, self.eos_ids)
         windows = sliding_windows(mc)
         if windows:
             log.info("sliding-window attention: %s tokens", ", ".join(map(str, windows)))
@@ -226,11 +228,12 @@ class Engine:
                 f"max_model_len={self.max_model_len}; ask for at most {self.max_model_len - len(prompt_ids)}")
         # Capped by the pool too, so a sequence alone always fits and preemption always ends.
         max_len = min(self.max_model_len if wanted is None else len(prompt_ids) + wanted, self.kv.capacity_tokens)
+        matcher = None if request.sampling.structured is None else self.grammars.matcher(request.sampling.structured)
         handle = RequestHandle(request.request_id, self._request_cancel)
         seq = Sequence(
             request=request, handle=handle, prompt_ids=prompt_ids, adapter=adapter,
             sampler=Sampler(request.sampling, self.device, self.eos_ids),
-            text=TextStream(self.tokenizer, request.sampling.stop), max_len=max_len,
+            text=TextStream(self.tokenizer, request.sampling.stop), max_len=max_len, matcher=matcher,
         )
         self._seqs[request.request_id] = seq
         try:
@@ -406,6 +409,10 @@ class Engine:
             for seq, _ in plan:
                 self._fail(seq, EngineError(f"internal error in the forward pass: {e}"))
             return True
+        constrained = [(row, seq.matcher) for (seq, _), row in zip(plan, step.rows, strict=True)
+                       if row is not None and seq.matcher is not None]
+        if constrained:  # structured outputs: forbidden tokens' logits to -inf, in their rows only
+            mask_rows(step.logits, [row for row, _ in constrained], [m for _, m in constrained])
         greedy = step.logits.argmax(dim=-1).tolist()  # one batched argmax for every greedy request
         sampled: list[tuple[Sequence, int, int]] = []  # (sequence, logits row, token)
         for (seq, _), item, row in zip(plan, items, step.rows, strict=True):
@@ -459,6 +466,8 @@ class Engine:
                  seq.request_id, seq.num_tokens)
 
     def _on_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
+        if seq.matcher is not None and not seq.matcher.accept_token(token):
+            raise EngineError(f"token {token} breaks the structured output's grammar")
         seq.output_ids.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)

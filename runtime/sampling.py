@@ -12,7 +12,7 @@ import random
 import torch
 
 from .errors import InvalidRequestError
-from .types import SamplingParams, TokenLogprob
+from .types import STRUCTURED_KINDS, SamplingParams, TokenLogprob
 
 # Below this temperature, logits / T overflows float32; the limit T -> 0 is greedy anyway.
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -68,6 +68,11 @@ def validate_sampling(params: SamplingParams) -> None:
             raise bad(name, f"must be in [-2, 2], got {value!r}")
     if any(not math.isfinite(bias) or not -100 <= bias <= 100 for _, bias in params.logit_bias):
         raise bad("logit_bias", "biases must be in [-100, 100]")
+    structured = params.structured
+    if structured is not None and (structured.kind not in STRUCTURED_KINDS or (
+            structured.kind == "choice" and (not structured.value or not all(structured.value)))):
+        raise bad("structured", f"kind must be one of {', '.join(STRUCTURED_KINDS)} (a choice of non-empty "
+                                f"strings), got {structured!r}")
     if not isinstance(params.min_tokens, int) or params.min_tokens < 0 or (
             params.max_new_tokens is not None and params.min_tokens > params.max_new_tokens):
         raise bad("min_tokens", f"must be an integer in [0, max_new_tokens], got {params.min_tokens!r}")

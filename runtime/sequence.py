@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from .detokenize import TextStream
 from .handle import RequestHandle
@@ -31,6 +32,7 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per output token, when asked for
+    matcher: Any = None  # structured outputs: the grammar matcher (structured.Grammars.matcher)
     computed: int = 0  # tokens whose K/V are in the cache
     blocks: list[int] = field(default_factory=list)  # KV pool block table
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks (prefix cache)
@@ -62,6 +64,8 @@ class Sequence:
     def finish_reason(self, last_token: int, eos_ids: set[int]) -> FinishReason | None:
         """Why the sequence ends now that `last_token` was generated and detokenized; None: it goes on."""
         if last_token in eos_ids and not self.request.sampling.ignore_eos:
+            return FinishReason.EOS
+        if self.matcher is not None and self.matcher.is_terminated():  # the grammar took its stop token
             return FinishReason.EOS
         if self.text.stopped or last_token in self.request.sampling.stop_token_ids:
             return FinishReason.STOP

@@ -7,6 +7,18 @@ import enum
 import uuid
 from dataclasses import dataclass, field
 
+STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What the answer must be: `kind` json_schema (value: the schema as JSON text), json_object
+    (any JSON object; value ""), regex (value: the expression), choice (value: the strings) or
+    grammar (value: EBNF with a `root` rule)."""
+
+    kind: str
+    value: str | tuple[str, ...] = ""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -28,6 +40,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added
     min_tokens: int = 0  # end-of-sequence and stop_token_ids are impossible before this many tokens
     stop_token_ids: tuple[int, ...] = ()  # also end the sequence (finish reason STOP)
+    structured: StructuredOutput | None = None  # the answer held to a schema, regex, choice or grammar
 
 
 @dataclass(frozen=True)

@@ -290,6 +290,12 @@ BREAKAGES = (
         ("tests/runtime/test_sampling_controls.py",),
     ),
     Breakage(
+        "structured-mask-on-the-first-rows", "runtime/structured.py",
+        "    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)\n",
+        "    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=list(range(len(rows))))\n",
+        ("tests/runtime/test_structured.py",),
+    ),
+    Breakage(
         "trainer-evaluation-repacks-the-base", "trainer/model.py",
         "    pin_bitsandbytes_cpu_kernel(model, recipe, training=True)  # evaluation must not cut the gradients\n",
         "",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import logging
 import uuid
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from loradock.runtime.types import (
     GenerationResult,
     MixtureComponent,
     SamplingParams,
+    StructuredOutput,
     TokenEvent,
     TokenLogprob,
 )
@@ -55,7 +57,6 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 
 # field -> (values that mean "off", why loradock refuses anything else)
 _CHAT_NOT_IMPLEMENTED = {
-    "response_format": ((None, {"type": "text"}), "only plain text output; no JSON mode or schemas"),
     "tools": ((None, []), "no tool calling"),
     "tool_choice": ((None, "none"), "no tool calling"),
     "functions": ((None, []), "no function calling"),
@@ -78,9 +79,10 @@ _COMPLETION_NOT_IMPLEMENTED = {
 IDENTIFYING = frozenset({"user", "metadata", "safety_identifier", "prompt_cache_key"})
 SHARED_HONOURED = frozenset({"model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream",
                              "stream_options", "top_k", "ignore_eos", "mixture", "frequency_penalty",
-                             "presence_penalty", "logit_bias", "repetition_penalty", "min_tokens", "stop_token_ids"})
+                             "presence_penalty", "logit_bias", "repetition_penalty", "min_tokens", "stop_token_ids",
+                             "structured_outputs"})
 CHAT_HONOURED = SHARED_HONOURED | {"messages", "max_completion_tokens", "parallel_tool_calls", "logprobs",
-                                   "top_logprobs"}
+                                   "top_logprobs", "response_format"}
 COMPLETION_HONOURED = SHARED_HONOURED | {"prompt", "echo", "best_of", "logprobs"}
 _MESSAGE_NOT_IMPLEMENTED = {
     "name": "participant names are not rendered by chat templates",
@@ -141,6 +143,34 @@ def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
         raise bad_request("logit_bias", "keys must be token ids (integers written as strings)") from None
 
 
+def _structured(body) -> StructuredOutput | None:
+    """OpenAI's response_format (chat) or vLLM's structured_outputs, at most one constraint."""
+    given = []
+    response_format = getattr(body, "response_format", None)
+    if response_format is not None and response_format.type != "text":
+        if response_format.type == "json_object":
+            given.append(StructuredOutput("json_object"))
+        elif response_format.json_schema is None:
+            raise bad_request("response_format", "type json_schema needs json_schema: {name, schema}")
+        else:
+            given.append(StructuredOutput("json_schema", json.dumps(response_format.json_schema.json_schema)))
+    if body.structured_outputs is not None:
+        s = body.structured_outputs
+        fields = [StructuredOutput("json_schema", s.json if isinstance(s.json, str) else json.dumps(s.json))
+                  if s.json is not None else None,
+                  StructuredOutput("json_object") if s.json_object else None,
+                  StructuredOutput("regex", s.regex) if s.regex is not None else None,
+                  StructuredOutput("choice", tuple(s.choice)) if s.choice is not None else None,
+                  StructuredOutput("grammar", s.grammar) if s.grammar is not None else None]
+        chosen = [f for f in fields if f is not None]
+        if len(chosen) != 1:
+            raise bad_request("structured_outputs", "give exactly one of json, json_object, regex, choice, grammar")
+        given += chosen
+    if len(given) > 1:
+        raise bad_request("structured_outputs", "give response_format or structured_outputs, not both")
+    return given[0] if given else None
+
+
 def _sampling(body, max_tokens: int | None, seed_offset: int, logprobs: int | None = None) -> SamplingParams:
     seed = None if body.seed is None else (body.seed + seed_offset) % SEED_LIMIT
     return SamplingParams(
@@ -158,6 +188,7 @@ def _sampling(body, max_tokens: int | None, seed_offset: int, logprobs: int | No
         logit_bias=_logit_bias(body.logit_bias),
         min_tokens=body.min_tokens or 0,
         stop_token_ids=tuple(body.stop_token_ids or ()),
+        structured=_structured(body),
     )
 
 

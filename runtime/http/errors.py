@@ -102,6 +102,7 @@ ENGINE_FIELDS = {
     "sampling.logit_bias": "logit_bias",
     "sampling.min_tokens": "min_tokens",
     "sampling.stop_token_ids": "stop_token_ids",
+    "sampling.structured": "structured_outputs",
     "prompt_token_ids": "prompt",
 }
 

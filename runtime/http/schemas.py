@@ -55,6 +55,31 @@ class Mixture(_Request):
     seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="seed of DARE's random pruning")
 
 
+class JsonSchemaFormat(_Request):
+    name: str = Field(max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema", description="the JSON schema the answer must satisfy")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """OpenAI's: plain text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Request):
+    """vLLM's extension (exactly one field): the answer matches a JSON schema, any JSON object, a
+    regular expression, one of some strings, or an EBNF grammar with a `root` rule."""
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None
+
+
 class _Sampling(_Request):
     """Fields chat and text completions share."""
 
@@ -82,6 +107,7 @@ class _Sampling(_Request):
                                              "the output (1: off)")
     min_tokens: int | None = Field(None, ge=0, description="no end of sequence before this many tokens")
     stop_token_ids: list[int] | None = Field(None, description="token ids that also end the answer")
+    structured_outputs: StructuredOutputs | None = None
     # loradock's extension
     mixture: Mixture | None = None
 
@@ -92,7 +118,7 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool | None = Field(None, description="return each generated token's log probability")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="and this many most likely alternatives "
                                      "per token (needs logprobs: true)")
-    response_format: Any = None
+    response_format: ResponseFormat | None = None
     tools: Any = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None

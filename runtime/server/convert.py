@@ -26,6 +26,7 @@ from loradock.runtime.types import (
     MixtureComponent,
     ResolvedAdapter,
     SamplingParams,
+    StructuredOutput,
     Timings,
     TokenEvent,
     TokenLogprob,
@@ -63,7 +64,29 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         logit_bias=tuple(sorted(msg.logit_bias.items())),
         min_tokens=msg.min_tokens,
         stop_token_ids=tuple(msg.stop_token_ids),
+        structured=structured_from_proto(msg.structured) if msg.HasField("structured") else None,
     )
+
+
+def structured_from_proto(msg: pb.StructuredOutput) -> StructuredOutput | None:
+    kind = msg.WhichOneof("constraint")
+    if kind is None:
+        return None
+    if kind == "json_object":
+        return StructuredOutput("json_object")
+    if kind == "choice":
+        return StructuredOutput("choice", tuple(msg.choice.options))
+    return StructuredOutput(kind, getattr(msg, kind))
+
+
+def structured_to_proto(s: StructuredOutput | None) -> pb.StructuredOutput | None:
+    if s is None:
+        return None
+    if s.kind == "json_object":
+        return pb.StructuredOutput(json_object=True)
+    if s.kind == "choice":
+        return pb.StructuredOutput(choice=pb.Choice(options=list(s.value)))
+    return pb.StructuredOutput(**{s.kind: s.value})
 
 
 def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
@@ -87,6 +110,7 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
         logit_bias=dict(params.logit_bias),
         min_tokens=params.min_tokens,
         stop_token_ids=list(params.stop_token_ids),
+        structured=structured_to_proto(params.structured),
     )
 
 

@@ -53,7 +53,10 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
     ({"logit_bias": {"hello": 1}}, 400, "logit_bias", "invalid_value"),
     ({"logit_bias": {"13": 101}}, 400, "logit_bias", "invalid_value"),
     ({"extra_body": {"min_tokens": 5}}, 400, "min_tokens", "invalid_value"),  # more than max_tokens
-    ({"response_format": {"type": "json_object"}}, 400, "response_format", "unsupported_parameter"),
+    ({"response_format": {"type": "json_schema"}}, 400, "response_format", "invalid_value"),
+    ({"extra_body": {"structured_outputs": {"regex": "a+", "choice": ["b"]}}}, 400, "structured_outputs",
+     "invalid_value"),
+    ({"extra_body": {"structured_outputs": {"regex": "(unclosed"}}}, 400, "structured_outputs", "invalid_value"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "unsupported_parameter"),
     ({"stream_options": {"include_usage": True}}, 400, "stream_options", "invalid_value"),
     ({"extra_body": {"mirostat": 2}}, 400, "mirostat", "unknown_parameter"),

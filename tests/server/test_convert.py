@@ -24,13 +24,16 @@ from loradock.runtime.types import (
     GenerationResult,
     ResolvedAdapter,
     SamplingParams,
+    StructuredOutput,
     Timings,
     TokenEvent,
     TokenLogprob,
 )
 
 SAMPLING = SamplingParams(max_new_tokens=7, temperature=0.7, top_p=0.9, top_k=5, seed=2**40, stop=("\n", "END"),
-                          ignore_eos=True, logprobs=3)
+                          ignore_eos=True, logprobs=3, repetition_penalty=1.2, frequency_penalty=0.5,
+                          presence_penalty=-0.5, logit_bias=((3, -1.0), (9, 2.5)), min_tokens=2, stop_token_ids=(7,),
+                          structured=StructuredOutput("choice", ("a", "b")))
 
 
 @pytest.mark.parametrize(
@@ -41,6 +44,10 @@ SAMPLING = SamplingParams(max_new_tokens=7, temperature=0.7, top_p=0.9, top_k=5,
                           request_id="r2"),
         GenerationRequest(adapter="a@3", prompt_token_ids=(1, 2, 49151), request_id="r3"),
         GenerationRequest(prompt="", request_id="r4"),  # empty is the engine's to refuse, not the wire's
+        GenerationRequest(prompt="x", request_id="r5", sampling=SamplingParams(
+            structured=StructuredOutput("json_schema", '{"type": "object"}'))),
+        GenerationRequest(prompt="x", request_id="r6", sampling=SamplingParams(structured=StructuredOutput("json_object"))),
+        GenerationRequest(prompt="x", request_id="r7", sampling=SamplingParams(structured=StructuredOutput("regex", "a+"))),
     ],
 )
 def test_requests_round_trip(request_):
