@@ -31,12 +31,12 @@ from tests.runtime.conftest import drive
 class ScriptedSampler:
     """Stands in for a request's sampler: the next token comes from `pick()`, not the logits."""
 
-    greedy = False
+    greedy = batched_greedy = False
 
     def __init__(self, pick) -> None:
         self.pick = pick
 
-    def __call__(self, logits) -> int:
+    def __call__(self, logits, prompt_ids=(), output_ids=()) -> int:
         return self.pick()
 
 
