@@ -307,6 +307,17 @@ class Engine:
         its slot (the cluster's per-replica LRU unpins what it evicts)."""
         self.cache.set_sticky(self.adapters.key(ref), False)
 
+    def tokenize(self, request: GenerationRequest) -> list[int]:
+        """The prompt token ids `request` would be served with (its limits checked), not run."""
+        return self.encoder.encode(request)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.encoder.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"prompt_token_ids: {bad[:5]} not in the vocabulary [0, "
+                                      f"{self.encoder.vocab_size})")
+        return self.tokenizer.decode(token_ids)
+
     def resident_adapters(self) -> list[ResidentAdapter]:
         """Adapter versions in device slots and in host memory."""
         snap = self.cache.resident()

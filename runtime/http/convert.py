@@ -46,6 +46,7 @@ from .schemas import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    TokenizeRequest,
     TopLogprob,
     Usage,
 )
@@ -211,7 +212,16 @@ def _log_identity(body, kind: str) -> None:
         log.debug("%s request from %s", kind, ids)
 
 
-def _messages(body: ChatCompletionRequest) -> tuple[ChatMessage, ...]:
+def tokenize_request(body: TokenizeRequest) -> GenerationRequest:
+    """What `/tokenize` encodes: the text, or the messages as a chat would render them."""
+    if (body.prompt is None) == (body.messages is None):
+        raise bad_request("prompt", "give exactly one of prompt, messages")
+    if body.prompt is not None:
+        return GenerationRequest(prompt=body.prompt)
+    return GenerationRequest(messages=_messages(body))
+
+
+def _messages(body: ChatCompletionRequest | TokenizeRequest) -> tuple[ChatMessage, ...]:
     out = []
     for i, m in enumerate(body.messages):
         where = f"messages[{i}]"

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import ApiError, draining, loading
 
 API_PREFIX = "/v1/"
+API_ROOT_PATHS = frozenset({"/tokenize", "/detokenize"})  # vLLM's, outside /v1/ but the API all the same
 UNMATCHED = "(unmatched)"
 
 
@@ -125,7 +126,7 @@ class Gate:
             return
         start = time.perf_counter()
         status = 500  # unless a response starts
-        api = scope["path"].startswith(API_PREFIX)
+        api = scope["path"].startswith(API_PREFIX) or scope["path"] in API_ROOT_PATHS
 
         started = False
 
@@ -163,4 +164,4 @@ def route_of(scope: Scope) -> str:
 
 
 KNOWN_PATHS = frozenset({"/v1/models", "/v1/chat/completions", "/v1/completions",
-                         "/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
+                         "/v1/load_lora_adapter", "/v1/unload_lora_adapter", *API_ROOT_PATHS})

@@ -16,6 +16,8 @@ from loradock.registry import (
     NotFoundError,
     Registry,
 )
+from loradock.registry.fsutil import sha256_file
+from loradock.registry.validate import ADAPTER_FILES
 from loradock.runtime.metrics import CONTENT_TYPE, Metrics
 from starlette.exceptions import HTTPException
 
@@ -37,6 +39,8 @@ from .schemas import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     Health,
     LoadLoraAdapterRequest,
@@ -44,7 +48,10 @@ from .schemas import (
     LoraAdapterUnloaded,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
     UnloadLoraAdapterRequest,
+    VersionInfo,
 )
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 503)}
@@ -119,16 +126,28 @@ def create_app(
 
     @app.post("/v1/load_lora_adapter", response_model=LoraAdapterLoaded, responses=ERRORS)
     def load_lora_adapter(body: LoadLoraAdapterRequest) -> LoraAdapterLoaded:
-        """Publish the PEFT directory `lora_path` (on the server) as the next version of
-        `lora_name`, then load it into a device slot."""
+        """Publish the PEFT directory `lora_path` (an absolute path on the server) as the next
+        version of `lora_name`, unless a version of that name already holds these very files,
+        then load it into a device slot."""
         if not allow_adapter_updates:
             raise ApiError(403, UPDATES_OFF, type="permission_error", code="adapter_updates_disabled",
                            canonical="PERMISSION_DENIED")
         path = Path(body.lora_path)
+        if not path.is_absolute():
+            raise bad_request("lora_path", f"{body.lora_path!r} is relative; give an absolute path on the server "
+                                           "(a relative one would depend on where the server was started)")
         if not path.is_dir():
             raise bad_request("lora_path", f"{body.lora_path!r} is not a directory on the server")
+        hashes = {rel: sha256_file(path / rel) for rel in ADAPTER_FILES if (path / rel).is_file()}
+        holding: set[str] = set()  # versions found holding exactly these files
+
+        def same_files(v) -> bool:
+            if hashes and all(v.manifest["files"].get(rel, {}).get("sha256") == h for rel, h in hashes.items()):
+                holding.add(v.ref)
+            return v.ref in holding
+
         try:
-            version = registry.publish(path, body.lora_name, base=engine.info().base_name)
+            version = registry.publish(path, body.lora_name, base=engine.info().base_name, reuse=same_files)
         except InvalidNameError as e:
             raise bad_request("lora_name", str(e)) from None
         except (InvalidAdapterError, IncompatibleBaseError, NotFoundError) as e:
@@ -140,7 +159,8 @@ def create_app(
             raise error_for(e, model=version.ref) from None
         return LoraAdapterLoaded(id=version.ref, lora_name=version.name, version=version.version,
                                  digest=version.digest, load_ms=(time.perf_counter() - start) * 1000,
-                                 message=f"published and loaded {version.ref}")
+                                 message=f"loaded {version.ref}, which already holds these files"
+                                 if version.ref in holding else f"published and loaded {version.ref}")
 
     @app.post("/v1/unload_lora_adapter", response_model=LoraAdapterUnloaded, responses=ERRORS)
     def unload_lora_adapter(body: UnloadLoraAdapterRequest) -> LoraAdapterUnloaded:
@@ -162,6 +182,30 @@ def create_app(
             raise error_for(e, model=served.ref) from None
         return LoraAdapterUnloaded(id=served.ref, was_resident=was_resident,
                                    message=f"unloaded {served.ref}" if was_resident else f"{served.ref} was not loaded")
+
+    # ---- vLLM's tokenizer routes ----
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
+    def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        """The token ids of a text or of chat messages (rendered with the chat template)."""
+        catalog.resolve(body.model)  # 404 for a model not served here
+        try:
+            tokens = engine.tokenize(convert.tokenize_request(body))
+        except Exception as e:
+            raise error_for(e, model=body.model, prompt_field="messages" if body.messages else "prompt") from None
+        return TokenizeResponse(count=len(tokens), max_model_len=engine.info().max_model_len, tokens=tokens)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
+    def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        catalog.resolve(body.model)
+        try:
+            return DetokenizeResponse(prompt=engine.detokenize(body.tokens))
+        except Exception as e:
+            raise error_for(e, model=body.model, prompt_field="tokens") from None
+
+    @app.get("/version", response_model=VersionInfo)
+    def version() -> VersionInfo:
+        return VersionInfo(version=_version())
 
     # ---- probes (no token needed) ----
 

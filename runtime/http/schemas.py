@@ -148,6 +148,33 @@ class CompletionRequest(_Sampling):
     suffix: Any = None
 
 
+class TokenizeRequest(_Request):
+    """vLLM's: a text, or chat messages rendered with the base's chat template (one of them)."""
+
+    model: str = Field("", description="as in a completion; every model here shares the base's tokenizer")
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(_Request):
+    model: str = ""
+    tokens: list[int] = Field(min_length=1)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionInfo(BaseModel):
+    version: str
+
+
 class LoadLoraAdapterRequest(_Request):
     """vLLM's body: publish the PEFT directory `lora_path` (on the server) as a new version of
     `lora_name`, then load it."""

@@ -30,6 +30,8 @@ def test_load_publishes_a_new_version_and_serves_it(api, client, http_adapter_di
                                           max_tokens=4, temperature=0)
     assert answer.model == "hot@1" and answer.choices[0].message.content == same.choices[0].message.content
 
+    again = post(api, "/v1/load_lora_adapter", {"lora_name": "hot", "lora_path": str(http_adapter_dirs["a3"])})
+    assert again.json()["id"] == "hot@1" and "already holds these files" in again.json()["message"]  # no hot@2
     second = post(api, "/v1/load_lora_adapter", {"lora_name": "hot", "lora_path": str(http_adapter_dirs["a4"])})
     assert second.json()["id"] == "hot@2"
     assert client.chat.completions.create(model="hot", messages=[{"role": "user", "content": "hi"}],
@@ -46,6 +48,7 @@ def test_load_publishes_a_new_version_and_serves_it(api, client, http_adapter_di
     ({"lora_name": "bad name!", "lora_path": "ADAPTER"}, 400, "lora_name"),
     ({"lora_name": "x"}, 400, "lora_path"),
     ({"lora_name": "x", "lora_path": "ADAPTER", "lora_int_id": 3}, 400, "lora_int_id"),
+    ({"lora_name": "x", "lora_path": "relative/adapter"}, 400, "lora_path"),  # the server's cwd would decide
 ])
 def test_bad_load_requests_name_the_field(api, http_adapter_dirs, tmp_path, body, status, param):
     not_an_adapter = tmp_path / "empty"

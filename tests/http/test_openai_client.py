@@ -239,3 +239,24 @@ def test_structured_outputs_through_the_official_client(client):
     text = client.completions.create(model="a3", prompt="Code:", max_tokens=10, temperature=0,
                                      extra_body={"structured_outputs": {"regex": "[A-Z]{3}-[0-9]{2}"}})
     assert re.fullmatch("[A-Z]{3}-[0-9]{2}", text.choices[0].text)
+
+
+def test_tokenize_detokenize_and_version(api):
+    """vLLM's routes: /tokenize (a text or chat messages, as served), /detokenize, /version;
+    the tokenizer routes are the API (token required), /version is open like the probes."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    text = "Hello there, Veloria"
+    tokens = httpx.post(f"{api.url}/tokenize", json={"model": "a1", "prompt": text}, headers=headers).json()
+    assert tokens["count"] == len(tokens["tokens"]) > 0 and tokens["max_model_len"] > tokens["count"]
+    back = httpx.post(f"{api.url}/detokenize", json={"model": "a1", "tokens": tokens["tokens"]}, headers=headers)
+    assert back.json() == {"prompt": text}
+    chat_tokens = httpx.post(f"{api.url}/tokenize", json={"messages": [{"role": "user", "content": text}]},
+                             headers=headers).json()
+    assert chat_tokens["count"] > tokens["count"]  # the chat template's own tokens around the text
+    assert httpx.post(f"{api.url}/tokenize", json={"model": "nope", "prompt": "x"}, headers=headers).status_code == 404
+    assert httpx.post(f"{api.url}/tokenize", json={"prompt": "x"}).status_code == 401
+    bad = httpx.post(f"{api.url}/detokenize", json={"tokens": [10**9]}, headers=headers)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    assert httpx.get(f"{api.url}/version").json()["version"]
