@@ -71,13 +71,30 @@ def find_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-def sample_indices(cu_lens: Sequence[int], wants_logits: Sequence[bool]) -> list[int]:
-    """Packed positions whose logits are needed: the last token of each sequence that samples.
+def logit_rows(cu_lens: Sequence[int], wants_logits: Sequence[bool],
+               all_logits: Sequence[bool]) -> tuple[list[int], list[int | None], list[int | None]]:
+    """Packed positions whose logits are kept: the last token of each sequence that samples (a
+    sequence in the middle of a chunked prefill does not), and every token of a chunk whose
+    prompt log probabilities are wanted. -> (positions to keep, each sequence's sampling row or
+    None, the row of each sequence's first token when all are kept, else None).
 
-    A sequence in the middle of a chunked prefill does not sample this step.
-    cu_lens [num_seqs + 1], wants_logits [num_seqs] -> indices [num_sampling]
+    >>> logit_rows([0, 3, 4, 9], [True, True, False], [False, False, False])
+    ([2, 3], [0, 1, None], [None, None, None])
+    >>> logit_rows([0, 3, 4], [True, True], [True, False])  # the first keeps its whole chunk
+    ([0, 1, 2, 3], [2, 3], [0, None])
     """
-    return [cu_lens[i + 1] - 1 for i, wants in enumerate(wants_logits) if wants]
+    keep: list[int] = []
+    last: list[int | None] = []
+    first: list[int | None] = []
+    for i, (wants, every) in enumerate(zip(wants_logits, all_logits, strict=True)):
+        start, end = cu_lens[i], cu_lens[i + 1]
+        first.append(len(keep) if every else None)
+        if every:
+            keep.extend(range(start, end))
+        elif wants:
+            keep.append(end - 1)
+        last.append(len(keep) - 1 if wants else None)
+    return keep, last, first
 
 
 # Runs of one slot longer than this (prompt chunks) stay out of the padded block: padding every

@@ -412,7 +412,8 @@ class Engine:
         for seq, n in plan:
             tokens = seq.pending_tokens(n)
             items.append(StepItem(seq.blocks, seq.computed, tokens, seq.slot,
-                                  seq.computed + len(tokens) == seq.num_tokens))
+                                  seq.computed + len(tokens) == seq.num_tokens,
+                                  seq.needs_prompt_logits(len(tokens))))
         try:
             step = self.runner.forward(items)
         except Exception as e:
@@ -420,6 +421,7 @@ class Engine:
             for seq, _ in plan:
                 self._fail(seq, EngineError(f"internal error in the forward pass: {e}"))
             return True
+        self._prompt_logprobs(step, plan, items)
         constrained = [(row, seq.matcher) for (seq, _), row in zip(plan, step.rows, strict=True)
                        if row is not None and seq.matcher is not None]
         if constrained:  # structured outputs: forbidden tokens' logits to -inf, in their rows only
@@ -445,6 +447,26 @@ class Engine:
                 log.exception("request %s failed after sampling", seq.request_id)
                 self._fail(seq, EngineError(f"internal error: {e}"))
         return True
+
+    @staticmethod
+    def _prompt_logprobs(step, plan, items: list[StepItem]) -> None:
+        """For each chunk whose every logit was kept: the log probability of each next prompt
+        token (position p's logits predict the token at p + 1), in one batched op per step."""
+        rows, targets, top, owners = [], [], [], []
+        for (seq, _), item, first in zip(plan, items, step.first_rows or [None] * len(items), strict=True):
+            if first is None:
+                continue
+            for j in range(len(item.tokens)):
+                position = item.past + j
+                if len(seq.prompt_logprobs) <= position < len(seq.prompt_ids) - 1:
+                    rows.append(first + j)
+                    targets.append(seq.prompt_ids[position + 1])
+                    top.append(seq.request.sampling.prompt_logprobs)
+                    owners.append(seq)
+        if rows:
+            index = torch.tensor(rows, device=step.logits.device)
+            for seq, lp in zip(owners, token_logprobs(step.logits.index_select(0, index), targets, top), strict=True):
+                seq.prompt_logprobs.append(lp)
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, sampled: list[tuple[Sequence, int, int]]) -> dict[str, TokenLogprob]:
@@ -521,6 +543,8 @@ class Engine:
             completion_tokens=len(seq.output_ids),
             timings=Timings(queue_ms=ms(seq.admitted_at), ttft_ms=ms(seq.first_token_at), total_ms=ms(now)),
             logprobs=tuple(seq.logprobs) if seq.request.sampling.logprobs is not None else None,
+            prompt_logprobs=(None, *seq.prompt_logprobs) if seq.request.sampling.prompt_logprobs is not None else None,
+            prompt_token_ids=tuple(seq.prompt_ids),
         ))
 
     def _fail(self, seq: Sequence, error: BaseException) -> None:

@@ -22,14 +22,17 @@ class StepItem:
     tokens: Sequence[int]  # new tokens: a prompt chunk, a recompute chunk or the last sampled token
     slot: int  # adapter slot, 0 = base model
     wants_logits: bool  # the chunk ends the known tokens, so the next token is sampled
+    all_logits: bool = False  # every token's logits (the prompt's log probabilities are wanted)
 
 
 @dataclass(frozen=True)
 class StepLogits:
     """The step's next-token logits: one row per item that wanted them."""
 
-    logits: torch.Tensor  # [n_sample, vocab] float32
-    rows: list[int | None]  # item index -> row in `logits`, None for mid-prefill items
+    logits: torch.Tensor  # [n_rows, vocab] float32
+    rows: list[int | None]  # item index -> its sampling row in `logits`, None for mid-prefill items
+    # item index -> row of its first token when every token's logits were kept (all_logits)
+    first_rows: list[int | None] | None = None
 
     def row(self, item: int) -> torch.Tensor | None:
         r = self.rows[item]
@@ -88,7 +91,7 @@ class ModelRunner:
         """Run one packed step; each item's new K/V land in the pool blocks it holds."""
         order = batching.order_by_slot([it.slot for it in items])  # group tokens by adapter
         ordered = [items[i] for i in order]
-        if self.graphs is not None and self.graphs.serves(ordered):
+        if self.graphs is not None and not any(it.all_logits for it in ordered) and self.graphs.serves(ordered):
             # a copy: a graph's output is overwritten by its next replay
             logits = self.graphs.forward(ordered).to(torch.float32, copy=True)
             rows: list[int | None] = [None] * len(items)
@@ -99,7 +102,8 @@ class ModelRunner:
         input_ids, cu_lens = batching.pack_tokens([it.tokens for it in ordered])  # [T], [n + 1]
         positions = batching.position_ids([it.past for it in ordered], chunk_lens)  # [T]
         token_slots = batching.token_slots([it.slot for it in ordered], chunk_lens)  # [T]
-        keep = batching.sample_indices(cu_lens, [it.wants_logits for it in ordered])  # [n_sample]
+        keep, last, first = batching.logit_rows(cu_lens, [it.wants_logits for it in ordered],
+                                                [it.all_logits for it in ordered])
         ctx = BatchContext(lora=lora_batch(token_slots, self.device),
                            attention=attention_batch(self.pool, ordered, cu_lens, self.device, self.windows))
         with use_context(ctx):
@@ -109,10 +113,8 @@ class ModelRunner:
                 use_cache=False,
                 logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device),
             )
-        rows = [None] * len(items)
-        row = 0
-        for i, it in zip(order, ordered, strict=True):
-            if it.wants_logits:
-                rows[i] = row
-                row += 1
-        return StepLogits(out.logits[0].float(), rows)
+        rows: list[int | None] = [None] * len(items)
+        first_rows: list[int | None] = [None] * len(items)
+        for i, r, f in zip(order, last, first, strict=True):
+            rows[i], first_rows[i] = r, f
+        return StepLogits(out.logits[0].float(), rows, first_rows)

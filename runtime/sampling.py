@@ -56,10 +56,11 @@ def validate_sampling(params: SamplingParams) -> None:
         raise bad("seed", f"must be an integer in [0, 2^63), got {params.seed!r}")
     if any(not isinstance(s, str) or s == "" for s in params.stop):
         raise bad("stop", "stop strings must be non-empty strings")
-    if params.logprobs is not None and (not isinstance(params.logprobs, int) or isinstance(params.logprobs, bool)
-                                        or not 0 <= params.logprobs <= MAX_TOP_LOGPROBS):
-        raise bad("logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}] (alternatives per token), "
-                              f"got {params.logprobs!r}")
+    for name in ("logprobs", "prompt_logprobs"):
+        value = getattr(params, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or not 0 <= value <= MAX_TOP_LOGPROBS):
+            raise bad(name, f"must be an integer in [0, {MAX_TOP_LOGPROBS}] (alternatives per token), got {value!r}")
     if not math.isfinite(params.repetition_penalty) or params.repetition_penalty <= 0:
         raise bad("repetition_penalty", f"must be > 0 (1 = off), got {params.repetition_penalty!r}")
     for name in ("frequency_penalty", "presence_penalty"):

@@ -33,6 +33,8 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per output token, when asked for
     matcher: Any = None  # structured outputs: the grammar matcher (structured.Grammars.matcher)
+    # prompt_logprobs: the log probability of prompt token i + 1, for i < len(prompt) - 1
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     computed: int = 0  # tokens whose K/V are in the cache
     blocks: list[int] = field(default_factory=list)  # KV pool block table
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks (prefix cache)
@@ -72,6 +74,13 @@ class Sequence:
         if self.num_tokens >= self.max_len:
             return FinishReason.LENGTH
         return None
+
+    def needs_prompt_logits(self, chunk: int) -> bool:
+        """Whether the next `chunk` tokens hold prompt positions whose log probabilities are
+        wanted and not yet taken (a recompute after preemption takes none again)."""
+        return (self.request.sampling.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < len(self.prompt_ids) - 1
+                and self.computed + chunk > len(self.prompt_logprobs))
 
     @property
     def in_prefill(self) -> bool:

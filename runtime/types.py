@@ -33,6 +33,9 @@ class SamplingParams:
     ignore_eos: bool = False  # benchmarks generate exactly max_new_tokens
     # None: no log probabilities; k: each generated token's and its k most likely alternatives'
     logprobs: int | None = None
+    # The same for each prompt token after the first (what the model predicted there), as vLLM's
+    # prompt_logprobs: a request asking for them takes nothing from the prefix cache.
+    prompt_logprobs: int | None = None
     # Logits processors, applied in this order before temperature (OpenAI's and vLLM's meaning):
     repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and the output (HF's rule)
     frequency_penalty: float = 0.0  # minus this x each token's count in the output so far
@@ -167,6 +170,9 @@ class GenerationResult:
     completion_tokens: int
     timings: Timings
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per generated token, when asked for
+    # one per prompt token, the first None (nothing predicts it), when asked for
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    prompt_token_ids: tuple[int, ...] = ()  # the prompt as served (chat template applied)
 
 
 @dataclass(frozen=True)

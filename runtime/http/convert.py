@@ -172,7 +172,8 @@ def _structured(body) -> StructuredOutput | None:
     return given[0] if given else None
 
 
-def _sampling(body, max_tokens: int | None, seed_offset: int, logprobs: int | None = None) -> SamplingParams:
+def _sampling(body, max_tokens: int | None, seed_offset: int, logprobs: int | None = None,
+              prompt_logprobs: int | None = None) -> SamplingParams:
     seed = None if body.seed is None else (body.seed + seed_offset) % SEED_LIMIT
     return SamplingParams(
         max_new_tokens=max_tokens,
@@ -183,6 +184,7 @@ def _sampling(body, max_tokens: int | None, seed_offset: int, logprobs: int | No
         stop=_stop(body.stop),
         ignore_eos=bool(body.ignore_eos),
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         frequency_penalty=body.frequency_penalty or 0.0,
         presence_penalty=body.presence_penalty or 0.0,
@@ -280,8 +282,10 @@ def completion_plan(body: CompletionRequest, model: ServedModel) -> Plan:
     prompts = _prompts(body.prompt)
     if body.echo and any(not isinstance(p, str) for p in prompts):
         raise unsupported("echo", "echoing a prompt given as token ids; send text")
-    if body.echo and body.logprobs is not None:
-        raise unsupported("echo", "log probabilities of the prompt's tokens (echo with logprobs) are not returned")
+    prompt_logprobs = body.logprobs if body.echo else None  # echo + logprobs: the prompt's too
+    if prompt_logprobs is not None and stream:
+        raise unsupported("echo", "the prompt's log probabilities (echo with logprobs) are not streamed; ask "
+                                  "without stream")
     max_tokens = body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
     _log_identity(body, "completion")
     plan = Plan(model, [], [], stream, include_usage)
@@ -293,7 +297,8 @@ def completion_plan(body: CompletionRequest, model: ServedModel) -> Plan:
             ids = None if isinstance(prompt, str) else tuple(prompt)
             plan.requests.append(GenerationRequest(adapter=model.ref, mixture=mixture, prompt=text,
                                                    prompt_token_ids=ids,
-                                                   sampling=_sampling(body, max_tokens, j, body.logprobs),
+                                                   sampling=_sampling(body, max_tokens, j, body.logprobs,
+                                                                      prompt_logprobs),
                                                    request_id=f"{plan.id}-{choice}"))
             plan.prompt_of.append(p)
             plan.echo.append(prompt if body.echo else "")
@@ -360,15 +365,21 @@ def chat_logprobs(logprobs: Sequence[TokenLogprob] | None, texts: TokenTexts) ->
                                  for lp in logprobs])
 
 
-def completion_logprobs(logprobs: Sequence[TokenLogprob] | None, texts: TokenTexts,
-                        offset: int) -> CompletionLogprobs | None:
-    """The legacy completions shape; `offset`: where the first token's text starts in the choice."""
+def completion_logprobs(logprobs: Sequence[TokenLogprob] | None, texts: TokenTexts, offset: int,
+                        prompt: GenerationResult | None = None) -> CompletionLogprobs | None:
+    """The legacy completions shape; `offset`: where the first token's text starts in the choice.
+    With `prompt` (echo): its prompt tokens first, the first one with no log probability."""
     if logprobs is None:
         return None
-    tokens = [texts(lp.token_id) for lp in logprobs]
+    entries: list[tuple[int, TokenLogprob | None]] = []
+    if prompt is not None and prompt.prompt_logprobs is not None:
+        entries = list(zip(prompt.prompt_token_ids, prompt.prompt_logprobs, strict=True))
+        offset = 0
+    entries += [(lp.token_id, lp) for lp in logprobs]
+    tokens = [texts(token_id) for token_id, _ in entries]
     offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=offset))
-    return CompletionLogprobs(tokens=tokens, token_logprobs=[lp.logprob for lp in logprobs],
-                              top_logprobs=[{texts(i): v for i, v in lp.top} for lp in logprobs],
+    return CompletionLogprobs(tokens=tokens, token_logprobs=[lp and lp.logprob for _, lp in entries],
+                              top_logprobs=[lp and {texts(i): v for i, v in lp.top} for _, lp in entries],
                               text_offset=offsets[:len(tokens)])
 
 
@@ -387,7 +398,7 @@ def completion(plan: Plan, results: Sequence[GenerationResult], created: int, te
     return Completion(
         id=f"cmpl-{plan.id}", created=created, model=served_id(plan, results[0]),
         choices=[CompletionChoice(index=i, text=plan.echo[i] + r.text, finish_reason=finish_reason(r.finish_reason),
-                                  logprobs=completion_logprobs(r.logprobs, texts, len(plan.echo[i])))
+                                  logprobs=completion_logprobs(r.logprobs, texts, len(plan.echo[i]), r))
                  for i, r in enumerate(results)],
         usage=usage(plan, results),
     )

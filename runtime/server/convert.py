@@ -58,6 +58,7 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         stop=tuple(msg.stop),
         ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
         repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
         frequency_penalty=msg.frequency_penalty,
         presence_penalty=msg.presence_penalty,
@@ -104,6 +105,7 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
         stop=list(params.stop),
         ignore_eos=params.ignore_eos,
         logprobs=params.logprobs,
+        prompt_logprobs=params.prompt_logprobs,
         repetition_penalty=params.repetition_penalty,
         frequency_penalty=params.frequency_penalty,
         presence_penalty=params.presence_penalty,
@@ -219,6 +221,8 @@ def result_to_proto(result: GenerationResult) -> pb.GenerateResponse:
         completion_tokens=result.completion_tokens,
         timings=pb.Timings(**dataclasses.asdict(result.timings)),
         logprobs=[logprob_to_proto(lp) for lp in result.logprobs or ()],
+        prompt_token_ids=list(result.prompt_token_ids),
+        prompt_logprobs=[logprob_to_proto(lp) for lp in (result.prompt_logprobs or (None,))[1:]],
     )
 
 
@@ -234,6 +238,9 @@ def result_from_proto(msg: pb.GenerateResponse) -> GenerationResult:
         timings=Timings(queue_ms=msg.timings.queue_ms, ttft_ms=msg.timings.ttft_ms,
                         total_ms=msg.timings.total_ms),
         logprobs=tuple(logprob_from_proto(lp) for lp in msg.logprobs) or None,
+        prompt_logprobs=(None, *(logprob_from_proto(lp) for lp in msg.prompt_logprobs)) if msg.prompt_logprobs
+        else None,
+        prompt_token_ids=tuple(msg.prompt_token_ids),
     )
 
 

@@ -81,7 +81,7 @@ def test_bad_chat_requests_get_the_right_status_naming_the_field(client, change,
     ({"best_of": 3}, "best_of"),
     ({"suffix": "!"}, "suffix"),
     ({"logprobs": 6}, "logprobs"),
-    ({"logprobs": 2, "echo": True}, "echo"),  # the prompt's log probabilities are not returned
+    ({"logprobs": 2, "echo": True, "stream": True}, "echo"),  # the prompt's log probabilities are not streamed
     ({"prompt": "x" * 9000}, "prompt"),  # longer than max_prompt_tokens, refused by the engine
     ({"max_tokens": 4_869_494}, "max_tokens"),  # prompt + max_tokens > max_model_len
 ])

@@ -260,3 +260,20 @@ def test_tokenize_detokenize_and_version(api):
     bad = httpx.post(f"{api.url}/detokenize", json={"tokens": [10**9]}, headers=headers)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
     assert httpx.get(f"{api.url}/version").json()["version"]
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(api, client):
+    """lm-eval's loglikelihood request (echo, logprobs=1, max_tokens=1, temperature 0): the
+    prompt's tokens come back first with their log probabilities (the first has none), then the
+    generated one, and the texts add up to the answer."""
+    import httpx
+
+    prompt = "The capital of France is Paris"
+    answer = client.completions.create(model="a2", prompt=prompt, echo=True, logprobs=1, max_tokens=1, temperature=0)
+    lp = answer.choices[0].logprobs
+    ids = httpx.post(f"{api.url}/tokenize", json={"prompt": prompt}, headers={"Authorization": f"Bearer {TOKEN}"})
+    n = ids.json()["count"]
+    assert len(lp.tokens) == n + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:]) and all(len(top) <= 1 for top in lp.top_logprobs[1:])
+    assert "".join(lp.tokens) == answer.choices[0].text and answer.choices[0].text.startswith(prompt)
+    assert lp.text_offset[0] == 0

@@ -64,13 +64,14 @@ def test_token_slots(seq_slots, lens, want):
     assert got == want
 
 
-@pytest.mark.parametrize(("cu", "wants", "want"), [
-    ([0, 3, 4, 9], [True, True, False], [2, 3]),  # the third is mid-prefill: no logits
-    ([0, 1, 2], [True, True], [0, 1]),
-    ([0, 5], [False], []),
+@pytest.mark.parametrize(("cu", "wants", "every", "want"), [
+    ([0, 3, 4, 9], [True, True, False], [False] * 3, ([2, 3], [0, 1, None], [None] * 3)),  # third: mid-prefill
+    ([0, 1, 2], [True, True], [False] * 2, ([0, 1], [0, 1], [None] * 2)),
+    ([0, 5], [False], [False], ([], [None], [None])),
+    ([0, 2, 5], [True, False], [False, True], ([1, 2, 3, 4], [0, None], [None, 1])),  # all of a mid-prefill chunk
 ])
-def test_sample_indices(cu, wants, want):
-    assert batching.sample_indices(cu, wants) == want
+def test_logit_rows(cu, wants, every, want):
+    assert batching.logit_rows(cu, wants, every) == want
 
 
 @pytest.mark.parametrize(("slots", "want"), [

@@ -52,3 +52,27 @@ def test_a_bad_logprobs_count_is_refused_naming_it(tiny_registry, tiny_base, eng
     engine = engine_factory(tiny_registry, tiny_base.name, run_loop=False)
     with pytest.raises(InvalidRequestError, match=r"sampling.logprobs: must be an integer in \[0, 20\]"):
         engine.submit(GenerationRequest(prompt="hi", sampling=SamplingParams(logprobs=bad)))
+
+
+def test_prompt_log_probabilities_equal_peft_through_chunks_and_a_warm_prefix_cache(
+        tiny_registry, tiny_base, tiny_adapter_dirs, engine_factory):
+    """Each prompt token after the first gets the log-softmax PEFT gives it from the tokens before
+    it, with prompts split over several prefill chunks, and again when the same prompt is cached
+    (a request asking for them reads nothing from the prefix cache)."""
+    engine = engine_factory(tiny_registry, tiny_base.name, run_loop=False, max_batch_tokens=16, kv_block_size=4)
+    prompt = PROMPTS[2] + " " + PROMPTS[3] + " " + PROMPTS[7]  # ~25 tokens: two chunks at least
+    ids = engine.tokenizer.encode(prompt)
+    oracle = load_peft_oracle(tiny_base.path, {"law": tiny_adapter_dirs["law"]}, "none")
+    want = torch.log_softmax(oracle_logits(oracle, "law", ids)[:-1], -1)
+    for _ in range(2):  # the second round's prompt blocks are in the prefix cache
+        handles = [engine.submit(GenerationRequest(adapter=a, prompt=prompt, sampling=SamplingParams(
+            max_new_tokens=2, prompt_logprobs=k))) for a, k in (("law", 2), ("law", None), (None, None))]
+        drive(engine, handles)
+        got = handles[0].result().prompt_logprobs
+        assert got[0] is None and len(got) == len(ids)
+        for position, lp in enumerate(got[1:]):
+            assert lp.token_id == ids[position + 1]
+            assert abs(lp.logprob - want[position, lp.token_id].item()) < 1e-4, position
+            assert [i for i, _ in lp.top] == want[position].topk(2).indices.tolist()
+        assert handles[1].result().prompt_logprobs is None
+    assert engine.stats()["adapters"]["law@1"]["cached_prompt_tokens"] > 0  # the plain request did hit
