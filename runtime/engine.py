@@ -43,6 +43,7 @@ from .errors import (
 )
 from .handle import RequestHandle
 from .kv_cache import blocks_for
+from .logprobs import add_prompt_logprobs, generated_logprobs
 from .lora_layer import MultiLoRALinear, prepare_kernels, wrap_linears
 from .model_loader import (
     eos_token_ids,
@@ -57,7 +58,7 @@ from .model_loader import (
 )
 from .model_runner import ModelRunner, StepItem, lora_batch
 from .prompts import PromptEncoder
-from .sampling import Sampler, token_logprobs
+from .sampling import Sampler
 from .scheduler import Admission, Scheduler
 from .sequence import SeqStatus, Sequence
 from .stats import BASE_KEY, EngineStats
@@ -421,7 +422,7 @@ class Engine:
             for seq, _ in plan:
                 self._fail(seq, EngineError(f"internal error in the forward pass: {e}"))
             return True
-        self._prompt_logprobs(step, plan, items)
+        add_prompt_logprobs(step, [seq for seq, _ in plan], items)
         constrained = [(row, seq.matcher) for (seq, _), row in zip(plan, step.rows, strict=True)
                        if row is not None and seq.matcher is not None]
         if constrained:  # structured outputs: forbidden tokens' logits to -inf, in their rows only
@@ -439,7 +440,7 @@ class Engine:
             except Exception as e:
                 log.exception("request %s failed while sampling", seq.request_id)
                 self._fail(seq, EngineError(f"internal error: {e}"))
-        logprobs = self._logprobs(step.logits, sampled)
+        logprobs = generated_logprobs(step.logits, sampled)
         for seq, _, token in sampled:
             try:
                 self._on_token(seq, token, logprobs.get(seq.request_id))
@@ -447,37 +448,6 @@ class Engine:
                 log.exception("request %s failed after sampling", seq.request_id)
                 self._fail(seq, EngineError(f"internal error: {e}"))
         return True
-
-    @staticmethod
-    def _prompt_logprobs(step, plan, items: list[StepItem]) -> None:
-        """For each chunk whose every logit was kept: the log probability of each next prompt
-        token (position p's logits predict the token at p + 1), in one batched op per step."""
-        rows, targets, top, owners = [], [], [], []
-        for (seq, _), item, first in zip(plan, items, step.first_rows or [None] * len(items), strict=True):
-            if first is None:
-                continue
-            for j in range(len(item.tokens)):
-                position = item.past + j
-                if len(seq.prompt_logprobs) <= position < len(seq.prompt_ids) - 1:
-                    rows.append(first + j)
-                    targets.append(seq.prompt_ids[position + 1])
-                    top.append(seq.request.sampling.prompt_logprobs)
-                    owners.append(seq)
-        if rows:
-            index = torch.tensor(rows, device=step.logits.device)
-            for seq, lp in zip(owners, token_logprobs(step.logits.index_select(0, index), targets, top), strict=True):
-                seq.prompt_logprobs.append(lp)
-
-    @staticmethod
-    def _logprobs(logits: torch.Tensor, sampled: list[tuple[Sequence, int, int]]) -> dict[str, TokenLogprob]:
-        """The log probabilities of the step's tokens for the requests that asked, in one batch."""
-        wanted = [(seq, row, token) for seq, row, token in sampled if seq.request.sampling.logprobs is not None]
-        if not wanted:
-            return {}
-        rows = torch.tensor([row for _, row, _ in wanted], device=logits.device)
-        found = token_logprobs(logits.index_select(0, rows), [t for _, _, t in wanted],
-                               [seq.request.sampling.logprobs for seq, _, _ in wanted])
-        return {seq.request_id: lp for (seq, _, _), lp in zip(wanted, found, strict=True)}
 
     def _admit(self, seq: Sequence) -> Admission:
         """The scheduler's question: may `seq` start now? (see `admission.Admitter`)"""

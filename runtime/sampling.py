@@ -12,28 +12,11 @@ import random
 import torch
 
 from .errors import InvalidRequestError
-from .types import STRUCTURED_KINDS, SamplingParams, TokenLogprob
+from .types import STRUCTURED_KINDS, SamplingParams
 
 # Below this temperature, logits / T overflows float32; the limit T -> 0 is greedy anyway.
 GREEDY_BELOW_TEMPERATURE = 1e-5
 MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
-
-
-def token_logprobs(logits: torch.Tensor, tokens: list[int], top: list[int]) -> list[TokenLogprob]:
-    """For rows of `logits` [n, vocab] and the token chosen from each: its log probability and
-    the `top[i]` most likely alternatives', in one batched log-softmax and top-k.
-
-    >>> lp = token_logprobs(torch.tensor([[0.0, 0.0], [2.0, 0.0]]), [1, 1], [0, 1])
-    >>> [(t.token_id, round(t.logprob, 3), [(i, round(v, 3)) for i, v in t.top]) for t in lp]
-    [(1, -0.693, []), (1, -2.127, [(0, -0.127)])]
-    """
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
-    k = max(top, default=0)
-    values, ids = (logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long()))
-    values, ids = values.tolist(), ids.tolist()
-    return [TokenLogprob(t, c, tuple(zip(i[:n], v[:n], strict=True)))
-            for t, c, i, v, n in zip(tokens, chosen, ids, values, top, strict=True)]
 
 
 def validate_sampling(params: SamplingParams) -> None:

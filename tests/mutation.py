@@ -275,9 +275,9 @@ BREAKAGES = (
     ),
     Breakage(
         # every request that asked gets the first such row's distribution
-        "logprobs-read-from-one-row", "runtime/engine.py",
-        "        rows = torch.tensor([row for _, row, _ in wanted], device=logits.device)\n",
-        "        rows = torch.tensor([wanted[0][1] for _ in wanted], device=logits.device)\n",
+        "logprobs-read-from-one-row", "runtime/logprobs.py",
+        "    rows = torch.tensor([row for _, row, _ in wanted], device=logits.device)\n",
+        "    rows = torch.tensor([wanted[0][1] for _ in wanted], device=logits.device)\n",
         ("tests/runtime/test_logprobs.py",),
     ),
     Breakage(
