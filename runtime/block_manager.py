@@ -43,8 +43,7 @@ class BlockManager:
         leading tokens come from the prefix cache and count as computed; at least one token is
         always left to compute, since its logits pick the next token."""
         bs = self.pool.block_size
-        # prompt log probabilities need the logits of every prompt token: nothing from the cache
-        reuse = self.prefix_caching and seq.request.sampling.prompt_logprobs is None
+        reuse = self.prefix_caching and seq.reads_prefix_cache
         cached = self.pool.take_cached(seq.full_block_hashes(bs)[:(seq.num_tokens - 1) // bs]) if reuse else []
         need = blocks_for(seq.num_tokens, bs) - len(cached)
         if self.pool.free_blocks < need + (self.watermark if others_running else 0):

@@ -75,6 +75,12 @@ class Sequence:
             return FinishReason.LENGTH
         return None
 
+    @property
+    def reads_prefix_cache(self) -> bool:
+        """False when the prompt's log probabilities are wanted: they need every prompt
+        position's logits, so the whole prompt is computed."""
+        return self.request.sampling.prompt_logprobs is None
+
     def needs_prompt_logits(self, chunk: int) -> bool:
         """Whether the next `chunk` tokens hold prompt positions whose log probabilities are
         wanted and not yet taken (a recompute after preemption takes none again)."""

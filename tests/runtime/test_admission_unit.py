@@ -56,6 +56,7 @@ class FakeSeq:
     num_tokens = Sequence.num_tokens
     full_block_hashes = Sequence.full_block_hashes
     kv_context = Sequence.kv_context
+    reads_prefix_cache = True
 
     def __init__(self, adapter: ResolvedAdapter | None, prompt_len: int) -> None:
         self.adapter = adapter

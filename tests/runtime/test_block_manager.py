@@ -15,6 +15,7 @@ class FakeSeq:
     num_tokens = Sequence.num_tokens
     kv_context = Sequence.kv_context
     full_block_hashes = Sequence.full_block_hashes
+    reads_prefix_cache = True
 
     def __init__(self, prompt: list[int], adapter=None) -> None:
         self.prompt_ids, self.output_ids, self.adapter = list(prompt), [], adapter
