@@ -120,11 +120,16 @@ def _invalid_request(exc: InvalidRequestError, model: str, prompt_field: str) ->
     return bad_request(name, f"{name}:{rest}")
 
 
-def error_for(exc: BaseException, *, model: str = "", prompt_field: str = "prompt") -> ApiError:
-    """The answer for an engine or registry error raised while serving `model`."""
+def error_for(exc: BaseException, *, model: str = "", prompt_field: str = "prompt",
+              mixture: bool = False) -> ApiError:
+    """The answer for an engine or registry error raised while serving `model` (or, with
+    `mixture`, the request's mixture, whose components are what can be missing)."""
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, (AdapterNotFoundError, NotFoundError, InvalidNameError)):
+        if mixture:
+            return ApiError(404, f"mixture.components: {exc}", param="mixture.components", code="model_not_found",
+                            canonical="NOT_FOUND")
         return model_not_found(model, str(exc))
     if isinstance(exc, InvalidRequestError):
         return _invalid_request(exc, model, prompt_field)

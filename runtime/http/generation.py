@@ -90,6 +90,7 @@ class Generation:
         created = int(time.time())
         outcome = Outcome(self._metrics, ("ChatCompletions" if chat else "Completions") + ("Stream" if stream else ""))
         prompt_field = "messages" if chat else "prompt"
+        plan = None
         try:
             served = await asyncio.to_thread(self._catalog.resolve, model)
             outcome.label = served.label
@@ -97,7 +98,8 @@ class Generation:
             requests = EngineRequests(self._engine, plan.requests)
             await requests.submit()
         except Exception as e:
-            return outcome.failed(error_for(e, model=model, prompt_field=prompt_field))
+            mixed = plan is not None and any(r.mixture is not None for r in plan.requests)
+            return outcome.failed(error_for(e, model=model, prompt_field=prompt_field, mixture=mixed))
         try:
             if not plan.stream:
                 results = await unless_disconnected(request, requests.finish())

@@ -17,7 +17,8 @@ SEED_LIMIT = 2**63
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: no "4" or 4.0 taken as an integer, no "true" as a boolean (an int is still a float)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Request):

@@ -45,6 +45,9 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
     ({"seed": -1}, 400, "seed", "invalid_value"),
     ({"stop": [""]}, 400, "stop", "invalid_value"),
     ({"max_tokens": 4, "max_completion_tokens": 5}, 400, "max_completion_tokens", "invalid_value"),
+    # strict types: no coercion of strings or floats into integers, or of strings into booleans
+    ({"max_tokens": 4.0}, 400, "max_tokens", "invalid_value"),
+    ({"extra_body": {"ignore_eos": "true"}}, 400, "ignore_eos", "invalid_value"),
     # more than the context holds after the prompt: refused up front, not cut at the context's end
     ({"max_tokens": 10_000_000}, 400, "max_tokens", "invalid_value"),
     ({"top_logprobs": 2}, 400, "top_logprobs", "invalid_value"),  # without logprobs: true

@@ -64,6 +64,15 @@ def test_bad_mixtures_are_400_naming_the_mixture(api, change, words):
     assert error["param"] == "mixture" and words in error["message"]
 
 
+def test_a_mixture_naming_an_unknown_adapter_is_404_naming_the_component(api):
+    answer = complete(api, {**BODY, "mixture": {**MIX, "components": [{"adapter": "a1", "weight": 1},
+                                                                      {"adapter": "nosuch", "weight": 1}]}})
+    assert answer.status_code == 404, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "mixture.components" and "nosuch" in error["message"]
+    assert "The model ''" not in error["message"]
+
+
 def test_bad_mixture_over_grpc_is_invalid_argument(api):
     with pytest.raises(grpc.RpcError) as info:
         grpc_generate(api, AdapterMixture((MixtureComponent("a1", 1.0), MixtureComponent("a4", -2.0))))
