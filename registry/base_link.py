@@ -50,13 +50,10 @@ def link_base(bases: BaseStore, base: str | None, spec: AdapterSpec) -> BaseLink
     except InvalidNameError:
         pass  # e.g. a Hub id "org/model" is never a registry base name
     path = Path(hint).expanduser()
-    for info in bases.list():
-        if path.is_dir() and info.path.resolve() == path.resolve():
-            return BaseLink(info.name, info.fingerprint, info.path)
     fp = _local_fingerprint(path)
     if fp is None:
         return BaseLink(hint, None, None)
-    same = next((b for b in bases.list() if b.fingerprint == fp), None)
+    same = bases.stored_as(path, fp)
     if same is not None:
         return BaseLink(same.name, same.fingerprint, same.path)
     return BaseLink(hint, fp, path)

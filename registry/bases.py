@@ -127,12 +127,18 @@ class BaseStore:
                                     "directory; `loradock bases list` shows the names)")
             return self.get(spec)
         check_model_dir(path)
-        fp = fingerprint(path)
-        same = next((b for b in self.list() if b.path.resolve() == path.resolve() or b.fingerprint == fp), None)
+        same = self.stored_as(path, fingerprint(path))
         if same is None:
             raise NotFoundError(f"{spec}: this model directory is not in the registry; add it with "
                                 f"`loradock bases add {spec}` and pass its name (or the directory) again")
         return same
+
+    def stored_as(self, model_dir: Path, fp: str | None = None) -> BaseInfo | None:
+        """The stored base that `model_dir` is (its own directory) or holds (the same
+        fingerprint, when `fp` is given), or None."""
+        bases = self.list()
+        same = next((b for b in bases if b.path.resolve() == model_dir.resolve()), None)
+        return same or next((b for b in bases if fp is not None and b.fingerprint == fp), None)
 
     def resolve(self, spec: str) -> ResolvedBase:
         """A model directory path, else a registry base name -> ResolvedBase.

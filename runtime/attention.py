@@ -9,14 +9,17 @@ the batch: one for all decode tokens, one for all prompt chunks. Each call gathe
 its sequences' cached keys from the pool ([N, L] slot indices built once per step)
 and masks what a query may not see (other sequences are never in its row; padding
 and the future are masked; so are keys outside the layer's sliding window, whose
-masks are built once per step too, one per window size the model has). No 4D mask reaches transformers: the name is not
-registered as a mask function, so it passes `attention_mask=None`.
+masks are built once per step too, one per window size the model has). No 4D mask
+reaches transformers: the name is not registered as a mask function, so it passes
+`attention_mask=None`.
 
 Outside a loradock step (no batch context) it behaves as plain SDPA, so the model
 stays usable on its own.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -44,18 +47,17 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     if kwargs.get("s_aux") is not None:  # never silently drop what the model asks for
         raise NotImplementedError("attention sinks (s_aux) are not served")
     window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
-    attend = F.scaled_dot_product_attention if softcap is None else softcapped_attention
+    attend = F.scaled_dot_product_attention if softcap is None else partial(softcapped_attention, softcap=softcap)
     for g in batch.groups:
         mask = g.masks.get(window)
         if mask is None:  # never silently attend past a window the model asks for
             raise ValueError(f"layer {module.layer_idx} asks for a sliding window of {window}, "
                              f"which this step built no mask for (windows: {sorted(w for w in g.masks if w)})")
-        extra = {} if softcap is None else {"softcap": softcap}
         out_g = attend(
             rows(q_all, g.q_index).transpose(1, 2),  # [N, heads, Q, d]
             rows(k_pool, g.kv_index).transpose(1, 2),  # [N, kv_heads, L, d]
             rows(v_pool, g.kv_index).transpose(1, 2),
-            attn_mask=mask, scale=scaling, enable_gqa=gqa, **extra,
+            attn_mask=mask, scale=scaling, enable_gqa=gqa,
         ).transpose(1, 2).reshape(-1, *q_all.shape[1:])  # [N * Q, heads, d]
         if g.select is not None:
             out_g = out_g.index_select(0, g.select)

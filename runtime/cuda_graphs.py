@@ -163,7 +163,7 @@ class DecodeGraphs:
         step = self.steps.get(key)
         if step is None:
             step = self.steps[key] = StaticDecodeStep(self.model, self.pool, self.device, rows, context,
-                                                             self.windows)
+                                                      self.windows)
         return step
 
     def forward(self, items: Sequence) -> torch.Tensor:

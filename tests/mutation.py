@@ -262,8 +262,8 @@ BREAKAGES = (
     ),
     Breakage(
         "attention-softcap-ignored", "runtime/attention.py",
-        "    attend = F.scaled_dot_product_attention if softcap is None else softcapped_attention\n",
-        "    attend, softcap = F.scaled_dot_product_attention, None\n",
+        "    attend = F.scaled_dot_product_attention if softcap is None else partial(softcapped_attention, softcap=softcap)\n",
+        "    attend = F.scaled_dot_product_attention\n",
         ("tests/runtime/test_families.py", "-k", "gemma2 and mixed"),
     ),
     Breakage(

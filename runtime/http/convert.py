@@ -14,7 +14,7 @@ import json
 import logging
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from loradock.runtime.types import (
     AdapterMixture,
@@ -172,15 +172,19 @@ def _structured(body) -> StructuredOutput | None:
     return given[0] if given else None
 
 
-def _sampling(body, max_tokens: int | None, seed_offset: int, logprobs: int | None = None,
+def _choice_sampling(sampling: SamplingParams, body, choice: int) -> SamplingParams:
+    """Choice `choice` of a request with n > 1 draws with the seed + `choice`."""
+    return replace(sampling, seed=None if body.seed is None else (body.seed + choice) % SEED_LIMIT)
+
+
+def _sampling(body, max_tokens: int | None, logprobs: int | None = None,
               prompt_logprobs: int | None = None) -> SamplingParams:
-    seed = None if body.seed is None else (body.seed + seed_offset) % SEED_LIMIT
+    """The request's sampling (built once; each choice then takes its own seed)."""
     return SamplingParams(
         max_new_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,  # OpenAI's default
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=0 if body.top_k in (None, -1) else body.top_k,
-        seed=seed,
         stop=_stop(body.stop),
         ignore_eos=bool(body.ignore_eos),
         logprobs=logprobs,
@@ -267,8 +271,9 @@ def chat_plan(body: ChatCompletionRequest, model: ServedModel) -> Plan:
     n = body.n or 1
     plan = Plan(model, [], [0] * n, stream, include_usage)
     mixture = _mixture(body, model)
+    sampling = _sampling(body, max_tokens, logprobs)
     plan.requests = [GenerationRequest(adapter=model.ref, mixture=mixture, messages=messages,
-                                       sampling=_sampling(body, max_tokens, i, logprobs), request_id=f"{plan.id}-{i}")
+                                       sampling=_choice_sampling(sampling, body, i), request_id=f"{plan.id}-{i}")
                      for i in range(n)]
     return plan
 
@@ -288,6 +293,7 @@ def completion_plan(body: CompletionRequest, model: ServedModel) -> Plan:
                                   "without stream")
     max_tokens = body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
     _log_identity(body, "completion")
+    sampling = _sampling(body, max_tokens, body.logprobs, prompt_logprobs)
     plan = Plan(model, [], [], stream, include_usage)
     mixture = _mixture(body, model)
     for p, prompt in enumerate(prompts):
@@ -297,8 +303,7 @@ def completion_plan(body: CompletionRequest, model: ServedModel) -> Plan:
             ids = None if isinstance(prompt, str) else tuple(prompt)
             plan.requests.append(GenerationRequest(adapter=model.ref, mixture=mixture, prompt=text,
                                                    prompt_token_ids=ids,
-                                                   sampling=_sampling(body, max_tokens, j, body.logprobs,
-                                                                      prompt_logprobs),
+                                                   sampling=_choice_sampling(sampling, body, j),
                                                    request_id=f"{plan.id}-{choice}"))
             plan.prompt_of.append(p)
             plan.echo.append(prompt if body.echo else "")

@@ -232,8 +232,11 @@ def test_structured_outputs_through_the_official_client(client):
                                            response_format=Verdict)
     assert isinstance(parsed.choices[0].message.parsed, Verdict)
     anything = chat(client, "a2", max_tokens=60, response_format={"type": "json_object"})
-    if anything.choices[0].finish_reason == "stop":  # a random tiny model may run out of tokens
-        assert isinstance(json.loads(anything.choices[0].message.content), dict)
+    content = anything.choices[0].message.content
+    if anything.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(content), dict)
+    else:  # a random tiny model may run out of tokens inside a string: still an object, never prose
+        assert content.startswith("{") and anything.choices[0].finish_reason == "length"
     choice = chat(client, "a1", max_tokens=10, extra_body={"structured_outputs": {"choice": ["red", "green"]}})
     assert choice.choices[0].message.content in ("red", "green")
     text = client.completions.create(model="a3", prompt="Code:", max_tokens=10, temperature=0,
