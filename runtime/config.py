@@ -14,6 +14,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # so that EngineConfig and the CLI's --lora-ops choices need no torch; runtime/lora_ops.py maps
 # each name NAME to its function NAME_lora and fails at import if one is missing.
 LORA_OPS = ("auto", "reference", "segmented", "batched", "triton", "gathered")
+TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json", "mistral")  # runtime/tool_calls.py's FORMATS
 
 
 @dataclass
@@ -121,6 +122,12 @@ class EngineConfig:
     load_workers: int = 2
     """Threads that read adapters from the registry off the engine loop."""
 
+    tool_call_parser: str = "auto"
+    """How the model writes tool calls: "hermes" (<tool_call> blocks: Qwen, Hermes, SmolLM3),
+    "llama3_json" (a JSON object: Llama 3.1+) or "mistral" ([TOOL_CALLS] then a JSON list); "auto"
+    reads it from the chat template (hermes when the template knows no tools: loradock then
+    renders the tools itself, in hermes form)."""
+
     def __post_init__(self) -> None:
         problems: list[str] = []
 
@@ -143,6 +150,7 @@ class EngineConfig:
         choice("dtype", DTYPES)
         choice("compute_dtype", DTYPES)
         choice("lora_ops", LORA_OPS)
+        choice("tool_call_parser", TOOL_CALL_PARSERS)
         for name in ("max_slots", "max_rank", "host_cache_bytes", "max_host_adapters", "max_running",
                      "max_batch_tokens", "max_queue", "max_prompt_tokens", "max_model_len",
                      "kv_cache_tokens", "kv_block_size", "load_workers"):

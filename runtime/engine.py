@@ -26,6 +26,7 @@ import torch
 from loradock.registry import Registry
 from loradock.registry.trust import TrustPolicy
 
+from . import tool_calls
 from .adapter_cache import AdapterCache, CacheCapacity, LoadState
 from .adapter_source import AdapterSource
 from .adapter_weights import ServedModel
@@ -137,6 +138,8 @@ class Engine:
                                      min(cfg.max_prompt_tokens, self.max_model_len - 1))
         self.eos_ids = eos_token_ids(model, self.tokenizer)
         self.grammars = Grammars(self.tokenizer, mc.vocab_size, self.eos_ids)
+        self.tool_format = (tool_calls.detect_format(getattr(self.tokenizer, "chat_template", None))
+                            if cfg.tool_call_parser == "auto" else cfg.tool_call_parser)
         windows = sliding_windows(mc)
         if windows:
             log.info("sliding-window attention: %s tokens", ", ".join(map(str, windows)))
@@ -229,7 +232,8 @@ class Engine:
                 f"max_model_len={self.max_model_len}; ask for at most {self.max_model_len - len(prompt_ids)}")
         # Capped by the pool too, so a sequence alone always fits and preemption always ends.
         max_len = min(self.max_model_len if wanted is None else len(prompt_ids) + wanted, self.kv.capacity_tokens)
-        matcher = None if request.sampling.structured is None else self.grammars.matcher(request.sampling.structured)
+        structured = request.sampling.structured or tool_calls.constraint(request)
+        matcher = None if structured is None else self.grammars.matcher(structured)
         handle = RequestHandle(request.request_id, self._request_cancel)
         seq = Sequence(
             request=request, handle=handle, prompt_ids=prompt_ids, adapter=adapter,
@@ -339,6 +343,7 @@ class Engine:
             max_prompt_tokens=self.encoder.max_prompt_tokens, max_model_len=self.max_model_len,
             kv_cache_tokens=self.kv.capacity_tokens,
             lora_ops=cfg.lora_ops if self.lora_fallback is None else f"{cfg.lora_ops} ({self.lora_fallback})",
+            tool_call_parser=self.tool_format,
         )
 
     def stats(self) -> dict:
@@ -515,6 +520,7 @@ class Engine:
             logprobs=tuple(seq.logprobs) if seq.request.sampling.logprobs is not None else None,
             prompt_logprobs=(None, *seq.prompt_logprobs) if seq.request.sampling.prompt_logprobs is not None else None,
             prompt_token_ids=tuple(seq.prompt_ids),
+            tool_calls=tool_calls.answer(seq.text.text, seq.request, self.tool_format),
         ))
 
     def _fail(self, seq: Sequence, error: BaseException) -> None:

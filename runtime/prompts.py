@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from jinja2 import TemplateError
+
+from . import tool_calls
 from .errors import InvalidRequestError
 from .sampling import check_token_ids, validate_sampling
 from .types import GenerationRequest
 
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 class PromptEncoder:
@@ -22,10 +25,12 @@ class PromptEncoder:
         # fit, whatever it says; four times that, so that a normalizer folding characters (NFKC,
         # accents) can never get a fitting text refused.
         self.max_chars = 4 * self.longest_token * max_prompt_tokens
+        self.renders_tools = tool_calls.renders_tools(getattr(tokenizer, "chat_template", None))
 
     def encode(self, req: GenerationRequest) -> list[int]:
         validate_sampling(req.sampling)
         check_token_ids(req.sampling, self.vocab_size)
+        tool_calls.check(req)
         given = [name for name, value in (("prompt", req.prompt), ("messages", req.messages),
                                           ("prompt_token_ids", req.prompt_token_ids))
                  if value is not None and value != ()]
@@ -34,7 +39,9 @@ class PromptEncoder:
                 "prompt: give exactly one of prompt, messages, prompt_token_ids"
                 + (f" (got {', '.join(given)})" if given else " (got none)")
             )
-        chars = len(req.prompt or "") + sum(len(m.content) for m in req.messages or () if isinstance(m.content, str))
+        chars = (len(req.prompt or "") + sum(len(m.content) for m in req.messages or () if isinstance(m.content, str))
+                 + sum(len(c.arguments) for m in req.messages for c in m.tool_calls)
+                 + sum(len(t.description) + len(t.parameters) for t in req.tools))
         if chars > self.max_chars:  # refused before tokenizing: a huge text costs seconds to tokenize
             raise InvalidRequestError(
                 f"prompt: {chars} characters cannot fit max_prompt_tokens={self.max_prompt_tokens} "
@@ -68,10 +75,14 @@ class PromptEncoder:
                 )
             if not isinstance(m.content, str):
                 raise InvalidRequestError(f"messages[{i}].content: must be a string")
+            if m.tool_calls and m.role != "assistant":
+                raise InvalidRequestError(f"messages[{i}].tool_calls: only an assistant's message calls tools")
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError("messages: the base model has no chat template; send a raw prompt instead")
-        text = self.tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in req.messages],
-            tokenize=False, add_generation_prompt=True,
-        )
+        messages, tools = tool_calls.template_inputs(req.messages, req.tools, self.renders_tools)
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                      add_generation_prompt=True)
+        except TemplateError as e:  # the template's own checks (raise_exception): role order, tool ids
+            raise InvalidRequestError(f"messages: the base's chat template refused them: {e}") from None
         return list(self.tokenizer.encode(text, add_special_tokens=False))

@@ -47,9 +47,35 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
-class ChatMessage:
-    role: str  # "system" | "user" | "assistant"
+class Tool:
+    """A function the model may call (OpenAI's `tools[].function`)."""
+
+    name: str
+    description: str = ""
+    parameters: str = ""  # its arguments' JSON schema, as JSON text ("": no arguments)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: str  # a JSON object, as text
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class ToolCalls:
+    """The tool calls parsed from an answer and the rest of its text (the message's content)."""
+
+    calls: tuple[ToolCall, ...]
     content: str
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str  # "system" | "user" | "assistant" | "tool"
+    content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant's earlier calls
+    tool_call_id: str = ""  # a tool message: the call it answers
 
 
 @dataclass(frozen=True)
@@ -87,6 +113,13 @@ class GenerationRequest:
     prompt_token_ids: tuple[int, ...] | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Tool calling (chat messages only): the functions offered, rendered by the chat template, and
+    # whether the model may (auto), must not (none), must (required) call one, or must call
+    # `tool_name` (function). The result's tool_calls holds what it called.
+    tools: tuple[Tool, ...] = ()
+    tool_choice: str = "auto"
+    tool_name: str = ""
+    parallel_tool_calls: bool = True
 
 
 class FinishReason(enum.Enum):
@@ -173,6 +206,7 @@ class GenerationResult:
     # one per prompt token, the first None (nothing predicts it), when asked for
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     prompt_token_ids: tuple[int, ...] = ()  # the prompt as served (chat template applied)
+    tool_calls: ToolCalls | None = None  # the tools the answer called (None: no call, or no tools offered)
 
 
 @dataclass(frozen=True)
@@ -208,3 +242,4 @@ class EngineInfo:
     max_model_len: int
     kv_cache_tokens: int
     lora_ops: str
+    tool_call_parser: str  # how tool calls are rendered and parsed (runtime/tool_calls.py)

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+from loradock.runtime.tool_calls import ContentHoldback
 from loradock.runtime.types import (
     AdapterMixture,
     ChatMessage,
@@ -27,6 +28,8 @@ from loradock.runtime.types import (
     StructuredOutput,
     TokenEvent,
     TokenLogprob,
+    Tool,
+    ToolCall,
 )
 
 from .errors import ApiError, bad_request, unsupported
@@ -47,19 +50,23 @@ from .schemas import (
     CompletionLogprobs,
     CompletionRequest,
     TokenizeRequest,
+    ToolCallDelta,
+    ToolCallFunction,
+    ToolCallOut,
     TopLogprob,
     Usage,
+)
+from .schemas import (
+    ChatMessage as ChatMessageBody,
 )
 
 log = logging.getLogger(__name__)
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 # field -> (values that mean "off", why loradock refuses anything else)
 _CHAT_NOT_IMPLEMENTED = {
-    "tools": ((None, []), "no tool calling"),
-    "tool_choice": ((None, "none"), "no tool calling"),
     "functions": ((None, []), "no function calling"),
     "function_call": ((None, "none"), "no function calling"),
     "audio": ((None,), "text only"),
@@ -83,13 +90,10 @@ SHARED_HONOURED = frozenset({"model", "max_tokens", "temperature", "top_p", "n",
                              "presence_penalty", "logit_bias", "repetition_penalty", "min_tokens", "stop_token_ids",
                              "structured_outputs"})
 CHAT_HONOURED = SHARED_HONOURED | {"messages", "max_completion_tokens", "parallel_tool_calls", "logprobs",
-                                   "top_logprobs", "response_format"}
+                                   "top_logprobs", "response_format", "tools", "tool_choice"}
 COMPLETION_HONOURED = SHARED_HONOURED | {"prompt", "echo", "best_of", "logprobs"}
 _MESSAGE_NOT_IMPLEMENTED = {
-    "name": "participant names are not rendered by chat templates",
-    "tool_calls": "no tool calling",
-    "tool_call_id": "no tool calling",
-    "function_call": "no function calling",
+    "function_call": "no legacy function calling; use tool_calls",
     "refusal": "not an input field",
     "audio": "text only",
 }
@@ -234,24 +238,46 @@ def _messages(body: ChatCompletionRequest | TokenizeRequest) -> tuple[ChatMessag
         for name, why in _MESSAGE_NOT_IMPLEMENTED.items():
             if getattr(m, name) is not None:
                 raise unsupported(f"{where}.{name}", why)
-        if m.role not in ROLES:
-            raise bad_request(f"{where}.role", f"{m.role!r} is not one of {', '.join(ROLES)}"
-                              + (" (no tool calling)" if m.role in ("tool", "function") else ""))
-        if m.content is None:
+        if m.name is not None and m.role != "tool":  # a tool message's name is the function: the id says it
+            raise unsupported(f"{where}.name", "participant names are not rendered by chat templates")
+        if m.tool_calls and m.role != "assistant":
+            raise bad_request(f"{where}.tool_calls", "only an assistant's message calls tools")
+        if (m.tool_call_id is None) == (m.role == "tool"):
+            raise bad_request(f"{where}.tool_call_id", "a tool message answers one call: give its id"
+                              if m.role == "tool" else "only a tool message answers a call",
+                              code="missing_required_parameter" if m.role == "tool" else None)
+        calls = tuple(ToolCall(c.function.name, c.function.arguments, c.id) for c in m.tool_calls or ())
+        if m.content is None and not calls:
             raise bad_request(f"{where}.content", "required (text)", code="missing_required_parameter")
-        if isinstance(m.content, str):
-            text = m.content
-        else:
-            pieces = []
-            for j, part in enumerate(m.content):
-                kind = part.get("type")
-                if kind != "text" or not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
-                    raise unsupported(f"{where}.content[{j}]", f"only {{'type': 'text', 'text': ...}} parts "
-                                      f"(got type {kind!r})")
-                pieces.append(part["text"])
-            text = "".join(pieces)
-        out.append(ChatMessage(ROLES[m.role], text))
+        out.append(ChatMessage(ROLES[m.role], _text(m, where), calls, m.tool_call_id or ""))
     return tuple(out)
+
+
+def _text(m: ChatMessageBody, where: str) -> str:
+    if m.content is None or isinstance(m.content, str):
+        return m.content or ""
+    pieces = []
+    for j, part in enumerate(m.content):
+        kind = part.get("type")
+        if kind != "text" or not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
+            raise unsupported(f"{where}.content[{j}]", f"only {{'type': 'text', 'text': ...}} parts "
+                              f"(got type {kind!r})")
+        pieces.append(part["text"])
+    return "".join(pieces)
+
+
+def _tools(body: ChatCompletionRequest) -> dict:
+    """The GenerationRequest fields of tool calling (the engine checks names and schemas)."""
+    tools = tuple(Tool(t.function.name, t.function.description or "",
+                       "" if t.function.parameters is None else json.dumps(t.function.parameters))
+                  for t in body.tools or ())
+    choice, name = body.tool_choice or ("auto" if tools else "none"), ""
+    if not isinstance(choice, str):
+        choice, name = "function", choice.function.name
+    if choice != "none" and not tools:
+        raise bad_request("tool_choice", f"{name or choice!r} needs tools")
+    return {"tools": tools, "tool_choice": choice, "tool_name": name,
+            "parallel_tool_calls": body.parallel_tool_calls is not False}
 
 
 def chat_plan(body: ChatCompletionRequest, model: ServedModel) -> Plan:
@@ -272,8 +298,10 @@ def chat_plan(body: ChatCompletionRequest, model: ServedModel) -> Plan:
     plan = Plan(model, [], [0] * n, stream, include_usage)
     mixture = _mixture(body, model)
     sampling = _sampling(body, max_tokens, logprobs)
+    tools = _tools(body)
     plan.requests = [GenerationRequest(adapter=model.ref, mixture=mixture, messages=messages,
-                                       sampling=_choice_sampling(sampling, body, i), request_id=f"{plan.id}-{i}")
+                                       sampling=_choice_sampling(sampling, body, i), request_id=f"{plan.id}-{i}",
+                                       **tools)
                      for i in range(n)]
     return plan
 
@@ -327,9 +355,26 @@ def _prompts(prompt: str | list) -> list[str | list[int]]:
 # ---- results ----
 
 
-def finish_reason(reason: FinishReason) -> str:
-    """OpenAI's finish reasons: EOS and stop strings are both "stop"."""
-    return "length" if reason is FinishReason.LENGTH else "stop"
+def finish_reason(result: GenerationResult, request: GenerationRequest | None = None) -> str:
+    """OpenAI's finish reasons: EOS and stop strings are both "stop"; an answer that called tools
+    is "tool_calls" (a named tool_choice, as OpenAI, "stop")."""
+    if result.tool_calls is not None and (request is None or request.tool_choice != "function"):
+        return "tool_calls"
+    return "length" if result.finish_reason is FinishReason.LENGTH else "stop"
+
+
+def _tool_calls_out(result: GenerationResult) -> list[ToolCallOut] | None:
+    if result.tool_calls is None:
+        return None
+    return [ToolCallOut(id=c.id, function=ToolCallFunction(name=c.name, arguments=c.arguments))
+            for c in result.tool_calls.calls]
+
+
+def assistant_message(result: GenerationResult) -> AssistantMessage:
+    """The answer as a message: its text, or its tool calls and the text around them (null if none)."""
+    if result.tool_calls is None:
+        return AssistantMessage(content=result.text)
+    return AssistantMessage(content=result.tool_calls.content or None, tool_calls=_tool_calls_out(result))
 
 
 def usage(plan: Plan, results: Sequence[GenerationResult]) -> Usage:
@@ -392,9 +437,8 @@ def chat_completion(plan: Plan, results: Sequence[GenerationResult], created: in
                     texts: TokenTexts) -> ChatCompletion:
     return ChatCompletion(
         id=f"chatcmpl-{plan.id}", created=created, model=served_id(plan, results[0]),
-        choices=[ChatChoice(index=i, message=AssistantMessage(content=r.text),
-                            logprobs=chat_logprobs(r.logprobs, texts),
-                            finish_reason=finish_reason(r.finish_reason)) for i, r in enumerate(results)],
+        choices=[ChatChoice(index=i, message=assistant_message(r), logprobs=chat_logprobs(r.logprobs, texts),
+                            finish_reason=finish_reason(r, plan.requests[i])) for i, r in enumerate(results)],
         usage=usage(plan, results),
     )
 
@@ -402,7 +446,7 @@ def chat_completion(plan: Plan, results: Sequence[GenerationResult], created: in
 def completion(plan: Plan, results: Sequence[GenerationResult], created: int, texts: TokenTexts) -> Completion:
     return Completion(
         id=f"cmpl-{plan.id}", created=created, model=served_id(plan, results[0]),
-        choices=[CompletionChoice(index=i, text=plan.echo[i] + r.text, finish_reason=finish_reason(r.finish_reason),
+        choices=[CompletionChoice(index=i, text=plan.echo[i] + r.text, finish_reason=finish_reason(r),
                                   logprobs=completion_logprobs(r.logprobs, texts, len(plan.echo[i]), r))
                  for i, r in enumerate(results)],
         usage=usage(plan, results),
@@ -412,13 +456,16 @@ def completion(plan: Plan, results: Sequence[GenerationResult], created: int, te
 class ChunkWriter:
     """Streamed chunks of one plan, as JSON text (one SSE `data:` each)."""
 
-    def __init__(self, plan: Plan, created: int, chat: bool, texts: TokenTexts) -> None:
+    def __init__(self, plan: Plan, created: int, chat: bool, texts: TokenTexts, tool_format: str = "hermes") -> None:
         self.plan = plan
         self.created = created
         self.chat = chat
         self.texts = texts
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{plan.id}"
         self.offsets = [len(echo) for echo in plan.echo]  # completions: text written so far per choice
+        # chat with tools: the text so far per choice, and what of it may go out as content
+        self.so_far = [""] * len(plan.requests)
+        self.holdbacks = [ContentHoldback.for_request(r, tool_format) if chat else None for r in plan.requests]
 
     def _dump(self, choices: list, usage_: Usage | None = None) -> str:
         cls = ChatCompletionChunk if self.chat else Completion
@@ -433,21 +480,37 @@ class ChunkWriter:
             return self._dump([CompletionChoice(index=index, text=self.plan.echo[index])])
         return None
 
-    def token(self, index: int, event: TokenEvent) -> str:
+    def token(self, index: int, event: TokenEvent) -> str | None:
+        """The token's chunk (None: a tool call may be starting, so its text waits for the end)."""
         logprobs = None if event.logprob is None else [event.logprob]
         if self.chat:
-            return self._dump([ChatChunkChoice(index=index, delta=ChatDelta(content=event.text),
+            text, holdback = event.text, self.holdbacks[index]
+            if holdback is not None:
+                self.so_far[index] += text
+                text = holdback.release(self.so_far[index])
+                if not text and logprobs is None:
+                    return None
+            return self._dump([ChatChunkChoice(index=index, delta=ChatDelta(content=text),
                                                logprobs=chat_logprobs(logprobs, self.texts))])
         choice = CompletionChoice(index=index, text=event.text,
                                   logprobs=completion_logprobs(logprobs, self.texts, self.offsets[index]))
         self.offsets[index] += len(event.text)
         return self._dump([choice])
 
-    def finished(self, index: int, result: GenerationResult) -> str:
-        reason = finish_reason(result.finish_reason)
-        if self.chat:
-            return self._dump([ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=reason)])
-        return self._dump([CompletionChoice(index=index, text="", finish_reason=reason)])
+    def finished(self, index: int, result: GenerationResult) -> list[str]:
+        """The choice's last chunks: held text or tool calls, then its finish reason."""
+        reason = finish_reason(result, self.plan.requests[index])
+        if not self.chat:
+            return [self._dump([CompletionChoice(index=index, text="", finish_reason=reason)])]
+        out, holdback = [], self.holdbacks[index]
+        if result.tool_calls is not None:
+            calls = [ToolCallDelta(index=i, id=c.id, function=c.function)
+                     for i, c in enumerate(_tool_calls_out(result))]
+            out.append(self._dump([ChatChunkChoice(index=index, delta=ChatDelta(tool_calls=calls))]))
+        elif holdback is not None and (rest := holdback.rest(self.so_far[index])):
+            out.append(self._dump([ChatChunkChoice(index=index, delta=ChatDelta(content=rest))]))
+        out.append(self._dump([ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=reason)]))
+        return out
 
     def usage(self, results: Sequence[GenerationResult]) -> str:
         return self._dump([], usage(self.plan, results))

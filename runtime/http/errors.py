@@ -149,13 +149,22 @@ def error_for(exc: BaseException, *, model: str = "", prompt_field: str = "promp
                     code="internal_error", canonical="INTERNAL")
 
 
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+
+
+def _union_member(part: str) -> bool:
+    """pydantic's tag for a union member: a type ("str", "list[int]", "literal['a','b']") or a
+    model class ("NamedToolChoice"); field names are lower-case identifiers."""
+    return part in _TYPE_NAMES or "[" in part or part[:1].isupper()
+
+
 def _location(loc: tuple) -> str:
     """pydantic's ("body", "messages", 0, "content") as "messages[0].content"."""
     out = ""
     for part in loc[1:] if loc and loc[0] == "body" else loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("str", "list[str]", "list[int]", "list[list[int]]", "list[dict[str,any]]"):
+        elif _union_member(part):
             continue  # the union member pydantic tried; the field is what the client wrote
         else:
             out += f".{part}" if out else str(part)

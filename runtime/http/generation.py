@@ -121,7 +121,7 @@ class Generation:
             requests.cancel()  # a finished request is not affected
             outcome.record("CANCELLED")  # no-op when the stream already recorded its end
 
-        writer = convert.ChunkWriter(plan, created, chat, self._texts())
+        writer = convert.ChunkWriter(plan, created, chat, self._texts(), self._engine.info().tool_call_parser)
         events = self._events(writer, requests, first, items, outcome, model, prompt_field)
         return EngineEventStream(events, on_close=closed)
 
@@ -139,9 +139,10 @@ class Generation:
                 if opening is not None:
                     out.append(opening)
             if isinstance(item, TokenEvent):
-                out.append(writer.token(index, item))
+                chunk = writer.token(index, item)
+                out += [chunk] if chunk is not None else []
             else:
-                out.append(writer.finished(index, item))
+                out += writer.finished(index, item)
             return out
 
         try:

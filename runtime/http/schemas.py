@@ -27,17 +27,56 @@ class StreamOptions(_Request):
     include_obfuscation: Any = None  # random padding against side channels: refused when true
 
 
-class ChatMessage(_Request):
-    """One message. `content` is a string or a list of `{"type": "text", "text": ...}` parts."""
+class FunctionCall(_Request):
+    name: str = Field(min_length=1)
+    arguments: str = Field(description="the arguments as a JSON object, in text")
 
-    role: str
+
+class MessageToolCall(_Request):
+    """A call an assistant made earlier in the conversation."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Request):
+    """One message. `content` is a string or a list of `{"type": "text", "text": ...}` parts; an
+    assistant message that called tools may have no content; a `tool` message answers the call
+    `tool_call_id`."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
-    name: Any = None
-    tool_calls: Any = None
-    tool_call_id: Any = None
+    name: str | None = Field(None, description="a tool message: the function that answered (the others: refused)")
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
     function_call: Any = None
     refusal: Any = None
     audio: Any = None
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="the arguments' JSON schema (none: no arguments)")
+    strict: bool | None = Field(None, description="accepted; the arguments are held to the schema when "
+                                "tool_choice is required or names the function")
+
+
+class ToolDefinition(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    """Call this function (the answer is held to its parameters' schema)."""
+
+    type: Literal["function"]
+    function: FunctionName
 
 
 class MixtureComponent(_Request):
@@ -120,9 +159,10 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20, description="and this many most likely alternatives "
                                      "per token (needs logprobs: true)")
     response_format: ResponseFormat | None = None
-    tools: Any = None
-    tool_choice: Any = None
-    parallel_tool_calls: bool | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="default: auto with tools, none without")
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call (tool_choice required)")
     functions: Any = None
     function_call: Any = None
     audio: Any = None
@@ -225,10 +265,22 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str = Field(description="a JSON object, in text")
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None = Field(description="null when the answer is only tool calls")
     refusal: None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -248,13 +300,26 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class ToolCallDelta(BaseModel):
+    """A streamed tool call: each call comes whole, in one delta."""
+
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer
-    def _present_only(self) -> dict[str, str]:  # OpenAI omits what a delta does not carry
-        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+    def _present_only(self) -> dict:  # OpenAI omits what a delta does not carry
+        out = {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+        if self.tool_calls is not None:
+            out["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        return out
 
 
 class ChatChunkChoice(BaseModel):

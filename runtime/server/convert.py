@@ -30,6 +30,9 @@ from loradock.runtime.types import (
     Timings,
     TokenEvent,
     TokenLogprob,
+    Tool,
+    ToolCall,
+    ToolCalls,
 )
 
 _DEFAULT_SAMPLING = SamplingParams()
@@ -158,16 +161,30 @@ def request_from_proto(msg: pb.GenerateRequest) -> GenerationRequest:
         if msg.adapter:
             raise InvalidRequestError("give adapter or mixture, not both")
         extra["mixture"] = mixture_from_proto(msg.mixture)
+    if msg.HasField("parallel_tool_calls"):
+        extra["parallel_tool_calls"] = msg.parallel_tool_calls
     return GenerationRequest(
         adapter=msg.adapter or None,
         prompt=msg.prompt if which == "prompt" else None,
-        messages=tuple(ChatMessage(m.role, m.content) for m in msg.messages.messages)
+        messages=tuple(ChatMessage(m.role, m.content, tuple(_call_from_proto(c) for c in m.tool_calls),
+                                   m.tool_call_id) for m in msg.messages.messages)
         if which == "messages"
         else (),
         prompt_token_ids=tuple(msg.prompt_token_ids.ids) if which == "prompt_token_ids" else None,
         sampling=sampling_from_proto(msg.sampling),
+        tools=tuple(Tool(t.name, t.description, t.parameters) for t in msg.tools),
+        tool_choice=msg.tool_choice or "auto",
+        tool_name=msg.tool_name,
         **extra,
     )
+
+
+def _call_to_proto(call: ToolCall) -> pb.ToolCall:
+    return pb.ToolCall(id=call.id, name=call.name, arguments=call.arguments)
+
+
+def _call_from_proto(msg: pb.ToolCall) -> ToolCall:
+    return ToolCall(msg.name, msg.arguments, msg.id)
 
 
 def request_to_proto(req: GenerationRequest) -> pb.GenerateRequest:
@@ -182,13 +199,19 @@ def request_to_proto(req: GenerationRequest) -> pb.GenerateRequest:
         adapter=req.adapter or "",
         sampling=sampling_to_proto(req.sampling),
         request_id=req.request_id,
+        tools=[pb.Tool(name=t.name, description=t.description, parameters=t.parameters) for t in req.tools],
+        tool_choice=req.tool_choice,
+        tool_name=req.tool_name,
+        parallel_tool_calls=req.parallel_tool_calls,
     )
     if req.mixture is not None:
         msg.mixture.CopyFrom(mixture_to_proto(req.mixture))
     if req.prompt is not None:
         msg.prompt = req.prompt
     elif req.messages:
-        msg.messages.messages.extend(pb.ChatMessage(role=m.role, content=m.content) for m in req.messages)
+        msg.messages.messages.extend(
+            pb.ChatMessage(role=m.role, content=m.content, tool_calls=[_call_to_proto(c) for c in m.tool_calls],
+                           tool_call_id=m.tool_call_id) for m in req.messages)
     else:
         ids = list(req.prompt_token_ids or ())
         if any(not isinstance(i, int) or not 0 <= i < 2**32 for i in ids):
@@ -223,6 +246,8 @@ def result_to_proto(result: GenerationResult) -> pb.GenerateResponse:
         logprobs=[logprob_to_proto(lp) for lp in result.logprobs or ()],
         prompt_token_ids=list(result.prompt_token_ids),
         prompt_logprobs=[logprob_to_proto(lp) for lp in (result.prompt_logprobs or (None,))[1:]],
+        tool_calls=[_call_to_proto(c) for c in result.tool_calls.calls] if result.tool_calls else [],
+        content=result.text if result.tool_calls is None else result.tool_calls.content,
     )
 
 
@@ -241,6 +266,8 @@ def result_from_proto(msg: pb.GenerateResponse) -> GenerationResult:
         prompt_logprobs=(None, *(logprob_from_proto(lp) for lp in msg.prompt_logprobs)) if msg.prompt_logprobs
         else None,
         prompt_token_ids=tuple(msg.prompt_token_ids),
+        tool_calls=ToolCalls(tuple(_call_from_proto(c) for c in msg.tool_calls), msg.content) if msg.tool_calls
+        else None,
     )
 
 

@@ -40,7 +40,7 @@ class FakeEngine:
 
     def info(self) -> SimpleNamespace:
         return SimpleNamespace(base_name=TINY_BASE, base_fingerprint=self.fingerprint, max_model_len=64,
-                               max_prompt_tokens=48, max_rank=16)
+                               max_prompt_tokens=48, max_rank=16, tool_call_parser="hermes")
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
         self.submitted.append(request)
