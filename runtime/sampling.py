@@ -17,6 +17,9 @@ from .types import STRUCTURED_KINDS, SamplingParams
 # Below this temperature, logits / T overflows float32; the limit T -> 0 is greedy anyway.
 GREEDY_BELOW_TEMPERATURE = 1e-5
 MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
+# Far beyond useful penalties (~1-2); a factor near 0 (or huge) turns float32 logits into inf and
+# the sampling distribution into NaN, so a request asking for one is refused, not failed.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
 
 
 def validate_sampling(params: SamplingParams) -> None:
@@ -44,8 +47,9 @@ def validate_sampling(params: SamplingParams) -> None:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                   or not 0 <= value <= MAX_TOP_LOGPROBS):
             raise bad(name, f"must be an integer in [0, {MAX_TOP_LOGPROBS}] (alternatives per token), got {value!r}")
-    if not math.isfinite(params.repetition_penalty) or params.repetition_penalty <= 0:
-        raise bad("repetition_penalty", f"must be > 0 (1 = off), got {params.repetition_penalty!r}")
+    low, high = REPETITION_PENALTY_RANGE
+    if not low <= params.repetition_penalty <= high:  # also refuses NaN
+        raise bad("repetition_penalty", f"must be in [{low:g}, {high:g}] (1 = off), got {params.repetition_penalty!r}")
     for name in ("frequency_penalty", "presence_penalty"):
         value = getattr(params, name)
         if not math.isfinite(value) or not -2 <= value <= 2:

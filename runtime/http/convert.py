@@ -31,6 +31,7 @@ from loradock.runtime.types import (
     Tool,
     ToolCall,
 )
+from pydantic import BaseModel
 
 from .errors import ApiError, bad_request, unsupported
 from .models import ServedModel
@@ -55,34 +56,16 @@ from .schemas import (
     ToolCallOut,
     TopLogprob,
     Usage,
+    unimplemented_fields,
 )
-from .schemas import (
-    ChatMessage as ChatMessageBody,
-)
+from .schemas import ChatMessage as ChatMessageBody
 
 log = logging.getLogger(__name__)
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
-# field -> (values that mean "off", why loradock refuses anything else)
-_CHAT_NOT_IMPLEMENTED = {
-    "functions": ((None, []), "no function calling"),
-    "function_call": ((None, "none"), "no function calling"),
-    "audio": ((None,), "text only"),
-    "modalities": ((None, ["text"]), "text only"),
-    "prediction": ((None,), "no predicted outputs"),
-    "reasoning_effort": ((None,), "the served models do not reason"),
-    "verbosity": ((None,), "no verbosity control"),
-    "web_search_options": ((None,), "no web search"),
-    "store": ((None, False), "completions are not stored"),
-    "service_tier": ((None, "auto", "default"), "one service tier"),
-    "prompt_cache_retention": ((None,), "prompts are not cached"),
-}
-_COMPLETION_NOT_IMPLEMENTED = {
-    "suffix": ((None, ""), "no insertion (suffix) mode"),
-}
-# What each endpoint acts on; every other field of its schema is in a table above or identifies
+# What each endpoint acts on; every other field of its schema is `Unimplemented` or identifies
 # the caller (tests/http/test_convert.py checks that the three cover the schema).
 IDENTIFYING = frozenset({"user", "metadata", "safety_identifier", "prompt_cache_key"})
 SHARED_HONOURED = frozenset({"model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream",
@@ -92,13 +75,6 @@ SHARED_HONOURED = frozenset({"model", "max_tokens", "temperature", "top_p", "n",
 CHAT_HONOURED = SHARED_HONOURED | {"messages", "max_completion_tokens", "parallel_tool_calls", "logprobs",
                                    "top_logprobs", "response_format", "tools", "tool_choice"}
 COMPLETION_HONOURED = SHARED_HONOURED | {"prompt", "echo", "best_of", "logprobs"}
-_MESSAGE_NOT_IMPLEMENTED = {
-    "function_call": "no legacy function calling; use tool_calls",
-    "refusal": "not an input field",
-    "audio": "text only",
-}
-
-
 @dataclass
 class Plan:
     """What one HTTP request asks the engine for."""
@@ -112,11 +88,12 @@ class Plan:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
-def _refuse_unimplemented(body, table: dict) -> None:
-    for name, (off, why) in table.items():
+def refuse_unimplemented(body: BaseModel, where: str = "") -> None:
+    """400 naming the first `Unimplemented` field of `body` that holds anything but an off value."""
+    for name, mark in unimplemented_fields(type(body)).items():
         value = getattr(body, name)
-        if not any(value is allowed or (type(value) is type(allowed) and value == allowed) for allowed in off):
-            raise unsupported(name, why)
+        if not any(value is allowed or (type(value) is type(allowed) and value == allowed) for allowed in mark.off):
+            raise unsupported(where + name, mark.why)
 
 
 def _stream_flags(body) -> tuple[bool, bool]:
@@ -126,8 +103,7 @@ def _stream_flags(body) -> tuple[bool, bool]:
         return stream, False
     if not stream:
         raise bad_request("stream_options", "only allowed when stream is true")
-    if options.include_obfuscation not in (None, False):
-        raise unsupported("stream_options.include_obfuscation", "no obfuscation padding")
+    refuse_unimplemented(options, "stream_options.")
     return stream, bool(options.include_usage)
 
 
@@ -235,9 +211,7 @@ def _messages(body: ChatCompletionRequest | TokenizeRequest) -> tuple[ChatMessag
     out = []
     for i, m in enumerate(body.messages):
         where = f"messages[{i}]"
-        for name, why in _MESSAGE_NOT_IMPLEMENTED.items():
-            if getattr(m, name) is not None:
-                raise unsupported(f"{where}.{name}", why)
+        refuse_unimplemented(m, where + ".")
         if m.name is not None and m.role != "tool":  # a tool message's name is the function: the id says it
             raise unsupported(f"{where}.name", "participant names are not rendered by chat templates")
         if m.tool_calls and m.role != "assistant":
@@ -249,21 +223,15 @@ def _messages(body: ChatCompletionRequest | TokenizeRequest) -> tuple[ChatMessag
         calls = tuple(ToolCall(c.function.name, c.function.arguments, c.id) for c in m.tool_calls or ())
         if m.content is None and not calls:
             raise bad_request(f"{where}.content", "required (text)", code="missing_required_parameter")
-        out.append(ChatMessage(ROLES[m.role], _text(m, where), calls, m.tool_call_id or ""))
+        out.append(ChatMessage(ROLES[m.role], _text(m), calls, m.tool_call_id or ""))
     return tuple(out)
 
 
-def _text(m: ChatMessageBody, where: str) -> str:
+def _text(m: ChatMessageBody) -> str:
+    """The message's text: its content, or its text parts joined (the schema admits no others)."""
     if m.content is None or isinstance(m.content, str):
         return m.content or ""
-    pieces = []
-    for j, part in enumerate(m.content):
-        kind = part.get("type")
-        if kind != "text" or not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
-            raise unsupported(f"{where}.content[{j}]", f"only {{'type': 'text', 'text': ...}} parts "
-                              f"(got type {kind!r})")
-        pieces.append(part["text"])
-    return "".join(pieces)
+    return "".join(part.text for part in m.content)
 
 
 def _tools(body: ChatCompletionRequest) -> dict:
@@ -282,10 +250,9 @@ def _tools(body: ChatCompletionRequest) -> dict:
 
 def chat_plan(body: ChatCompletionRequest, model: ServedModel) -> Plan:
     """Raises ApiError 400 naming the field for anything loradock cannot honour."""
-    _refuse_unimplemented(body, _CHAT_NOT_IMPLEMENTED)
+    refuse_unimplemented(body)
     stream, include_usage = _stream_flags(body)
-    if body.max_tokens is not None and body.max_completion_tokens is not None \
-            and body.max_tokens != body.max_completion_tokens:
+    if body.max_tokens is not None and body.max_completion_tokens is not None:
         raise bad_request("max_completion_tokens", "give max_completion_tokens or max_tokens, not both")
     # OpenAI's default: until the context is full (None); a given value must fit the context.
     max_tokens = body.max_completion_tokens or body.max_tokens
@@ -307,7 +274,7 @@ def chat_plan(body: ChatCompletionRequest, model: ServedModel) -> Plan:
 
 
 def completion_plan(body: CompletionRequest, model: ServedModel) -> Plan:
-    _refuse_unimplemented(body, _COMPLETION_NOT_IMPLEMENTED)
+    refuse_unimplemented(body)
     stream, include_usage = _stream_flags(body)
     n = body.n or 1
     if body.best_of not in (None, n):

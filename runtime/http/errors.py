@@ -153,9 +153,9 @@ _TYPE_NAMES = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
 
 
 def _union_member(part: str) -> bool:
-    """pydantic's tag for a union member: a type ("str", "list[int]", "literal['a','b']") or a
-    model class ("NamedToolChoice"); field names are lower-case identifiers."""
-    return part in _TYPE_NAMES or "[" in part or part[:1].isupper()
+    """pydantic's tag for a union member: a type ("str", "list[int]", "literal['a','b']",
+    "constrained-str") or a model class ("NamedToolChoice"); field names are lower-case identifiers."""
+    return part in _TYPE_NAMES or "[" in part or "-" in part or part[:1].isupper()
 
 
 def _location(loc: tuple) -> str:
@@ -183,8 +183,8 @@ def validation_error(exc: RequestValidationError) -> ApiError:
         param = _location(tuple(e.get("loc", ())))
         kind = e.get("type", "")
         if kind == "extra_forbidden":
-            text, code = "unknown field (not part of the OpenAI API nor one of loradock's extensions " \
-                         "top_k, ignore_eos)", "unknown_parameter"
+            text, code = "unknown field (neither OpenAI's nor one of the extensions in /openapi.json)", \
+                "unknown_parameter"
         elif kind == "missing":
             text, code = "required", "missing_required_parameter"
         else:

@@ -34,8 +34,10 @@ from .errors import (
 from .gate import EdgeState, Gate
 from .generation import Generation
 from .models import ModelCatalog
+from .openapi import contract
 from .schemas import (
     ChatCompletion,
+    ChatCompletionChunk,
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
@@ -54,7 +56,8 @@ from .schemas import (
     VersionInfo,
 )
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 503)}  # contract() adds 401, 403, 413
+QUEUED = {**ERRORS, 429: {"model": ErrorResponse}}  # generation: the queue may be full
 UPDATES_OFF = ("runtime adapter updates are off; start the server with --allow-adapter-updates "
                "(or publish with `loradock adapters publish`: the server sees new versions by itself)")
 
@@ -101,7 +104,7 @@ def create_app(
 
     # ---- OpenAI ----
 
-    @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
+    @app.get("/v1/models", response_model=ModelList, responses={503: ERRORS[503]})
     def list_models() -> ModelList:
         """The base and every adapter reference: `name`, each `name@alias`, each `name@N`."""
         return ModelList(data=catalog.cards())
@@ -110,13 +113,13 @@ def create_app(
     def get_model(model: str) -> ModelCard:
         return catalog.card(model)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS)
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=QUEUED)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         """Chat completion; with `stream: true`, server-sent `chat.completion.chunk`s, then `[DONE]`."""
         return await generation.run(request, body.model, lambda m: convert.chat_plan(body, m),
                                     chat=True, stream=bool(body.stream))
 
-    @app.post("/v1/completions", response_model=Completion, responses=ERRORS)
+    @app.post("/v1/completions", response_model=Completion, responses=QUEUED)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         """Text completion of a prompt (text or token ids, one or several)."""
         return await generation.run(request, body.model, lambda m: convert.completion_plan(body, m),
@@ -224,11 +227,14 @@ def create_app(
             raise loading()
         return Health(status="serving")
 
-    @app.get("/metrics", response_class=Response)
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}})
     def prometheus() -> Response:
         """Prometheus text exposition (the same page as --metrics-port)."""
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     app.add_middleware(Gate, engine=engine, state=state, metrics=metrics, auth_token=auth_token,
                        max_body_bytes=max_body_bytes)
+    chunk = ChatCompletionChunk.model_json_schema(ref_template="#/components/schemas/{model}")
+    contract(app, {"ChatCompletionChunk": {k: v for k, v in chunk.items() if k != "$defs"}, **chunk.get("$defs", {})})
     return app

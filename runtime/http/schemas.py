@@ -1,19 +1,72 @@
 """The OpenAI request and response bodies, as pydantic models (the HTTP edge's only schemas).
 
 Requests list every field OpenAI defines. Fields loradock implements are typed and checked
-here; fields it does not implement are typed `Any` and refused by `convert.py` unless they
-hold their "off" value, so nothing a client asks for is silently ignored. Fields that are in
-neither list are refused by pydantic (`extra="forbid"`), except the two vLLM extensions
-loradock honours, `top_k` and `ignore_eos`, and its own `mixture` (a weighted merge of adapters).
+here; fields it does not implement are marked `Unimplemented` with their "off" values, which
+the OpenAPI document shows as the only ones allowed, and `convert.py` refuses anything else by
+name, so nothing a client asks for is silently ignored. Fields that are in neither list are
+refused by pydantic (`extra="forbid"`), except vLLM's extensions loradock honours and its own
+`mixture` (a weighted merge of adapters). Rules between fields (both max_tokens and
+max_completion_tokens, top_logprobs without logprobs, ...) are in the document too, as JSON
+Schema `not` / `if`-`then`, and checked by `convert.py`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_serializer
 
 SEED_LIMIT = 2**63
+
+
+def _whole_number(value: Any) -> Any:
+    """JSON Schema's integers include 4.0, so a whole float is taken as its integer (a string
+    such as "4" or a boolean still is not)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def Int(**bounds: int) -> Any:
+    """An integer within `bounds` (ge, gt, le, lt); whole floats count. The bounds sit inside the
+    annotation, before the validator, so that the schema shows them as minimum / maximum."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_whole_number)]
+
+
+NonEmpty = Annotated[str, Field(min_length=1)]
+TokenId = Int(ge=0)
+
+
+@dataclass(frozen=True)
+class Unimplemented:
+    """Marks a field loradock does not implement: it accepts only the values in `off` (the first
+    is the default) and refuses anything else saying `why` (convert.refuse_unimplemented)."""
+
+    why: str
+    off: tuple = (None,)
+
+    def __get_pydantic_json_schema__(self, core_schema, handler) -> dict:
+        return {"anyOf": [{"type": "null"} if v is None else {"const": v} for v in self.off],
+                "description": f"not implemented by loradock ({self.why}): only its off value"}
+
+
+def unimplemented(why: str, *off) -> Any:
+    """The annotation of an unimplemented field whose off values are None and `off`."""
+    return Annotated[Any, Unimplemented(why, (None, *off))]
+
+
+def unimplemented_fields(model: type[BaseModel]) -> dict[str, Unimplemented]:
+    return {name: mark for name, info in model.model_fields.items()
+            for mark in info.metadata if isinstance(mark, Unimplemented)}
+
+
+def _implies(field: str, value_schema: dict, then: dict) -> dict:
+    """JSON Schema: if `field` is present with a value matching `value_schema`, `then` holds."""
+    return {"if": {"properties": {field: value_schema}, "required": [field]}, "then": then}
+
+
+def _not_both(a: str, b: str) -> dict:
+    non_null = {"not": {"type": "null"}}
+    return {"not": {"properties": {a: non_null, b: non_null}, "required": [a, b]}}
 
 
 class _Request(BaseModel):
@@ -24,7 +77,7 @@ class _Request(BaseModel):
 class StreamOptions(_Request):
     include_usage: bool | None = None
     """Send one more chunk before `data: [DONE]` with `choices: []` and the request's usage."""
-    include_obfuscation: Any = None  # random padding against side channels: refused when true
+    include_obfuscation: unimplemented("no obfuscation padding", False) = None
 
 
 class FunctionCall(_Request):
@@ -40,19 +93,40 @@ class MessageToolCall(_Request):
     function: FunctionCall
 
 
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+_NULL = {"type": "null"}
+_PRESENT = {"not": _NULL}
+
+
 class ChatMessage(_Request):
     """One message. `content` is a string or a list of `{"type": "text", "text": ...}` parts; an
     assistant message that called tools may have no content; a `tool` message answers the call
     `tool_call_id`."""
 
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"if": {"properties": {"role": {"const": "tool"}}},
+         "then": {"properties": {"tool_call_id": {"type": "string"}, "content": _PRESENT},
+                  "required": ["tool_call_id", "content"]},
+         "else": {"properties": {"tool_call_id": _NULL, "name": _NULL}}},
+        {"if": {"properties": {"role": {"const": "assistant"}}},
+         "then": {"anyOf": [{"properties": {"content": _PRESENT}, "required": ["content"]},
+                            {"properties": {"tool_calls": {"type": "array", "minItems": 1}},
+                             "required": ["tool_calls"]}]},
+         "else": {"properties": {"tool_calls": _NULL, "content": _PRESENT}, "required": ["content"]}},
+    ]})
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[TextPart] | None = Field(None, description="text (images and audio are not served)")
     name: str | None = Field(None, description="a tool message: the function that answered (the others: refused)")
     tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
-    function_call: Any = None
-    refusal: Any = None
-    audio: Any = None
+    function_call: unimplemented("no legacy function calling; use tool_calls") = None
+    refusal: unimplemented("not an input field") = None
+    audio: unimplemented("text only") = None
 
 
 class FunctionDefinition(_Request):
@@ -80,8 +154,8 @@ class NamedToolChoice(_Request):
 
 
 class MixtureComponent(_Request):
-    adapter: str = Field(description="a registry reference: name, name@N or name@alias")
-    weight: float = Field(description="> 0")
+    adapter: NonEmpty = Field(description="a registry reference: name, name@N or name@alias")
+    weight: float = Field(gt=0)
 
 
 class Mixture(_Request):
@@ -89,10 +163,10 @@ class Mixture(_Request):
     add_weighted_adapter semantics; `model` then names the base)."""
 
     components: list[MixtureComponent] = Field(min_length=1)
-    strategy: str = Field("linear", description="linear | cat | svd | ties | dare_linear | dare_ties")
-    density: float | None = Field(None, description="fraction kept by ties and dare_*, in (0, 1]")
-    majority_sign_method: str = Field("total", description="ties and dare_ties: total | frequency")
-    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="seed of DARE's random pruning")
+    strategy: Literal["linear", "cat", "svd", "ties", "dare_linear", "dare_ties"] = "linear"
+    density: float | None = Field(None, gt=0, le=1, description="fraction kept by ties and dare_*")
+    majority_sign_method: Literal["total", "frequency"] = Field("total", description="ties and dare_ties")
+    seed: Int(ge=0, lt=SEED_LIMIT) = Field(0, description="seed of DARE's random pruning")
 
 
 class JsonSchemaFormat(_Request):
@@ -105,8 +179,14 @@ class JsonSchemaFormat(_Request):
 class ResponseFormat(_Request):
     """OpenAI's: plain text, any JSON object, or JSON matching a schema."""
 
+    model_config = ConfigDict(json_schema_extra=_implies(
+        "type", {"const": "json_schema"}, {"properties": {"json_schema": _PRESENT}, "required": ["json_schema"]}))
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
+
+
+_STRUCTURED = ("json", "json_object", "regex", "choice", "grammar")
 
 
 class StructuredOutputs(_Request):
@@ -114,10 +194,17 @@ class StructuredOutputs(_Request):
     regular expression, one of some strings, or an EBNF grammar with a `root` rule."""
 
     json: dict[str, Any] | str | None = None
-    json_object: bool | None = None
+    json_object: Literal[True] | None = None
     regex: str | None = None
-    choice: list[str] | None = Field(None, min_length=1)
+    choice: list[NonEmpty] | None = Field(None, min_length=1)
     grammar: str | None = None
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"properties": {name: _PRESENT}, "required": [name]} for name in _STRUCTURED]})
+
+
+_STREAM_OPTIONS_NEED_STREAM = _implies("stream_options", {"type": "object"},
+                                      {"properties": {"stream": {"const": True}}, "required": ["stream"]})
 
 
 class _Sampling(_Request):
@@ -125,12 +212,12 @@ class _Sampling(_Request):
 
     model: str = Field(description="a registry reference (name, name@N, name@alias), the base's "
                        "name or '' for the base, or BASE:ADAPTER")
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: Int(ge=1) | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int | None = Field(None, ge=1, le=128)
-    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
-    stop: str | list[str] | None = None
+    n: Int(ge=1, le=128) | None = None
+    seed: Int(ge=0, lt=SEED_LIMIT) | None = None
+    stop: NonEmpty | list[NonEmpty] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -138,62 +225,85 @@ class _Sampling(_Request):
                                             "in the output so far")
     presence_penalty: float | None = Field(None, ge=-2, le=2, description="minus this for each token in the "
                                            "output so far")
-    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100] "
-                                                "added to its logit")
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]+$")], Annotated[float, Field(ge=-100, le=100)]] | None = \
+        Field(None, description="token id (as a string) -> bias added to its logit")
     # vLLM's extensions, honoured
-    top_k: int | None = Field(None, ge=-1, description="keep the k most likely tokens (0 or -1: off)")
+    top_k: Int(ge=-1) | None = Field(None, description="keep the k most likely tokens (0 or -1: off)")
     ignore_eos: bool | None = Field(None, description="generate max_tokens tokens even past EOS")
-    repetition_penalty: float | None = Field(None, gt=0, description="> 1 discourages tokens of the prompt and "
-                                             "the output (1: off)")
-    min_tokens: int | None = Field(None, ge=0, description="no end of sequence before this many tokens")
-    stop_token_ids: list[int] | None = Field(None, description="token ids that also end the answer")
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100, description="> 1 discourages tokens of the "
+                                             "prompt and the output (1: off)")
+    min_tokens: Int(ge=0) | None = Field(None, description="no end of sequence before this many tokens")
+    stop_token_ids: list[TokenId] | None = Field(None, description="token ids that also end the answer")
     structured_outputs: StructuredOutputs | None = None
     # loradock's extension
     mixture: Mixture | None = None
 
 
 class ChatCompletionRequest(_Sampling):
+    # At most four such rules: schemathesis' generator gives up on more (so "not with
+    # structured_outputs" is said in response_format's description only).
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        _STREAM_OPTIONS_NEED_STREAM,
+        _not_both("max_tokens", "max_completion_tokens"),
+        _implies("top_logprobs", {"type": "integer"}, {"properties": {"logprobs": {"const": True}},
+                                                       "required": ["logprobs"]}),
+        _implies("tool_choice", {"anyOf": [{"enum": ["auto", "required"]}, {"type": "object"}]},
+                 {"properties": {"tools": {"type": "array", "minItems": 1}}, "required": ["tools"]}),
+    ]})
+
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Int(ge=1) | None = None
     logprobs: bool | None = Field(None, description="return each generated token's log probability")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="and this many most likely alternatives "
+    top_logprobs: Int(ge=0, le=20) | None = Field(None, description="and this many most likely alternatives "
                                      "per token (needs logprobs: true)")
-    response_format: ResponseFormat | None = None
+    response_format: ResponseFormat | None = Field(None, description="not with structured_outputs")
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="default: auto with tools, none without")
     parallel_tool_calls: bool | None = Field(None, description="false: at most one call (tool_choice required)")
-    functions: Any = None
-    function_call: Any = None
-    audio: Any = None
-    modalities: Any = None
-    prediction: Any = None
-    reasoning_effort: Any = None
-    verbosity: Any = None
-    web_search_options: Any = None
-    store: Any = None
-    service_tier: Any = None
+    functions: unimplemented("no legacy function calling; use tools", []) = None
+    function_call: unimplemented("no legacy function calling; use tool_choice", "none") = None
+    audio: unimplemented("text only") = None
+    modalities: unimplemented("text only", ["text"]) = None
+    prediction: unimplemented("no predicted outputs") = None
+    reasoning_effort: unimplemented("the served models do not reason") = None
+    verbosity: unimplemented("no verbosity control") = None
+    web_search_options: unimplemented("no web search") = None
+    store: unimplemented("completions are not stored", False) = None
+    service_tier: unimplemented("one service tier", "auto", "default") = None
     metadata: dict[str, str] | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
-    prompt_cache_retention: Any = None
+    prompt_cache_retention: unimplemented("prompts are not cached") = None
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        _STREAM_OPTIONS_NEED_STREAM,
+        _implies("echo", {"const": True}, {"properties": {"prompt": {"anyOf": [
+            {"type": "string"}, {"type": "array", "items": {"type": "string"}}]}}}),
+        {"not": {"properties": {"echo": {"const": True}, "logprobs": {"type": "integer"},
+                                "stream": {"const": True}}, "required": ["echo", "logprobs", "stream"]}},
+    ]})
+
+    prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)] \
+            | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)] = Field(
         description="text, several texts, token ids, or several lists of token ids")
     echo: bool | None = None
-    best_of: Any = None
-    logprobs: int | None = Field(None, ge=0, le=5, description="return each generated token's log probability "
+    best_of: Int(ge=1) | None = Field(None, description="only equal to n (candidates are not ranked)")
+    logprobs: Int(ge=0, le=5) | None = Field(None, description="return each generated token's log probability "
                                  "and this many most likely alternatives")
-    suffix: Any = None
+    suffix: unimplemented("no insertion (suffix) mode", "") = None
 
 
 class TokenizeRequest(_Request):
     """vLLM's: a text, or chat messages rendered with the base's chat template (one of them)."""
 
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"properties": {name: _PRESENT}, "required": [name]} for name in ("prompt", "messages")]})
+
     model: str = Field("", description="as in a completion; every model here shares the base's tokenizer")
-    prompt: str | None = None
+    prompt: NonEmpty | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
 
 
@@ -205,7 +315,7 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeRequest(_Request):
     model: str = ""
-    tokens: list[int] = Field(min_length=1)
+    tokens: list[TokenId] = Field(min_length=1)
 
 
 class DetokenizeResponse(BaseModel):
@@ -220,14 +330,14 @@ class LoadLoraAdapterRequest(_Request):
     """vLLM's body: publish the PEFT directory `lora_path` (on the server) as a new version of
     `lora_name`, then load it."""
 
-    lora_name: str
-    lora_path: str
+    lora_name: NonEmpty
+    lora_path: NonEmpty
 
 
 class UnloadLoraAdapterRequest(_Request):
     """Drop what `lora_name` (any reference) means now from the engine's caches."""
 
-    lora_name: str
+    lora_name: NonEmpty
 
 
 # ---- responses ----

@@ -76,6 +76,9 @@ def test_min_tokens_holds_back_the_end_and_stop_token_ids_end_the_answer(tiny_re
 
 @pytest.mark.parametrize(("change", "field"), [
     ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"frequency_penalty": 2.5}, "frequency_penalty"),
+    # a factor that underflows (or overflows) float32 would make the distribution NaN: found by schemathesis
+    ({"repetition_penalty": 5e-324}, "repetition_penalty"), ({"repetition_penalty": 1e6}, "repetition_penalty"),
+    ({"repetition_penalty": float("nan")}, "repetition_penalty"),
     ({"presence_penalty": -3.0}, "presence_penalty"), ({"logit_bias": ((1, 101.0),)}, "logit_bias"),
     ({"logit_bias": ((10**9, 1.0),)}, "logit_bias"), ({"min_tokens": 9}, "min_tokens"),
     ({"stop_token_ids": (-1,)}, "stop_token_ids"),
