@@ -84,7 +84,8 @@ class Plan:
     prompt_of: list[int]  # choice -> index of its prompt (usage counts each prompt once)
     stream: bool
     include_usage: bool
-    echo: list[str] = field(default_factory=list)  # per choice: text to put before the completion
+    # per choice: what to put before the completion (echo): text, or prompt token ids to decode
+    echo: list[str | tuple[int, ...]] = field(default_factory=list)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -280,8 +281,6 @@ def completion_plan(body: CompletionRequest, model: ServedModel) -> Plan:
     if body.best_of not in (None, n):
         raise unsupported("best_of", "ranking candidates needs log probabilities; use n")
     prompts = _prompts(body.prompt)
-    if body.echo and any(not isinstance(p, str) for p in prompts):
-        raise unsupported("echo", "echoing a prompt given as token ids; send text")
     prompt_logprobs = body.logprobs if body.echo else None  # echo + logprobs: the prompt's too
     if prompt_logprobs is not None and stream:
         raise unsupported("echo", "the prompt's log probabilities (echo with logprobs) are not streamed; ask "
@@ -301,7 +300,7 @@ def completion_plan(body: CompletionRequest, model: ServedModel) -> Plan:
                                                    sampling=_choice_sampling(sampling, body, j),
                                                    request_id=f"{plan.id}-{choice}"))
             plan.prompt_of.append(p)
-            plan.echo.append(prompt if body.echo else "")
+            plan.echo.append((prompt if isinstance(prompt, str) else tuple(prompt)) if body.echo else "")
     return plan
 
 
@@ -363,10 +362,15 @@ class TokenTexts:
     """A token's text as OpenAI's log probabilities show it: the token decoded alone (cached)."""
 
     def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
         self._text = functools.lru_cache(maxsize=1 << 16)(lambda token_id: tokenizer.decode([token_id]))
 
     def __call__(self, token_id: int) -> str:
         return self._text(token_id)
+
+    def echoed(self, echo: str | tuple[int, ...]) -> str:
+        """An echoed prompt as text (a prompt given as token ids, decoded)."""
+        return echo if isinstance(echo, str) else self._tokenizer.decode(list(echo))
 
 
 def chat_logprobs(logprobs: Sequence[TokenLogprob] | None, texts: TokenTexts) -> ChatLogprobs | None:
@@ -413,9 +417,9 @@ def chat_completion(plan: Plan, results: Sequence[GenerationResult], created: in
 def completion(plan: Plan, results: Sequence[GenerationResult], created: int, texts: TokenTexts) -> Completion:
     return Completion(
         id=f"cmpl-{plan.id}", created=created, model=served_id(plan, results[0]),
-        choices=[CompletionChoice(index=i, text=plan.echo[i] + r.text, finish_reason=finish_reason(r),
-                                  logprobs=completion_logprobs(r.logprobs, texts, len(plan.echo[i]), r))
-                 for i, r in enumerate(results)],
+        choices=[CompletionChoice(index=i, text=echo + r.text, finish_reason=finish_reason(r),
+                                  logprobs=completion_logprobs(r.logprobs, texts, len(echo), r))
+                 for i, (r, echo) in enumerate(zip(results, map(texts.echoed, plan.echo), strict=True))],
         usage=usage(plan, results),
     )
 
@@ -429,7 +433,8 @@ class ChunkWriter:
         self.chat = chat
         self.texts = texts
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{plan.id}"
-        self.offsets = [len(echo) for echo in plan.echo]  # completions: text written so far per choice
+        self.echo = [texts.echoed(echo) for echo in plan.echo]
+        self.offsets = [len(echo) for echo in self.echo]  # completions: text written so far per choice
         # chat with tools: the text so far per choice, and what of it may go out as content
         self.so_far = [""] * len(plan.requests)
         self.holdbacks = [ContentHoldback.for_request(r, tool_format) if chat else None for r in plan.requests]
@@ -443,8 +448,8 @@ class ChunkWriter:
         """Before a choice's first token: the role (chat) or the echoed prompt (completions)."""
         if self.chat:
             return self._dump([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
-        if self.plan.echo[index]:
-            return self._dump([CompletionChoice(index=index, text=self.plan.echo[index])])
+        if self.echo[index]:
+            return self._dump([CompletionChoice(index=index, text=self.echo[index])])
         return None
 
     def token(self, index: int, event: TokenEvent) -> str | None:

@@ -280,8 +280,6 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     model_config = ConfigDict(json_schema_extra={"allOf": [
         _STREAM_OPTIONS_NEED_STREAM,
-        _implies("echo", {"const": True}, {"properties": {"prompt": {"anyOf": [
-            {"type": "string"}, {"type": "array", "items": {"type": "string"}}]}}}),
         {"not": {"properties": {"echo": {"const": True}, "logprobs": {"type": "integer"},
                                 "stream": {"const": True}}, "required": ["echo", "logprobs", "stream"]}},
     ]})

@@ -84,7 +84,6 @@ def test_bad_chat_requests_get_the_right_status_naming_the_field(client, change,
 
 @pytest.mark.parametrize(("change", "param"), [
     ({"prompt": []}, "prompt"),
-    ({"prompt": [1, 2], "echo": True}, "echo"),
     ({"best_of": 3}, "best_of"),
     ({"suffix": "!"}, "suffix"),
     ({"logprobs": 6}, "logprobs"),
