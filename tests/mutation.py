@@ -308,6 +308,30 @@ BREAKAGES = (
         "",
         ("tests/trainer/test_qlora_cpu_kernel.py",),
     ),
+    Breakage(
+        "tool-calls-stream-as-content", "runtime/tool_calls.py",
+        "        if self.whole:\n            return \"\"\n",
+        "",
+        ("tests/runtime/test_tool_calls.py", "tests/http/test_tool_calls.py::test_streamed_calls_arrive_as_tool_call_deltas"),
+    ),
+    Breakage(
+        "required-tool-choice-unconstrained", "runtime/engine.py",
+        "request.sampling.structured or tool_calls.constraint(request)",
+        "request.sampling.structured",
+        ("tests/runtime/test_tool_calls.py::test_the_engine_answers_forced_and_free_choices_with_parsed_calls",),
+    ),
+    Breakage(
+        "tools-dropped-by-a-template-that-knows-none", "runtime/prompts.py",
+        "self.renders_tools = tool_calls.renders_tools(",
+        "self.renders_tools = True or tool_calls.renders_tools(",
+        ("tests/runtime/test_tool_calls.py::test_a_template_without_tools_gets_them_in_hermes_form",),
+    ),
+    Breakage(
+        "openapi-hides-the-event-stream", "runtime/http/openapi.py",
+        "if path in STREAMING_PATHS:",
+        "if path in STREAMING_PATHS and False:",
+        ("tests/http/test_contract.py::test_every_answer_keeps_the_published_contract",),
+    ),
 )
 
 SITECUSTOMIZE = '''"""Written by tests/mutation.py: import loradock.* from this copy of the tree."""

@@ -28,6 +28,9 @@ from loradock.runtime.types import (
     Timings,
     TokenEvent,
     TokenLogprob,
+    Tool,
+    ToolCall,
+    ToolCalls,
 )
 
 SAMPLING = SamplingParams(max_new_tokens=7, temperature=0.7, top_p=0.9, top_k=5, seed=2**40, stop=("\n", "END"),
@@ -48,6 +51,12 @@ SAMPLING = SamplingParams(max_new_tokens=7, temperature=0.7, top_p=0.9, top_k=5,
             structured=StructuredOutput("json_schema", '{"type": "object"}'))),
         GenerationRequest(prompt="x", request_id="r6", sampling=SamplingParams(structured=StructuredOutput("json_object"))),
         GenerationRequest(prompt="x", request_id="r7", sampling=SamplingParams(structured=StructuredOutput("regex", "a+"))),
+        GenerationRequest(  # tool calling: the tools, the choice, an earlier call and its result
+            messages=(ChatMessage("user", "Weather?"),
+                      ChatMessage("assistant", "", (ToolCall("get_weather", '{"city": "Oslo"}', "call_1"),)),
+                      ChatMessage("tool", "rain", tool_call_id="call_1")),
+            tools=(Tool("get_weather", "Weather in a city", '{"type": "object"}'), Tool("get_time")),
+            tool_choice="function", tool_name="get_weather", parallel_tool_calls=False, request_id="r8"),
     ],
 )
 def test_requests_round_trip(request_):
@@ -74,6 +83,8 @@ def test_results_and_stream_items_round_trip():
     event = TokenEvent("r1", 5, "Par", 0, logprobs[0])
     assert convert.stream_item_from_proto(convert.event_to_proto(event)) == event
     assert convert.stream_item_from_proto(convert.final_to_proto(result)) == result
+    called = dataclasses.replace(result, tool_calls=ToolCalls((ToolCall("f", "{}", "call_2"),), "Checking."))
+    assert convert.result_from_proto(convert.result_to_proto(called)) == called
     for reason in FinishReason:
         assert pb.FinishReason.Name(convert.FINISH_REASONS[reason]) == f"FINISH_REASON_{reason.name}"
 
