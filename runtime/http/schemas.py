@@ -235,6 +235,19 @@ class _Sampling(_Request):
     min_tokens: Int(ge=0) | None = Field(None, description="no end of sequence before this many tokens")
     stop_token_ids: list[TokenId] | None = Field(None, description="token ids that also end the answer")
     structured_outputs: StructuredOutputs | None = None
+    # vLLM's extensions, accepted at their defaults only
+    min_p: unimplemented("no min-p cut; use top_p or top_k", 0, 0.0) = None
+    skip_special_tokens: unimplemented("special tokens are always left out of the text", True) = None
+    spaces_between_special_tokens: unimplemented("special tokens are left out of the text", True) = None
+    include_stop_str_in_output: unimplemented("the stop string is never part of the text", False) = None
+    length_penalty: unimplemented("no beam search", 1, 1.0) = None
+    use_beam_search: unimplemented("no beam search", False) = None
+    truncate_prompt_tokens: unimplemented("a prompt over max_prompt_tokens is refused, not cut") = None
+    allowed_token_ids: unimplemented("use logit_bias") = None
+    bad_words: unimplemented("use logit_bias", []) = None
+    priority: unimplemented("one priority", 0) = None
+    return_tokens_as_token_ids: unimplemented("tokens are shown as text", False) = None
+    prompt_logprobs: unimplemented("use /v1/completions with echo and logprobs") = None
     # loradock's extension
     mixture: Mixture | None = None
 
@@ -275,6 +288,18 @@ class ChatCompletionRequest(_Sampling):
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
     prompt_cache_retention: unimplemented("prompts are not cached") = None
+    # vLLM's chat extensions, accepted at their defaults only
+    add_generation_prompt: unimplemented("the assistant's turn is always opened", True) = None
+    continue_final_message: unimplemented("the assistant's turn is always a new one", False) = None
+    echo: unimplemented("use /v1/completions with echo", False) = None
+    add_special_tokens: unimplemented("the chat template places the special tokens", False) = None
+    chat_template: unimplemented("the base's own chat template renders every chat") = None
+    chat_template_kwargs: unimplemented("the base's own chat template renders every chat", {}) = None
+    documents: unimplemented("no document rendering; put documents in a message") = None
+    guided_json: unimplemented("vLLM's older name; use structured_outputs or response_format") = None
+    guided_regex: unimplemented("vLLM's older name; use structured_outputs") = None
+    guided_choice: unimplemented("vLLM's older name; use structured_outputs") = None
+    guided_grammar: unimplemented("vLLM's older name; use structured_outputs") = None
 
 
 class CompletionRequest(_Sampling):
