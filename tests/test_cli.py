@@ -66,3 +66,20 @@ def test_a_read_only_registry_is_an_error_line_not_a_traceback(tmp_path, monkeyp
     assert code == 2
     assert "error: cannot write" in err and ".staging" in err and "Read-only file system" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [["serve", "--http-port", "0"], ["cluster", "serve", "--http-port", "0"]])
+def test_serve_and_cluster_serve_pick_the_base_alike(tmp_path, capsys, command, tiny_base):
+    """Without --base both take the registry's only base; with none or several they say what to
+    do, before anything loads (neither a model nor Ray is started here)."""
+    from loradock.registry import Registry
+
+    from loradock import cli
+    from loradock.bases import import_base
+
+    assert cli.main(["--home", str(tmp_path), *command]) == 2
+    assert "the registry has no base model; run `loradock bases add` first" in capsys.readouterr().err
+    for name in ("one", "two"):
+        import_base(Registry(tmp_path), tiny_base.path, name=name)
+    assert cli.main(["--home", str(tmp_path), *command]) == 2
+    assert "the registry has several bases (one, two); choose one with --base" in capsys.readouterr().err

@@ -12,9 +12,10 @@ import os
 from pathlib import Path
 
 from loradock.errors import UserError
+from loradock.registry import Registry
 from loradock.runtime.config import EngineConfig
 
-from .serve import add_engine_arguments, read_token_file
+from .serve import add_engine_arguments, pick_base, read_token_file
 
 INSTALL_HINT = "Ray Serve is not installed: pip install 'loradock[cluster]'"
 
@@ -32,8 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "loradock.runtime.cluster.app:build_app` starts) on the Ray cluster at --address, or on a "
         "local Ray started here, and serve the OpenAI API on --http-port until stopped.")
     where = serve.add_argument_group("cluster")
-    where.add_argument("--base", required=True,
-                       help="base model of every replica: a registry base name or a model directory")
+    where.add_argument("--base", help="base model of every replica: a registry base name or a model directory "
+                       "(default: the only base in the registry)")
     where.add_argument("--replicas", type=int, default=1, help="engine replicas (default: 1)")
     where.add_argument("--num-cpus", type=float, default=1.0,
                        help="CPUs reserved per replica; on CPU it also sets torch threads (default: 1)")
@@ -75,6 +76,8 @@ def cmd_cluster_serve(args: argparse.Namespace) -> int:
         raise UserError(INSTALL_HINT) from None
     if args.detach and not args.address:
         raise UserError("--detach leaves the application on a running cluster: give --address too")
+    if not args.base:  # as `serve` does: the registry's only base, or a clear error naming them
+        args.base = pick_base(Registry(args.home), None)
     defaults = EngineConfig(base=args.base)
     engine = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
               if f.name != "base" and getattr(args, f.name) != getattr(defaults, f.name)}
