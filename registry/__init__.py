@@ -1,5 +1,6 @@
 """loradock.registry: bases and adapter versions as plain, verified files. No torch here."""
 
+from .alias_history import AliasChange
 from .bases import BaseInfo, BaseStore
 from .errors import (
     AlreadyExistsError,
@@ -17,6 +18,7 @@ from .version import AdapterVersion, VerifyResult
 
 __all__ = [
     "AdapterVersion",
+    "AliasChange",
     "AlreadyExistsError",
     "BaseInfo",
     "BaseStore",

@@ -6,6 +6,7 @@ Layout under `<root>/adapters/` (a name may be `org/name`):
                                 README.md (model card), manifest.json; files read-only;
                                 model.sig when signed (signing.py; not in the digest)
     <name>/aliases/<alias>      text file holding a version number
+    <name>/alias-history/<alias>.jsonl   every move of that alias (alias_history.py)
     <name>/last_version         highest number ever allocated (numbers are never reused)
     .staging/<id>/, <id>.lock   work dirs of running publishes (invisible; gc removes stale ones)
     .locks/<name>.lock          one lock per name, held while a version or alias changes
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import lock
+from .alias_history import AliasHistory
 from .base_link import check_fits, link_base
 from .bases import BaseStore
 from .digests import DigestCache, file_problems
@@ -297,7 +299,9 @@ class AdapterStore:
                 for rel, entry in version.manifest["files"].items():  # so no later load rehashes them
                     self._digests.remember(version.path / rel, entry["sha256"])
                 with no_space_errors_after(version.ref, aliases, self.dir):
+                    current = self.aliases(name)
                     for alias in aliases:
+                        self.history(name).record(alias, "tag", current.get(alias), number, "published")
                         self._write_alias(name, alias, number)
                     self.generation.bump()
         log.info("published %s (%s)", version.ref, version.digest[:12])
@@ -425,18 +429,41 @@ class AdapterStore:
     def _write_alias(self, name: str, alias: str, number: int) -> None:
         atomic_write_bytes(self._name_dir(name) / "aliases" / alias, f"{number}\n".encode())
 
-    def tag(self, ref: str, alias: str) -> AdapterVersion:
-        """Point `alias` of ref's adapter at the version `ref` means (moving it if it exists)."""
+    def history(self, name: str) -> AliasHistory:
+        return AliasHistory(self._name_dir(name))
+
+    def tag(self, ref: str, alias: str, reason: str = "") -> AdapterVersion:
+        """Point `alias` of ref's adapter at the version `ref` means (moving it if it exists);
+        the move is recorded in the alias's history first."""
         validate_alias(alias)
         name = parse_ref(ref).name
         with no_space_errors(f"pointing alias {alias} at {ref}", self.dir), lock.held(self._lock_path(name)):
             version = self.resolve(ref, verify=False)
+            before = self.aliases(name).get(alias)
+            self.history(name).record(alias, "tag", before, version.version, reason)
             self._write_alias(name, alias, version.version)
             self.generation.bump()
         return version
 
-    def untag(self, name: str, alias: str) -> None:
-        """Remove `alias` from adapter `name`."""
+    def rollback(self, name: str, alias: str, reason: str = "") -> AdapterVersion:
+        """Move `alias` back to the target it had before the current one (RegistryError when its
+        history holds none); recorded like any move."""
+        validate_name(name)
+        validate_alias(alias)
+        with no_space_errors(f"rolling back alias {alias}", self.dir), lock.held(self._lock_path(name)):
+            current = self.aliases(name).get(alias)
+            if current is None and alias not in self.history(name).aliases():
+                known = ", ".join(self.aliases(name)) or "none"
+                raise NotFoundError(f"adapter {name!r} has no alias {alias!r}; aliases: {known}")
+            target = self.history(name).rollback_target(alias, current)
+            version = self.resolve(f"{name}@{target}", verify=False)  # NotFoundError if since deleted
+            self.history(name).record(alias, "rollback", current, target, reason)
+            self._write_alias(name, alias, target)
+            self.generation.bump()
+        return version
+
+    def untag(self, name: str, alias: str, reason: str = "") -> None:
+        """Remove `alias` from adapter `name` (recorded in its history)."""
         validate_name(name)
         validate_alias(alias)
         with lock.held(self._lock_path(name)):
@@ -444,6 +471,7 @@ class AdapterStore:
             if not path.is_file():
                 known = ", ".join(self.aliases(name)) or "none"
                 raise NotFoundError(f"adapter {name!r} has no alias {alias!r}; aliases: {known}")
+            self.history(name).record(alias, "untag", self.aliases(name).get(alias), None, reason)
             path.unlink()
             fsync_dir(path.parent)
             self.generation.bump()
@@ -461,6 +489,7 @@ class AdapterStore:
                     "`tag`, remove them with `untag`, or delete with force"
                 )
             for alias in pointing:
+                self.history(name).record(alias, "delete", version.version, None, f"{version.ref} deleted")
                 (self._name_dir(name) / "aliases" / alias).unlink()
             version.path.rename(work / "trash")  # disappears atomically; removed with the work dir
             fsync_dir(version.path.parent)

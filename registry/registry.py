@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .adapters import AdapterStore
+from .alias_history import AliasChange
 from .bases import BaseInfo, BaseStore, ResolvedBase
 from .fsutil import probe_writable
 from .paths import default_root
@@ -108,13 +109,23 @@ class Registry:
         """{alias: version number} of adapter `name`."""
         return self.adapters.aliases(name)
 
-    def tag(self, ref: str, alias: str) -> AdapterVersion:
-        """Point `alias` at the version `ref` means."""
-        return self.adapters.tag(ref, alias)
+    def tag(self, ref: str, alias: str, reason: str = "") -> AdapterVersion:
+        """Point `alias` at the version `ref` means (recorded in the alias's history)."""
+        return self.adapters.tag(ref, alias, reason)
 
-    def untag(self, name: str, alias: str) -> None:
-        """Remove an alias."""
-        self.adapters.untag(name, alias)
+    def untag(self, name: str, alias: str, reason: str = "") -> None:
+        """Remove an alias (recorded in its history)."""
+        self.adapters.untag(name, alias, reason)
+
+    def rollback(self, name: str, alias: str, reason: str = "") -> AdapterVersion:
+        """Move `name@alias` back to its previous target, atomically; the version it now means."""
+        return self.adapters.rollback(name, alias, reason)
+
+    def alias_history(self, name: str, alias: str | None = None) -> dict[str, list[AliasChange]]:
+        """{alias: its changes, oldest first} for one alias of `name`, or all that have a history."""
+        current = self.aliases(name)
+        history = self.adapters.history(name)
+        return {a: history.read(a, current.get(a)) for a in ([alias] if alias else history.aliases())}
 
     def delete(self, ref: str, force: bool = False) -> AdapterVersion:
         """Delete one version (refused while an alias points at it, unless `force`)."""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from loradock.commands.common import print_json, print_table, registry_from
 from loradock.commands.merge import add_merge_parser
 from loradock.commands.signing import add_sign_key_argument, add_sign_parser
+from loradock.errors import UserError
 from loradock.registry import AdapterVersion, Registry
 from loradock.registry.quantization import QuantizationRecipe, recorded_recipe
 from loradock.registry.trust import TrustPolicy
@@ -58,12 +60,31 @@ def register(sub: argparse._SubParsersAction) -> None:
                              description="Point ALIAS at the version REF means (moving it if it exists).")
     tag.add_argument("ref", help=REF_HELP)
     tag.add_argument("alias", help="alias name (starts with a letter)")
+    tag.add_argument("--reason", default="", help="why, for the alias's history")
     tag.set_defaults(func=cmd_tag)
 
     untag = actions.add_parser("untag", help="remove an alias", description="Remove ALIAS from adapter NAME.")
     untag.add_argument("name", help="adapter name")
     untag.add_argument("alias", help="alias to remove")
+    untag.add_argument("--reason", default="", help="why, for the alias's history")
     untag.set_defaults(func=cmd_untag)
+
+    history = actions.add_parser(
+        "history", help="every move of an adapter's aliases",
+        description="Every recorded move of NAME's aliases (or of NAME@ALIAS's): when, the version before "
+                    "and after, the action (tag, untag, rollback, delete), who (user@host) and why.")
+    history.add_argument("ref", metavar="NAME[@ALIAS]", help="adapter name, or one of its aliases")
+    history.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    history.set_defaults(func=cmd_history)
+
+    rollback = actions.add_parser(
+        "rollback", help="move an alias back to its previous target",
+        description="Move NAME@ALIAS back to the version it pointed at before its current one, atomically "
+                    "(a running server serves it from its next request on). Rolling back again goes "
+                    "further back. Recorded in the alias's history.")
+    rollback.add_argument("ref", metavar="NAME@ALIAS", help="the alias to roll back")
+    rollback.add_argument("--reason", default="", help="why, for the alias's history")
+    rollback.set_defaults(func=cmd_rollback)
 
     rm = actions.add_parser("rm", help="delete one version",
                             description="Delete the version REF means. Refused while an alias points "
@@ -181,14 +202,44 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
-    v = registry_from(args).tag(args.ref, args.alias)
+    v = registry_from(args).tag(args.ref, args.alias, args.reason)
     print(f"{v.name}@{args.alias} -> {v.ref}")
     return 0
 
 
 def cmd_untag(args: argparse.Namespace) -> int:
-    registry_from(args).untag(args.name, args.alias)
+    registry_from(args).untag(args.name, args.alias, args.reason)
     print(f"removed alias {args.name}@{args.alias}")
+    return 0
+
+
+def _alias_ref(ref: str, needed: bool) -> tuple[str, str | None]:
+    name, _, alias = ref.partition("@")
+    if alias.isdigit() or (needed and not alias):
+        raise UserError(f"{ref!r}: give NAME@ALIAS (an alias, not a version number)")
+    return name, alias or None
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    name, alias = _alias_ref(args.ref, needed=False)
+    histories = registry_from(args).alias_history(name, alias)
+    if args.json:
+        print_json({a: [dataclasses.asdict(c) for c in changes] for a, changes in histories.items()})
+        return 0
+    rows = [(c.time, f"{name}@{a}", c.action, "-" if c.before is None else c.before,
+             "-" if c.after is None else c.after, c.by, c.reason + ("" if c.applied else " (interrupted: not applied)"))
+            for a, changes in histories.items() for c in changes]
+    if not rows:
+        print(f"no recorded alias moves for {args.ref}")
+        return 0
+    print_table(("TIME", "ALIAS", "ACTION", "FROM", "TO", "BY", "REASON"), sorted(rows, key=lambda row: row[0]))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    name, alias = _alias_ref(args.ref, needed=True)
+    v = registry_from(args).rollback(name, alias, args.reason)
+    print(f"{name}@{alias} -> {v.ref} (rolled back)")
     return 0
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,49 @@ def test_alias_move_during_a_run(tiny_registry, tiny_base, tiny_adapter_dirs, en
     # "law" means the latest version; a new publish is seen without restart
     reg.publish(tiny_adapter_dirs["bio"], "law", base=tiny_base.name)
     assert engine.generate(req("law", n=2), timeout=60).adapter.version == 3
+
+
+def test_a_rollback_under_load_serves_the_previous_version_from_the_next_admission(
+        tiny_registry, tiny_base, tiny_adapter_dirs, engine_factory):
+    """Clients keep calling law@prod while it moves to law@2 and is rolled back: no request
+    fails, and every request submitted after the rollback returned is served by law@1."""
+    reg = tiny_registry
+    reg.publish(tiny_adapter_dirs["chem"], "law", base=tiny_base.name)  # law@2: other weights
+    reg.tag("law@1", "prod")
+    engine = engine_factory(reg, tiny_base.name, run_loop=True)
+    reg.tag("law@2", "prod", reason="new version")
+    served: list[tuple[float, int]] = []  # (submitted at, version)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            at = time.monotonic()
+            try:
+                served.append((at, engine.generate(req("law@prod", n=4), timeout=60).adapter.version))
+            except Exception as e:
+                errors.append(e)
+
+    def wait_for(enough) -> None:
+        deadline = time.monotonic() + 60
+        while not enough() and not errors and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    clients = [threading.Thread(target=client) for _ in range(3)]
+    for t in clients:
+        t.start()
+    wait_for(lambda: sum(v == 2 for _, v in served) >= 6)
+    rolling_back = time.monotonic()
+    reg.rollback("law", "prod", reason="regression")
+    rolled_back = time.monotonic()
+    wait_for(lambda: sum(at > rolled_back for at, _ in served) >= 6)
+    stop.set()
+    for t in clients:
+        t.join(60)
+    assert not errors
+    after = [v for at, v in served if at > rolled_back]
+    assert len(after) >= 6 and set(after) == {1}, served
+    assert {v for at, v in served if at < rolling_back} == {2}
 
 
 @pytest.fixture(scope="session")
