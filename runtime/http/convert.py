@@ -50,10 +50,10 @@ from .schemas import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    FunctionCall,
+    MessageToolCall,
     TokenizeRequest,
     ToolCallDelta,
-    ToolCallFunction,
-    ToolCallOut,
     TopLogprob,
     Usage,
     unimplemented_fields,
@@ -329,10 +329,10 @@ def finish_reason(result: GenerationResult, request: GenerationRequest | None = 
     return "length" if result.finish_reason is FinishReason.LENGTH else "stop"
 
 
-def _tool_calls_out(result: GenerationResult) -> list[ToolCallOut] | None:
+def _tool_calls_out(result: GenerationResult) -> list[MessageToolCall] | None:
     if result.tool_calls is None:
         return None
-    return [ToolCallOut(id=c.id, function=ToolCallFunction(name=c.name, arguments=c.arguments))
+    return [MessageToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
             for c in result.tool_calls.calls]
 
 

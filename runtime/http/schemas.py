@@ -86,7 +86,7 @@ class FunctionCall(_Request):
 
 
 class MessageToolCall(_Request):
-    """A call an assistant made earlier in the conversation."""
+    """A call an assistant made (in an answer, or earlier in the conversation)."""
 
     id: str
     type: Literal["function"] = "function"
@@ -398,22 +398,11 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
-class ToolCallFunction(BaseModel):
-    name: str
-    arguments: str = Field(description="a JSON object, in text")
-
-
-class ToolCallOut(BaseModel):
-    id: str
-    type: Literal["function"] = "function"
-    function: ToolCallFunction
-
-
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = Field(description="null when the answer is only tool calls")
     refusal: None = None
-    tool_calls: list[ToolCallOut] | None = None
+    tool_calls: list[MessageToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -433,13 +422,10 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
-class ToolCallDelta(BaseModel):
+class ToolCallDelta(MessageToolCall):
     """A streamed tool call: each call comes whole, in one delta."""
 
     index: int
-    id: str
-    type: Literal["function"] = "function"
-    function: ToolCallFunction
 
 
 class ChatDelta(BaseModel):
