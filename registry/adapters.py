@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import lock
+from . import canary, lock
 from .alias_history import AliasHistory
 from .base_link import check_fits, link_base
 from .bases import BaseStore
@@ -122,7 +122,11 @@ class AdapterStore:
         return found
 
     def aliases(self, name: str) -> dict[str, int]:
-        """{alias: version} for `name`."""
+        """{alias: version} for `name` (a weighted alias: its stable version)."""
+        return {alias: canary.stable(target) for alias, target in self.alias_targets(name).items()}
+
+    def alias_targets(self, name: str) -> dict[str, canary.Target]:
+        """{alias: {version: percent of its traffic}} for `name` (canary.py)."""
         adir = self._name_dir(name) / "aliases"
         if not adir.is_dir():
             return {}
@@ -130,12 +134,23 @@ class AdapterStore:
         for p in sorted(adir.iterdir()):
             if p.name.startswith("."):
                 continue  # a temp file of an alias being moved
-            text = p.read_text().strip()
-            if text.isdigit():
-                out[p.name] = int(text)
+            target = canary.parse_target(p.read_text())
+            if target is None:
+                log.warning("ignoring alias %s@%s: %s holds neither a version number nor weights", name, p.name, p)
             else:
-                log.warning("ignoring alias %s@%s: %s does not hold a version number", name, p.name, p)
+                out[p.name] = target
         return out
+
+    def route(self, ref: str, key: str | None) -> str:
+        """`ref` with a weighted alias replaced by the version this request goes to (by a stable
+        hash of `key`, or at random without one); any other reference unchanged."""
+        r = parse_ref(ref)
+        if r.alias is None:
+            return ref
+        target = self.alias_targets(r.name).get(r.alias)
+        if target is None or len(target) == 1:
+            return ref
+        return f"{r.name}@{canary.choose(target, f'{r.name}@{r.alias}', key)}"
 
     def _not_found_name(self, name: str) -> NotFoundError:
         known = ", ".join(self.names()) or "none yet (publish one with `loradock adapters publish`)"
@@ -299,9 +314,8 @@ class AdapterStore:
                 for rel, entry in version.manifest["files"].items():  # so no later load rehashes them
                     self._digests.remember(version.path / rel, entry["sha256"])
                 with no_space_errors_after(version.ref, aliases, self.dir):
-                    current = self.aliases(name)
                     for alias in aliases:
-                        self.history(name).record(alias, "tag", current.get(alias), number, "published")
+                        self.history(name).record(alias, "tag", self._target(name, alias), number, "published")
                         self._write_alias(name, alias, number)
                     self.generation.bump()
         log.info("published %s (%s)", version.ref, version.digest[:12])
@@ -426,22 +440,30 @@ class AdapterStore:
 
     # ----- aliases and deletion
 
-    def _write_alias(self, name: str, alias: str, number: int) -> None:
-        atomic_write_bytes(self._name_dir(name) / "aliases" / alias, f"{number}\n".encode())
+    def _write_alias(self, name: str, alias: str, target: int | canary.Target) -> None:
+        target = {target: 100} if isinstance(target, int) else target
+        atomic_write_bytes(self._name_dir(name) / "aliases" / alias, f"{canary.format_target(target)}\n".encode())
+
+    def _target(self, name: str, alias: str) -> int | dict[str, int] | None:
+        """Where `alias` points, as its history writes it: a version, or {"version": percent}."""
+        target = self.alias_targets(name).get(alias)
+        return None if target is None else canary.to_record(target)
 
     def history(self, name: str) -> AliasHistory:
         return AliasHistory(self._name_dir(name))
 
-    def tag(self, ref: str, alias: str, reason: str = "") -> AdapterVersion:
-        """Point `alias` of ref's adapter at the version `ref` means (moving it if it exists);
-        the move is recorded in the alias's history first."""
+    def tag(self, ref: str, alias: str, reason: str = "", weight: int = 100) -> AdapterVersion:
+        """Point `alias` of ref's adapter at the version `ref` means (moving it if it exists), or
+        with `weight` < 100 send that percentage of its traffic there and the rest to its stable
+        version (a canary); the move is recorded in the alias's history first."""
         validate_alias(alias)
         name = parse_ref(ref).name
         with no_space_errors(f"pointing alias {alias} at {ref}", self.dir), lock.held(self._lock_path(name)):
             version = self.resolve(ref, verify=False)
-            before = self.aliases(name).get(alias)
-            self.history(name).record(alias, "tag", before, version.version, reason)
-            self._write_alias(name, alias, version.version)
+            before = self._target(name, alias)
+            target = canary.with_canary(self.alias_targets(name).get(alias), version.version, weight)
+            self.history(name).record(alias, "tag", before, canary.to_record(target), reason)
+            self._write_alias(name, alias, target)
             self.generation.bump()
         return version
 
@@ -451,16 +473,18 @@ class AdapterStore:
         validate_name(name)
         validate_alias(alias)
         with no_space_errors(f"rolling back alias {alias}", self.dir), lock.held(self._lock_path(name)):
-            current = self.aliases(name).get(alias)
+            current = self._target(name, alias)
             if current is None and alias not in self.history(name).aliases():
                 known = ", ".join(self.aliases(name)) or "none"
                 raise NotFoundError(f"adapter {name!r} has no alias {alias!r}; aliases: {known}")
             target = self.history(name).rollback_target(alias, current)
-            version = self.resolve(f"{name}@{target}", verify=False)  # NotFoundError if since deleted
+            weights = canary.from_record(target)
+            for v in weights:
+                self.resolve(f"{name}@{v}", verify=False)  # NotFoundError if it was deleted since
             self.history(name).record(alias, "rollback", current, target, reason)
-            self._write_alias(name, alias, target)
+            self._write_alias(name, alias, weights)
             self.generation.bump()
-        return version
+        return self.resolve(f"{name}@{canary.stable(weights)}", verify=False)
 
     def untag(self, name: str, alias: str, reason: str = "") -> None:
         """Remove `alias` from adapter `name` (recorded in its history)."""
@@ -471,7 +495,7 @@ class AdapterStore:
             if not path.is_file():
                 known = ", ".join(self.aliases(name)) or "none"
                 raise NotFoundError(f"adapter {name!r} has no alias {alias!r}; aliases: {known}")
-            self.history(name).record(alias, "untag", self.aliases(name).get(alias), None, reason)
+            self.history(name).record(alias, "untag", self._target(name, alias), None, reason)
             path.unlink()
             fsync_dir(path.parent)
             self.generation.bump()
@@ -482,14 +506,14 @@ class AdapterStore:
         name = parse_ref(ref).name
         with self.staging() as work, lock.held(self._lock_path(name)):
             version = self.resolve(ref, verify=False)
-            pointing = sorted(a for a, v in self.aliases(name).items() if v == version.version)
+            pointing = sorted(a for a, target in self.alias_targets(name).items() if version.version in target)
             if pointing and not force:
                 raise RegistryError(
                     f"{version.ref} is what alias(es) {', '.join(pointing)} point to; move them with "
                     "`tag`, remove them with `untag`, or delete with force"
                 )
             for alias in pointing:
-                self.history(name).record(alias, "delete", version.version, None, f"{version.ref} deleted")
+                self.history(name).record(alias, "delete", self._target(name, alias), None, f"{version.ref} deleted")
                 (self._name_dir(name) / "aliases" / alias).unlink()
             version.path.rename(work / "trash")  # disappears atomically; removed with the work dir
             fsync_dir(version.path.parent)
@@ -514,7 +538,8 @@ class AdapterStore:
             results += [self._verify_one(name, n, policy) for n in numbers]
             results += [
                 VerifyResult(f"{name}@{alias}", (f"alias points to missing version {v}",))
-                for alias, v in self.aliases(name).items()
+                for alias, target in self.alias_targets(name).items()
+                for v in target
                 if v not in numbers
             ]
         return results

@@ -24,17 +24,18 @@ from .errors import RegistryError
 from .fsutil import atomic_write_bytes
 
 ACTIONS = ("tag", "untag", "rollback", "delete")
+Recorded = int | dict[str, int] | None  # a target as recorded: version, {"version": percent}, none
 
 
 @dataclass(frozen=True)
 class AliasChange:
-    """One move of an alias: from version `before` to `after` (None: the alias did not exist /
-    was removed)."""
+    """One move of an alias: from `before` to `after`, each a version, {"version": percent} for a
+    canary (canary.py), or None (the alias did not exist / was removed)."""
 
     time: str  # ISO 8601, UTC
     action: str  # one of ACTIONS
-    before: int | None
-    after: int | None
+    before: int | dict[str, int] | None
+    after: int | dict[str, int] | None
     by: str  # user@host
     reason: str = ""
     applied: bool = True  # False only for a last entry a crash kept from taking effect
@@ -58,7 +59,7 @@ class AliasHistory:
     def _path(self, alias: str) -> Path:
         return self.dir / f"{alias}.jsonl"
 
-    def read(self, alias: str, current: int | None) -> list[AliasChange]:
+    def read(self, alias: str, current: Recorded) -> list[AliasChange]:
         """Oldest first; `current` is where the alias points now (None: nowhere)."""
         path = self._path(alias)
         if not path.is_file():
@@ -80,7 +81,7 @@ class AliasHistory:
         """Aliases that have a history (removed ones included)."""
         return sorted(p.stem for p in self.dir.glob("*.jsonl")) if self.dir.is_dir() else []
 
-    def record(self, alias: str, action: str, before: int | None, after: int | None, reason: str = "") -> None:
+    def record(self, alias: str, action: str, before: Recorded, after: Recorded, reason: str = "") -> None:
         """Append a change about to be made (a last entry that never took effect is dropped)."""
         if action not in ACTIONS:
             raise ValueError(f"action {action!r} is not one of {ACTIONS}")
@@ -90,10 +91,10 @@ class AliasHistory:
         lines = [json.dumps({k: v for k, v in asdict(c).items() if k != "applied"}) for c in changes]
         atomic_write_bytes(self._path(alias), ("\n".join(lines) + "\n").encode())
 
-    def rollback_target(self, alias: str, current: int | None) -> int:
+    def rollback_target(self, alias: str, current: Recorded) -> int | dict[str, int]:
         """The target before the current one, walking back over earlier rollbacks. RegistryError
         when the history holds no earlier target."""
-        stack: list[int | None] = []
+        stack: list[Recorded] = []
         for change in self.read(alias, current):
             if not change.applied:
                 continue

@@ -109,9 +109,19 @@ class Registry:
         """{alias: version number} of adapter `name`."""
         return self.adapters.aliases(name)
 
-    def tag(self, ref: str, alias: str, reason: str = "") -> AdapterVersion:
-        """Point `alias` at the version `ref` means (recorded in the alias's history)."""
-        return self.adapters.tag(ref, alias, reason)
+    def tag(self, ref: str, alias: str, reason: str = "", weight: int = 100) -> AdapterVersion:
+        """Point `alias` at the version `ref` means, or only `weight` percent of its traffic (a
+        canary; the rest stays on its stable version). Recorded in the alias's history."""
+        return self.adapters.tag(ref, alias, reason, weight)
+
+    def alias_targets(self, name: str) -> dict[str, dict[int, int]]:
+        """{alias: {version: percent of its traffic}} of adapter `name`."""
+        return self.adapters.alias_targets(name)
+
+    def route(self, ref: str, key: str | None = None) -> str:
+        """`ref` with a weighted alias replaced by the version one request goes to (a stable
+        hash of `key`, so one key stays on one version; at random without one)."""
+        return self.adapters.route(ref, key)
 
     def untag(self, name: str, alias: str, reason: str = "") -> None:
         """Remove an alias (recorded in its history)."""

@@ -126,8 +126,13 @@ class AdapterSource:
             raise AdapterUntrustedError(f"adapter {version.ref} is refused by the trust policy "
                                         f"{self.trust.path}: {status.reason}")
 
-    def key(self, ref: str) -> ResolvedAdapter:
-        """The concrete version `ref` names now."""
+    def key(self, ref: str, route_key: str = "") -> ResolvedAdapter:
+        """The concrete version `ref` names now (a weighted alias: the one this request goes to,
+        by `route_key`; registry/canary.py)."""
+        try:
+            ref = self.registry.route(ref, route_key or None)
+        except RegistryError as e:
+            raise engine_error(e, ref) from e
         version = self.resolve(ref)
         return ResolvedAdapter(version.name, version.version, version.digest)
 

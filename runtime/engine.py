@@ -224,7 +224,7 @@ class Engine:
                 raise InvalidRequestError("give adapter or mixture, not both")
             adapter = self.adapters.mixture_key(request.mixture)  # cached like a version, by recipe
         elif request.adapter:
-            adapter = self.adapters.key(request.adapter)
+            adapter = self.adapters.key(request.adapter, request.route_key)
         wanted = request.sampling.max_new_tokens
         if wanted is not None and len(prompt_ids) + wanted > self.max_model_len:
             raise InvalidRequestError(  # up front, as vLLM and OpenAI do, not cut at the context's end

@@ -120,6 +120,9 @@ class GenerationRequest:
     tool_choice: str = "auto"
     tool_name: str = ""
     parallel_tool_calls: bool = True
+    # A weighted alias (canary) sends a request with this key always to the same version (a
+    # stable hash of the key); without one, at random by the weights.
+    route_key: str = ""
 
 
 class FinishReason(enum.Enum):

@@ -60,6 +60,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                              description="Point ALIAS at the version REF means (moving it if it exists).")
     tag.add_argument("ref", help=REF_HELP)
     tag.add_argument("alias", help="alias name (starts with a letter)")
+    tag.add_argument("--weight", type=int, default=100, metavar="PERCENT",
+                     help="send only this percentage of the alias's traffic to REF (a canary), the rest to "
+                          "its stable version; requests with the same route key stay on one version "
+                          "(default: 100, all of it)")
     tag.add_argument("--reason", default="", help="why, for the alias's history")
     tag.set_defaults(func=cmd_tag)
 
@@ -140,7 +144,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def version_json(registry: Registry, v: AdapterVersion) -> dict:
     """The manifest plus name, version, ref, digest, path and the aliases pointing at it."""
-    aliases = sorted(a for a, n in registry.aliases(v.name).items() if n == v.version)
+    aliases = sorted(a for a, target in registry.alias_targets(v.name).items() if v.version in target)
     return {**v.manifest, "name": v.name, "version": v.version, "ref": v.ref,
             "digest": v.digest, "path": str(v.path), "aliases": aliases}
 
@@ -156,7 +160,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     else:
         rows = []
         for v in latest:
-            aliases = " ".join(f"{a}->{n}" for a, n in registry.aliases(v.name).items())
+            aliases = " ".join(f"{a}->" + "+".join(f"{n}" if w == 100 else f"{n}({w}%)" for n, w in sorted(t.items()))
+                               for a, t in registry.alias_targets(v.name).items())
             rows.append((v.name, v.version, len(registry.versions(v.name)), aliases or "-",
                          v.manifest["base"]["name"] or "?", v.manifest["rank"], v.manifest["created_at"]))
         print_table(("NAME", "LATEST", "VERSIONS", "ALIASES", "BASE", "RANK", "CREATED"), rows)
@@ -202,8 +207,11 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
-    v = registry_from(args).tag(args.ref, args.alias, args.reason)
-    print(f"{v.name}@{args.alias} -> {v.ref}")
+    registry = registry_from(args)
+    v = registry.tag(args.ref, args.alias, args.reason, args.weight)
+    target = registry.alias_targets(v.name)[args.alias]
+    print(f"{v.name}@{args.alias} -> " + ", ".join(f"{v.name}@{n} {w}%" for n, w in sorted(target.items()))
+          if len(target) > 1 else f"{v.name}@{args.alias} -> {v.ref}")
     return 0
 
 

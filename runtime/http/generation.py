@@ -85,14 +85,14 @@ class Generation:
             self._token_texts = convert.TokenTexts(getattr(self._engine, "tokenizer", None))
         return self._token_texts
 
-    async def run(self, request: Request, model: str, build: PlanBuilder, *, chat: bool,
-                  stream: bool) -> Response:
+    async def run(self, request: Request, model: str, build: PlanBuilder, *, chat: bool, stream: bool,
+                  route_key: str | None = None) -> Response:
         created = int(time.time())
         outcome = Outcome(self._metrics, ("ChatCompletions" if chat else "Completions") + ("Stream" if stream else ""))
         prompt_field = "messages" if chat else "prompt"
         plan = None
         try:
-            served = await asyncio.to_thread(self._catalog.resolve, model)
+            served = await asyncio.to_thread(self._catalog.resolve, model, route_key)
             outcome.label = served.label
             plan = build(served)
             requests = EngineRequests(self._engine, plan.requests)

@@ -58,9 +58,11 @@ class ModelCatalog:
     def base_name(self) -> str:
         return self._engine.info().base_name
 
-    def resolve(self, model: str) -> ServedModel:
-        """`""` or the base's name: the base; `BASE:ADAPTER` or a reference: its concrete version.
-        Raises ApiError 404 (param `model`) for anything that names no model."""
+    def resolve(self, model: str, route_key: str | None = None) -> ServedModel:
+        """`""` or the base's name: the base; `BASE:ADAPTER` or a reference: its concrete version
+        (a weighted alias: the version this request goes to, by `route_key`). Raises ApiError 404
+        (param `model`) for anything that names no model."""
+        model = self._routed(model, route_key)
         with self._lock:
             self._current()
             served = self._resolved.get(model)
@@ -69,6 +71,18 @@ class ModelCatalog:
             with self._lock:
                 self._resolved[model] = served
         return served
+
+    def _routed(self, model: str, route_key: str | None) -> str:
+        """`model` with a weighted alias replaced by one of its versions (not cached: each
+        request is routed on its own; a file read per request naming an alias)."""
+        prefix, _, ref = model.rpartition(":")
+        if "@" not in ref:
+            return model
+        try:
+            routed = self._registry.route(ref.strip(), route_key)
+        except (NotFoundError, InvalidNameError):
+            return model  # _resolve says what is wrong with it
+        return f"{prefix}:{routed}" if prefix else routed
 
     def _resolve(self, model: str) -> ServedModel:
         base = self.base_name

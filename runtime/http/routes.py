@@ -62,6 +62,14 @@ UPDATES_OFF = ("runtime adapter updates are off; start the server with --allow-a
                "(or publish with `loradock adapters publish`: the server sees new versions by itself)")
 
 
+ROUTE_KEY_HEADER = "X-Loradock-Route-Key"
+
+
+def _route_key(request: Request, body) -> str | None:
+    """What keeps a caller on one version of a canary: the header, else OpenAI's `user`."""
+    return request.headers.get(ROUTE_KEY_HEADER) or body.user or None
+
+
 def _version() -> str:
     try:
         return metadata.version("loradock")
@@ -117,13 +125,13 @@ def create_app(
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         """Chat completion; with `stream: true`, server-sent `chat.completion.chunk`s, then `[DONE]`."""
         return await generation.run(request, body.model, lambda m: convert.chat_plan(body, m),
-                                    chat=True, stream=bool(body.stream))
+                                    chat=True, stream=bool(body.stream), route_key=_route_key(request, body))
 
     @app.post("/v1/completions", response_model=Completion, responses=QUEUED)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         """Text completion of a prompt (text or token ids, one or several)."""
         return await generation.run(request, body.model, lambda m: convert.completion_plan(body, m),
-                                    chat=False, stream=bool(body.stream))
+                                    chat=False, stream=bool(body.stream), route_key=_route_key(request, body))
 
     # ---- runtime adapter management (vLLM's routes) ----
 

@@ -220,7 +220,8 @@ class _Sampling(_Request):
     stop: NonEmpty | list[NonEmpty] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: str | None = Field(None, description="identifies the caller; also keeps them on one version of a "
+                             "canary alias (the X-Loradock-Route-Key header, when given, does instead)")
     frequency_penalty: float | None = Field(None, ge=-2, le=2, description="minus this x each token's count "
                                             "in the output so far")
     presence_penalty: float | None = Field(None, ge=-2, le=2, description="minus this for each token in the "

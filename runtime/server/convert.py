@@ -175,6 +175,7 @@ def request_from_proto(msg: pb.GenerateRequest) -> GenerationRequest:
         tools=tuple(Tool(t.name, t.description, t.parameters) for t in msg.tools),
         tool_choice=msg.tool_choice or "auto",
         tool_name=msg.tool_name,
+        route_key=msg.route_key,
         **extra,
     )
 
@@ -203,6 +204,7 @@ def request_to_proto(req: GenerationRequest) -> pb.GenerateRequest:
         tool_choice=req.tool_choice,
         tool_name=req.tool_name,
         parallel_tool_calls=req.parallel_tool_calls,
+        route_key=req.route_key,
     )
     if req.mixture is not None:
         msg.mixture.CopyFrom(mixture_to_proto(req.mixture))

@@ -130,3 +130,36 @@ def test_sigkill_at_every_write_step_leaves_a_truthful_history(three: Registry, 
         pytest.fail("the move never completed")
     assert outcomes >= {(old, False), (old, True), (new, True)}  # before, between and after the writes
     assert os.path.isdir(root)
+
+
+def test_a_canary_splits_traffic_by_route_key_and_rolls_back(three: Registry):
+    """`tag m@3 prod --weight 10`: a tenth of prod's traffic to 3, the rest on its stable 1; one
+    route key always lands on one version; displays show the stable version; rollback restores
+    the plain alias; the canary's version cannot be deleted from under it."""
+    three.tag("m@3", "prod", weight=10, reason="canary")
+    assert three.alias_targets("m")["prod"] == {1: 90, 3: 10}
+    assert three.aliases("m")["prod"] == 1 and three.resolve("m@prod").version == 1  # unrouted: stable
+    text = (three.root / "adapters" / "m" / "aliases" / "prod").read_text()
+    assert not text.strip().isdigit()  # what a reader older than canaries requires: it ignores the alias
+    routed = [three.route("m@prod", f"user-{i}") for i in range(1000)]
+    share = routed.count("m@3") / len(routed)
+    assert set(routed) == {"m@1", "m@3"} and 0.07 <= share <= 0.13, share
+    assert {three.route("m@prod", "user-7") for _ in range(20)} == {routed[7]}
+    unkeyed = [three.route("m@prod", None) for _ in range(1000)].count("m@3") / 1000
+    assert 0.07 <= unkeyed <= 0.13, unkeyed
+    assert three.route("m@2", "user-1") == "m@2" and three.route("m", "user-1") == "m"
+    with pytest.raises(RegistryError, match="m@3 is what alias"):
+        three.delete("m@3")
+    three.tag("m@2", "prod", weight=20)  # a new canary replaces the previous one
+    assert three.alias_targets("m")["prod"] == {1: 80, 2: 20}
+    assert three.rollback("m", "prod").version == 1
+    assert three.alias_targets("m")["prod"] == {1: 90, 3: 10}
+    three.rollback("m", "prod", reason="canary failed")
+    assert three.alias_targets("m")["prod"] == {1: 100}
+    changes = three.alias_history("m", "prod")["prod"]
+    assert [(c.action, c.after) for c in changes][1:] == [
+        ("tag", {"1": 90, "3": 10}), ("tag", {"1": 80, "2": 20}), ("rollback", {"1": 90, "3": 10}), ("rollback", 1)]
+    with pytest.raises(RegistryError, match="already the alias's stable target"):
+        three.tag("m@1", "prod", weight=5)
+    with pytest.raises(RegistryError, match="a canary needs the alias to point"):
+        three.tag("m@2", "beta", weight=5)

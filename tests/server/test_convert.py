@@ -56,7 +56,8 @@ SAMPLING = SamplingParams(max_new_tokens=7, temperature=0.7, top_p=0.9, top_k=5,
                       ChatMessage("assistant", "", (ToolCall("get_weather", '{"city": "Oslo"}', "call_1"),)),
                       ChatMessage("tool", "rain", tool_call_id="call_1")),
             tools=(Tool("get_weather", "Weather in a city", '{"type": "object"}'), Tool("get_time")),
-            tool_choice="function", tool_name="get_weather", parallel_tool_calls=False, request_id="r8"),
+            tool_choice="function", tool_name="get_weather", parallel_tool_calls=False, request_id="r8",
+            adapter="m@prod", route_key="user-7"),
     ],
 )
 def test_requests_round_trip(request_):
