@@ -310,8 +310,8 @@ BREAKAGES = (
     ),
     Breakage(
         "tool-calls-stream-as-content", "runtime/tool_calls.py",
-        "        if self.whole:\n            return \"\"\n",
-        "",
+        "            return cls(\"\", whole=True)\n",
+        "            return None\n",
         ("tests/runtime/test_tool_calls.py", "tests/http/test_tool_calls.py::test_streamed_calls_arrive_as_tool_call_deltas"),
     ),
     Breakage(
@@ -331,6 +331,26 @@ BREAKAGES = (
         "if path in STREAMING_PATHS:",
         "if path in STREAMING_PATHS and False:",
         ("tests/http/test_contract.py::test_every_answer_keeps_the_published_contract",),
+    ),
+    Breakage(
+        "rollback-toggles-back-and-forth", "registry/alias_history.py",
+        "                if stack:\n                    stack.pop()\n",
+        "                stack.append(change.after)\n",
+        ("tests/registry/test_alias_history.py::test_moves_are_recorded_and_rollback_walks_back",),
+    ),
+    Breakage(
+        "canary-ignores-the-route-key", "registry/canary.py",
+        "    if key:\n",
+        "    if False:\n",
+        ("tests/registry/test_alias_history.py::test_a_canary_splits_traffic_by_route_key_and_rolls_back",),
+    ),
+    Breakage(
+        "history-written-after-the-alias", "registry/adapters.py",
+        "            self.history(name).record(alias, \"tag\", before, canary.to_record(target), reason)\n"
+        "            self._write_alias(name, alias, target)\n",
+        "            self._write_alias(name, alias, target)\n"
+        "            self.history(name).record(alias, \"tag\", before, canary.to_record(target), reason)\n",
+        ("tests/registry/test_alias_history.py::test_sigkill_at_every_write_step_leaves_a_truthful_history",),
     ),
 )
 
