@@ -140,6 +140,8 @@ class Engine:
         self.grammars = Grammars(self.tokenizer, mc.vocab_size, self.eos_ids)
         self.tool_format = (tool_calls.detect_format(getattr(self.tokenizer, "chat_template", None))
                             if cfg.tool_call_parser == "auto" else cfg.tool_call_parser)
+        log.info("tool calls: %s format%s", self.tool_format, "" if self.encoder.renders_tools
+                 else " (the chat template knows no tools: loradock renders them)")
         windows = sliding_windows(mc)
         if windows:
             log.info("sliding-window attention: %s tokens", ", ".join(map(str, windows)))
