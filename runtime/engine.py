@@ -345,7 +345,7 @@ class Engine:
             max_prompt_tokens=self.encoder.max_prompt_tokens, max_model_len=self.max_model_len,
             kv_cache_tokens=self.kv.capacity_tokens,
             lora_ops=cfg.lora_ops if self.lora_fallback is None else f"{cfg.lora_ops} ({self.lora_fallback})",
-            tool_call_parser=self.tool_format,
+            tool_call_parser=self.tool_format, vocab_size=self.encoder.vocab_size,
         )
 
     def stats(self) -> dict:

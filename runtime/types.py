@@ -246,3 +246,4 @@ class EngineInfo:
     kv_cache_tokens: int
     lora_ops: str
     tool_call_parser: str  # how tool calls are rendered and parsed (runtime/tool_calls.py)
+    vocab_size: int  # token ids are in [0, vocab_size)

@@ -244,5 +244,6 @@ def create_app(
     app.add_middleware(Gate, engine=engine, state=state, metrics=metrics, auth_token=auth_token,
                        max_body_bytes=max_body_bytes)
     chunk = ChatCompletionChunk.model_json_schema(ref_template="#/components/schemas/{model}")
-    contract(app, {"ChatCompletionChunk": {k: v for k, v in chunk.items() if k != "$defs"}, **chunk.get("$defs", {})})
+    contract(app, {"ChatCompletionChunk": {k: v for k, v in chunk.items() if k != "$defs"}, **chunk.get("$defs", {})},
+             vocab_size=lambda: getattr(engine.info(), "vocab_size", None) if engine.ready else None)
     return app

@@ -26,14 +26,15 @@ def _whole_number(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-def Int(**bounds: int) -> Any:
+def Int(schema: dict | None = None, **bounds: int) -> Any:
     """An integer within `bounds` (ge, gt, le, lt); whole floats count. The bounds sit inside the
     annotation, before the validator, so that the schema shows them as minimum / maximum."""
-    return Annotated[int, Field(**bounds), BeforeValidator(_whole_number)]
+    return Annotated[int, Field(json_schema_extra=schema, **bounds), BeforeValidator(_whole_number)]
 
 
 NonEmpty = Annotated[str, Field(min_length=1)]
-TokenId = Int(ge=0)
+TOKEN_ID_MARK = "x-loradock-token-id"  # openapi.py turns it into the served vocabulary's maximum
+TokenId = Int({TOKEN_ID_MARK: True}, ge=0)
 
 
 @dataclass(frozen=True)

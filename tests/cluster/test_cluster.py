@@ -102,6 +102,31 @@ def test_an_alias_move_is_served_by_the_new_version_on_every_replica(cluster: Cl
         registry.tag("mover@1", "prod")
 
 
+def test_a_canary_splits_traffic_across_the_replicas_by_route_key(cluster: Cluster):
+    """The ingress routes each request of a 10% canary once (by its `user`), the replicas serve
+    the concrete version: ~10% of 1,000 requests on the canary, one caller on one version."""
+    import concurrent.futures as cf
+
+    registry = cluster.registry
+    registry.tag("mover@2", "prod", weight=10, reason="cluster canary")
+    try:
+        with httpx.Client(timeout=120) as client:
+            def ask(user: str) -> str:
+                answer = client.post(f"{cluster.url}/v1/completions", json={
+                    "model": "mover@prod", "prompt": "Hi", "max_tokens": 1, "temperature": 0, "user": user})
+                assert answer.status_code == 200, answer.text
+                return answer.json()["model"]
+
+            with cf.ThreadPoolExecutor(8) as pool:
+                models = list(pool.map(ask, (f"user-{i}" for i in range(1000))))
+            again = {ask("user-5") for _ in range(8)}
+        canary = models.count("mover@2")
+        assert set(models) == {"mover@1", "mover@2"} and 70 <= canary <= 130, canary
+        assert again == {models[5]}
+    finally:
+        registry.tag("mover@1", "prod")
+
+
 def test_a_version_a_replica_cannot_load_fails_only_its_requests(cluster: Cluster):
     import concurrent.futures as cf
 
@@ -175,3 +200,4 @@ def test_a_killed_replica_loses_no_request_the_client_retries(cluster: Cluster, 
     assert answers == [expected] * 4
     assert retries, "no request was running on the killed replica: nothing was tested"
     assert all("replica" in m for m in retries), retries
+
