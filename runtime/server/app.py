@@ -7,6 +7,7 @@ it beside the HTTP edge through the same lifecycle.
 from __future__ import annotations
 
 import logging
+import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,10 +66,15 @@ class RuntimeServer:
         log.info("serving on %s", self.address)
 
     def drain(self, timeout: float = DEFAULT_DRAIN_TIMEOUT_S) -> bool:
-        """Stop accepting calls and wait up to `timeout` s for running ones; True if all finished."""
+        """Stop accepting calls and wait up to `timeout` s for running ones; True if all finished.
+        The server keeps listening meanwhile, so a late call gets the gate's UNAVAILABLE (retry
+        elsewhere), not a connection cut by gRPC's own stop."""
         self.health.enter_graceful_shutdown()  # NOT_SERVING, and stays so
         self._gate.close()
-        return self.grpc_server.stop(grace=timeout).wait(timeout + 5)
+        deadline = time.monotonic() + timeout
+        idle = self._gate.wait_idle(timeout)
+        stopped = self.grpc_server.stop(grace=max(0.0, deadline - time.monotonic())).wait(timeout + 5)
+        return idle and stopped
 
     def stop(self) -> None:
         """Stop at once, aborting running calls."""

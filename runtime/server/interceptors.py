@@ -63,12 +63,63 @@ class BearerTokenAuth(_Guard):
         return None
 
 
+def _counted(handler: grpc.RpcMethodHandler, enter: Callable[[], None], leave: Callable[[], None]):
+    """`handler` with `enter()` before each call and `leave()` once it has ended (a streamed
+    answer: once its last message went out, or the stream was closed)."""
+    if handler.response_streaming:
+        behaviour = handler.stream_stream if handler.request_streaming else handler.unary_stream
+
+        def call(request, context):
+            enter()
+            try:
+                yield from behaviour(request, context)
+            finally:
+                leave()
+    else:
+        behaviour = handler.stream_unary if handler.request_streaming else handler.unary_unary
+
+        def call(request, context):
+            enter()
+            try:
+                return behaviour(request, context)
+            finally:
+                leave()
+    make = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+    return make[handler.request_streaming, handler.response_streaming](
+        call, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+
+
 class DrainGate(_Guard):
-    """Once closed, new Runtime calls get UNAVAILABLE while calls already running finish."""
+    """Once closed, new Runtime calls get UNAVAILABLE while calls already running finish; counts
+    the running ones, so a drain can keep the server up (answering UNAVAILABLE, not dropping
+    connections) until they are done."""
 
     def __init__(self) -> None:
         self._closed = threading.Event()
+        self._running = 0
+        self._idle = threading.Condition()
         super().__init__(self._verify)
+
+    def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
+        handler = super().intercept_service(continuation, handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(SERVICE_PREFIX) or self.closed:
+            return handler  # closed: the rejecting handler
+        return _counted(handler, self._enter, self._leave)
+
+    def _enter(self) -> None:
+        with self._idle:
+            self._running += 1
+
+    def _leave(self) -> None:
+        with self._idle:
+            self._running -= 1
+            self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for the running calls to end; True if they did."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._running == 0, timeout)
 
     def close(self) -> None:
         self._closed.set()
