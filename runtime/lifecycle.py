@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -20,6 +21,49 @@ from loradock.runtime.metrics import Metrics, start_metrics_http
 log = logging.getLogger(__name__)
 
 DEFAULT_DRAIN_TIMEOUT_S = 60.0
+
+
+class EdgeState:
+    """An edge's draining flag and its requests in flight (the HTTP gate and the gRPC drain gate
+    count them; a drain waits for none to be left)."""
+
+    def __init__(self) -> None:
+        self._draining = threading.Event()
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._idle = threading.Condition(self._lock)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining.is_set()
+
+    def start_draining(self) -> None:
+        self._draining.set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def enter(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True when no API request is in flight within `timeout` s."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._in_flight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+            return True
 
 
 class StartupError(RuntimeError):

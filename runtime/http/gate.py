@@ -8,9 +8,9 @@ request in the metrics, by route template, so unknown paths cannot create new se
 from __future__ import annotations
 
 import hmac
-import threading
 import time
 
+from loradock.runtime.lifecycle import EdgeState
 from loradock.runtime.metrics import Metrics
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -20,48 +20,6 @@ from .errors import ApiError, draining, loading
 API_PREFIX = "/v1/"
 API_ROOT_PATHS = frozenset({"/tokenize", "/detokenize"})  # vLLM's, outside /v1/ but the API all the same
 UNMATCHED = "(unmatched)"
-
-
-class EdgeState:
-    """Draining flag and requests in flight, shared by the gate and the server's drain."""
-
-    def __init__(self) -> None:
-        self._draining = threading.Event()
-        self._lock = threading.Lock()
-        self._in_flight = 0
-        self._idle = threading.Condition(self._lock)
-
-    @property
-    def draining(self) -> bool:
-        return self._draining.is_set()
-
-    def start_draining(self) -> None:
-        self._draining.set()
-
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
-    def enter(self) -> None:
-        with self._lock:
-            self._in_flight += 1
-
-    def leave(self) -> None:
-        with self._lock:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.notify_all()
-
-    def wait_idle(self, timeout: float) -> bool:
-        """True when no API request is in flight within `timeout` s."""
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while self._in_flight:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._idle.wait(left)
-            return True
 
 
 class _TooLarge(HTTPException):

@@ -18,6 +18,7 @@ from loradock.registry import (
 )
 from loradock.registry.fsutil import sha256_file
 from loradock.registry.validate import ADAPTER_FILES
+from loradock.runtime.lifecycle import EdgeState
 from loradock.runtime.metrics import CONTENT_TYPE, Metrics
 from starlette.exceptions import HTTPException
 
@@ -31,7 +32,7 @@ from .errors import (
     loading,
     validation_error,
 )
-from .gate import EdgeState, Gate
+from .gate import Gate
 from .generation import Generation
 from .models import ModelCatalog
 from .openapi import contract

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import uvicorn
 from loradock.registry import Registry
+from loradock.runtime.lifecycle import EdgeState
 from loradock.runtime.metrics import Metrics
 
-from .gate import EdgeState
 from .routes import create_app
 
 log = logging.getLogger(__name__)

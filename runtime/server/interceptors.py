@@ -7,10 +7,10 @@ open so load balancers and tools can probe a server without its token.
 from __future__ import annotations
 
 import hmac
-import threading
 from collections.abc import Callable
 
 import grpc
+from loradock.runtime.lifecycle import EdgeState
 
 SERVICE_PREFIX = "/loradock.v1.Runtime/"
 
@@ -92,43 +92,31 @@ def _counted(handler: grpc.RpcMethodHandler, enter: Callable[[], None], leave: C
 
 class DrainGate(_Guard):
     """Once closed, new Runtime calls get UNAVAILABLE while calls already running finish; counts
-    the running ones, so a drain can keep the server up (answering UNAVAILABLE, not dropping
-    connections) until they are done."""
+    the running ones in an `EdgeState`, so a drain can keep the server up (answering
+    UNAVAILABLE, not dropping connections) until they are done."""
 
     def __init__(self) -> None:
-        self._closed = threading.Event()
-        self._running = 0
-        self._idle = threading.Condition()
+        self.state = EdgeState()
         super().__init__(self._verify)
 
     def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
         handler = super().intercept_service(continuation, handler_call_details)
         if handler is None or not handler_call_details.method.startswith(SERVICE_PREFIX) or self.closed:
             return handler  # closed: the rejecting handler
-        return _counted(handler, self._enter, self._leave)
-
-    def _enter(self) -> None:
-        with self._idle:
-            self._running += 1
-
-    def _leave(self) -> None:
-        with self._idle:
-            self._running -= 1
-            self._idle.notify_all()
+        return _counted(handler, self.state.enter, self.state.leave)
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait up to `timeout` s for the running calls to end; True if they did."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._running == 0, timeout)
+        return self.state.wait_idle(timeout)
 
     def close(self) -> None:
-        self._closed.set()
+        self.state.start_draining()
 
     @property
     def closed(self) -> bool:
-        return self._closed.is_set()
+        return self.state.draining
 
     def _verify(self, metadata: dict[str, str]) -> tuple[grpc.StatusCode, str] | None:
-        if self._closed.is_set():
+        if self.closed:
             return grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica"
         return None
