@@ -75,7 +75,8 @@ gpu-install:
 	rm -rf $(GPU_WORK) && mkdir -p $(GPU_WORK) && cp -r tests pyproject.toml $(GPU_WORK)/
 
 gpu-test: gpu-install
-	$(GPU_RUN) -m pytest -q -m cuda -p no:cacheprovider tests/runtime/test_cuda.py tests/runtime/test_triton_lora.py
+	$(GPU_RUN) -m pytest -q -m cuda -p no:cacheprovider tests/runtime/test_cuda.py tests/runtime/test_triton_lora.py \
+		tests/runtime/test_triton_attention.py
 
 gpu-bench: gpu-install
 	$(GPU_RUN) -m loradock.cli bench --quick --name gpu-quick --dtype bfloat16 \

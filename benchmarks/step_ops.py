@@ -10,22 +10,48 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+from loradock.runtime import triton_attention, triton_lora
 from loradock.runtime.engine import Engine
 from loradock.runtime.sequence import SeqStatus
 from loradock.runtime.types import GenerationRequest, SamplingParams
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+# The functions that launch loradock's Triton kernels, each launch counted as one op.
+LAUNCHERS = ((triton_attention, "paged_attention"), (triton_lora, "segmented_matmul"))
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts the torch ops dispatched in this thread while active."""
+    """Counts the torch ops dispatched in this thread while active, and each Triton kernel launch
+    (with its output allocation) as one: on a GPU a launch dispatches no torch op, and under the
+    CPU interpreter it would count the interpreter's own tensor copies instead."""
 
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
+        self._originals: list = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += 1
         return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        for module, name in LAUNCHERS:
+            self._originals.append(getattr(module, name))
+            setattr(module, name, self._counted(getattr(module, name)))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for (module, name), original in zip(LAUNCHERS, self._originals, strict=True):
+            setattr(module, name, original)
+        self._originals.clear()
+        return super().__exit__(*exc)
+
+    def _counted(self, launch):
+        def counted(*args, **kwargs):
+            self.count += 1
+            with _disable_current_modes():
+                return launch(*args, **kwargs)
+        return counted
 
 
 def ops_per_decode_step(engine: Engine, adapters: Sequence[str | None], prompt_ids: Sequence[int],

@@ -13,18 +13,25 @@ masks are built once per step too, one per window size the model has). No 4D mas
 reaches transformers: the name is not registered as a mask function, so it passes
 `attention_mask=None`.
 
+With the triton backend (`pick_attention`), the step carries block tables instead of groups
+(`AttentionBatch.paged`) and one kernel per layer reads the pool in place
+(`triton_attention.py`); the K/V write is the same `index_copy_`.
+
 Outside a loradock step (no batch context) it behaves as plain SDPA, so the model
 stays usable on its own.
 """
 
 from __future__ import annotations
 
+import os
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+from . import triton_attention
 from .batch_context import current_context
+from .triton_lora import available as triton_available
 
 ATTENTION_NAME = "loradock"
 
@@ -42,11 +49,13 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     k_pool.index_copy_(0, batch.write_index, key[0].transpose(0, 1))
     v_pool.index_copy_(0, batch.write_index, value[0].transpose(0, 1))
     q_all = query[0].transpose(0, 1)  # [T, heads, d]
-    out = torch.empty_like(q_all)
-    gqa = query.shape[1] != key.shape[1]
     if kwargs.get("s_aux") is not None:  # never silently drop what the model asks for
         raise NotImplementedError("attention sinks (s_aux) are not served")
     window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    if batch.paged is not None:
+        return triton_attention.paged_attention(q_all, k_pool, v_pool, batch.paged, scaling, window, softcap)[None], None
+    out = torch.empty_like(q_all)
+    gqa = query.shape[1] != key.shape[1]
     attend = F.scaled_dot_product_attention if softcap is None else partial(softcapped_attention, softcap=softcap)
     for g in batch.groups:
         mask = g.masks.get(window)
@@ -82,6 +91,43 @@ def rows(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """source[index] for an index of any shape, as one index_select (on CPU 5x faster than
     advanced indexing for a decode step's key gather: 0.21 against 1.05 ms for 32 x 192 rows)."""
     return source.index_select(0, index.reshape(-1)).view(*index.shape, *source.shape[1:])
+
+
+def pick_attention(requested: str, device: torch.device) -> str:
+    """The attention backend to build steps for: "auto" is triton on CUDA where Triton is
+    installed, sdpa elsewhere; "triton" on CPU only under Triton's interpreter (the tests)."""
+    if requested == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "sdpa"
+    if requested == "triton":
+        if not triton_available():
+            raise ValueError("attention='triton' needs Triton installed (it ships with CUDA builds of torch)")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("attention='triton' runs on CUDA devices (on CPU only under TRITON_INTERPRET=1, "
+                             "which is for tests); use attention='sdpa' or 'auto'")
+    return requested
+
+
+def check_paged_kernel(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Run the paged kernel once on a small random step (decode tokens, a prompt chunk after a
+    cached prefix, grouped heads, a window, soft-capping) against its reference on `device`:
+    None when it matches, else why not (so a broken kernel is never trusted with requests)."""
+    g = torch.Generator().manual_seed(0)
+    k_pool, v_pool = (torch.randn(12 * 4, 2, 64, generator=g).to(device, dtype) for _ in range(2))
+    q = torch.randn(1 + 1 + 9, 8, 64, generator=g).to(device, dtype)
+    tables = torch.tensor([[3, 0, 0], [5, 7, 0], [11, 9, 2]], device=device)
+    batch = triton_attention.paged_seqs([0, 1, 2], [2, 6, 2], [1, 1, 9], tables, 4)
+    tolerance = 1e-3 if dtype == torch.float32 else 3e-2
+    try:
+        for window, softcap in ((None, None), (3, 5.0)):
+            got = triton_attention.paged_attention(q, k_pool, v_pool, batch, None, window, softcap).float()
+            want = triton_attention.reference_paged_attention(q.float(), k_pool.float(), v_pool.float(), batch,
+                                                              None, window, softcap)
+            error = (got - want).abs().max().item()
+            if not error <= tolerance:
+                return f"the kernel differs from its reference by {error:.3g} (window {window}, softcap {softcap})"
+    except Exception as e:  # a kernel that fails to compile or run: serve with SDPA
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 _registered = False

@@ -16,17 +16,20 @@ from dataclasses import dataclass
 import torch
 
 from .batching import AttentionGroup, SlotGroups
+from .triton_attention import PagedSeqs
 
 
 @dataclass(frozen=True)
 class AttentionBatch:
     """What the attention function needs: where the step's new keys/values go in the paged pool
-    and which cached ones each query reads."""
+    and which cached ones each query reads: as gathered groups with masks (the sdpa backend) or
+    as block tables the kernel reads (triton)."""
 
     k_pool: torch.Tensor  # [layers, pool slots, kv_heads, head_dim]
     v_pool: torch.Tensor  # [layers, pool slots, kv_heads, head_dim]
     write_index: torch.Tensor  # [T] pool slot of each new token
-    groups: tuple[AttentionGroup, ...]  # at most two calls: decode tokens, prompt chunks
+    groups: tuple[AttentionGroup, ...]  # sdpa: at most two calls, decode tokens and prompt chunks
+    paged: PagedSeqs | None = None  # triton: every sequence in one kernel launch
 
 
 @dataclass(frozen=True)

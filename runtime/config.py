@@ -14,6 +14,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # so that EngineConfig and the CLI's --lora-ops choices need no torch; runtime/lora_ops.py maps
 # each name NAME to its function NAME_lora and fails at import if one is missing.
 LORA_OPS = ("auto", "reference", "segmented", "batched", "triton", "gathered")
+ATTENTION_BACKENDS = ("auto", "sdpa", "triton")  # runtime/attention.py's pick_attention
 TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json", "mistral")  # runtime/tool_calls.py's FORMATS
 
 
@@ -101,6 +102,13 @@ class EngineConfig:
     the step, or the torch ops alone if the Triton kernels fail at start; on CPU: batched when the
     padding is small, else segmented; measured, see docs/architecture.md)."""
 
+    attention: str = "auto"
+    """Attention over the paged KV cache: "sdpa" (each sequence's keys gathered into a padded copy
+    with a boolean mask, two PyTorch SDPA calls per layer: decode tokens, prompt chunks),
+    "triton" (one Triton kernel per layer reading the pool through the block tables: no copy, no
+    mask, windows and soft-capping in the kernel; CUDA only) or "auto" (triton on CUDA once it
+    matches the reference at start, else sdpa, logged; sdpa on CPU)."""
+
     cuda_graphs: bool = True
     """On CUDA, run decode-only steps as CUDA graphs, one per (batch, context) bucket (powers of
     two up to max_running and max_model_len), all captured at start, largest first; a capture
@@ -150,6 +158,7 @@ class EngineConfig:
         choice("dtype", DTYPES)
         choice("compute_dtype", DTYPES)
         choice("lora_ops", LORA_OPS)
+        choice("attention", ATTENTION_BACKENDS)
         choice("tool_call_parser", TOOL_CALL_PARSERS)
         for name in ("max_slots", "max_rank", "host_cache_bytes", "max_host_adapters", "max_running",
                      "max_batch_tokens", "max_queue", "max_prompt_tokens", "max_model_len",

@@ -29,7 +29,8 @@ import torch
 
 from .batch_context import AttentionBatch, BatchContext, static_lora_batch, use_context
 from .batching import AttentionGroup
-from .kv_cache import KVPool
+from .kv_cache import KVPool, blocks_for
+from .triton_attention import PagedSeqs
 
 log = logging.getLogger(__name__)
 
@@ -57,63 +58,90 @@ def fits(bucket_list: Sequence[int], n: int) -> int:
 class StaticDecodeStep:
     """Persistent inputs, batch context and (once captured) the graph of one (batch, context)
     bucket. `meta` holds [4, rows] (each row's token, position, adapter slot and pool slot to
-    write) then [rows, context] (the pool slots of its context); it is filled on the host and
-    copied at once."""
+    write) then what attention reads: with `paged` (the Triton kernel) each row's (row, 1, cached
+    tokens) and its block table [rows, context / block_size], else [rows, context] (the pool
+    slots of its context, gathered for SDPA, whose masks are made from the positions on the
+    device). It is filled on the host and copied at once."""
 
     FIELDS = 4
 
     def __init__(self, model: torch.nn.Module, pool: KVPool, device: torch.device, rows: int,
-                 context: int, windows: Sequence[int] = ()) -> None:
-        self.model, self.rows, self.context, self.device = model, rows, context, device
-        size = rows * (self.FIELDS + context)
+                 context: int, windows: Sequence[int] = (), paged: bool = False) -> None:
+        self.model, self.rows, self.context, self.device, self.paged = model, rows, context, device, paged
+        self.block_size = pool.block_size
+        tail = rows * (3 + blocks_for(context, pool.block_size)) if paged else rows * context
+        size = rows * self.FIELDS + tail
         self.meta = torch.zeros(size, dtype=torch.long, device=device)
         self.host = torch.zeros(size, dtype=torch.long, pin_memory=device.type == "cuda")
         self.tokens, self.positions, self.slots, self.write_index = self.meta[:self.FIELDS * rows].view(self.FIELDS, rows)
-        self.kv_index = self.meta[self.FIELDS * rows:].view(rows, context)
-        self.key_positions = torch.arange(context, device=device)
-        # One persistent mask per sliding window (None: the whole context), rewritten before each replay.
-        self.masks = {w: torch.zeros(rows, 1, 1, context, dtype=torch.bool, device=device)
-                      for w in (None, *windows)}
         rows_index = torch.arange(rows, device=device)
         lora = static_lora_batch(self.slots)
         self.run_table = lora.run_table
-        group = AttentionGroup(rows_index[:, None], self.kv_index, self.masks, None, rows_index)
-        self.ctx = BatchContext(lora, AttentionBatch(pool.k, pool.v, self.write_index, (group,)))
+        if paged:
+            seqs, tables = self._paged_views(self.meta)
+            attention = AttentionBatch(pool.k, pool.v, self.write_index, (),
+                                       PagedSeqs(tables, seqs, 1, pool.block_size))
+            self.masks: dict[int | None, torch.Tensor] = {}
+        else:
+            self.kv_index = self.meta[self.FIELDS * rows:].view(rows, context)
+            self.key_positions = torch.arange(context, device=device)
+            # One persistent mask per sliding window (None: the whole context), rewritten before each replay.
+            self.masks = {w: torch.zeros(rows, 1, 1, context, dtype=torch.bool, device=device)
+                          for w in (None, *windows)}
+            group = AttentionGroup(rows_index[:, None], self.kv_index, self.masks, None, rows_index)
+            attention = AttentionBatch(pool.k, pool.v, self.write_index, (group,))
+        self.ctx = BatchContext(lora, attention)
         self.keep = rows_index
         self.logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
 
+    def _paged_views(self, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(seqs [rows, 3], tables [rows, blocks]) in `meta` or its host copy."""
+        tail = meta[self.FIELDS * self.rows:]
+        return tail[:3 * self.rows].view(self.rows, 3), tail[3 * self.rows:].view(self.rows, -1)
+
     def fill(self, items: Sequence, block_size: int) -> None:
         """Write the step's decode items (blocks, past, tokens, slot) into the persistent inputs;
-        rows past len(items) are padding."""
+        rows past len(items) are padding (base model, token 0 at position 0, on the null block)."""
         self.host.zero_()
         fields = self.host[:self.FIELDS * self.rows].view(self.FIELDS, self.rows)
-        kv_index = self.host[self.FIELDS * self.rows:].view(self.rows, self.context)
         n = len(items)
         fields[:3, :n] = torch.tensor([[it.tokens[0] for it in items], [it.past for it in items],
                                        [it.slot for it in items]])
         past = fields[1, :n]
         width = max(len(it.blocks) for it in items)
         tables = torch.tensor([[*it.blocks, *[0] * (width - len(it.blocks))] for it in items])  # [n, blocks]
-        keys = torch.arange(min(self.context, width * block_size))
-        pool_slots = tables[:, keys // block_size] * block_size + keys % block_size  # [n, keys]
-        kv_index[:n, :len(keys)] = torch.where(keys[None, :] <= past[:, None], pool_slots, 0)
-        fields[3, :n] = pool_slots.gather(1, past[:, None])[:, 0]
+        fields[3, :n] = tables.gather(1, past[:, None] // block_size)[:, 0] * block_size + past % block_size
+        if self.paged:
+            seqs, host_tables = self._paged_views(self.host)
+            seqs[:, 0] = torch.arange(self.rows)
+            seqs[:, 1] = 1
+            seqs[:n, 2] = past
+            host_tables[:n, :width] = tables
+        else:
+            kv_index = self.host[self.FIELDS * self.rows:].view(self.rows, self.context)
+            keys = torch.arange(min(self.context, width * block_size))
+            pool_slots = tables[:, keys // block_size] * block_size + keys % block_size  # [n, keys]
+            kv_index[:n, :len(keys)] = torch.where(keys[None, :] <= past[:, None], pool_slots, 0)
         self.meta.copy_(self.host)  # blocking: the host buffer is rewritten by the next fill
 
     def forward(self) -> torch.Tensor:
         """The static forward over the current inputs (what a capture records) -> logits [rows, vocab]."""
+        if not self.paged:
+            self._write_masks()
+        self.run_table[:, 2].copy_(self.slots)
+        with use_context(self.ctx):
+            out = self.model(input_ids=self.tokens[None], position_ids=self.positions[None],
+                             use_cache=False, logits_to_keep=self.keep)
+        return out.logits[0]
+
+    def _write_masks(self) -> None:
         causal = self.masks[None].view(self.rows, -1)
         torch.le(self.key_positions[None, :], self.positions[:, None], out=causal)
         for window, mask in self.masks.items():
             if window is not None:  # the last `window` keys: position > query position - window
                 torch.logical_and(causal, self.key_positions[None, :] > (self.positions - window)[:, None],
                                   out=mask.view(self.rows, -1))
-        self.run_table[:, 2].copy_(self.slots)
-        with use_context(self.ctx):
-            out = self.model(input_ids=self.tokens[None], position_ids=self.positions[None],
-                             use_cache=False, logits_to_keep=self.keep)
-        return out.logits[0]
 
     @torch.inference_mode()
     def capture(self, pool_handle) -> None:
@@ -139,14 +167,17 @@ class StaticDecodeStep:
 
 class DecodeGraphs:
     """The static decode steps of one engine, by (batch, context) bucket: all captured by
-    `capture_all` when `capture`, else run as eager static forwards."""
+    `capture_all` when `capture`, else run as eager static forwards. With `paged` attention (the
+    Triton kernel reads block tables of a fixed width) the context needs no buckets: one per batch
+    bucket."""
 
     def __init__(self, model: torch.nn.Module, pool: KVPool, device: torch.device, max_batch: int,
-                 max_context: int, capture: bool, windows: Sequence[int] = ()) -> None:
+                 max_context: int, capture: bool, windows: Sequence[int] = (), paged: bool = False) -> None:
         self.model, self.pool, self.device, self.capture = model, pool, device, capture
-        self.windows = tuple(windows)
+        self.windows, self.paged = tuple(windows), paged
         self.batch_buckets = buckets(max_batch)
-        self.context_buckets = buckets(max_context, min(MIN_CONTEXT_BUCKET, max_context))
+        self.context_buckets = ([max_context] if paged
+                                else buckets(max_context, min(MIN_CONTEXT_BUCKET, max_context)))
         self.steps: dict[tuple[int, int], StaticDecodeStep] = {}
         self.pool_handle = torch.cuda.graph_pool_handle() if capture else None
         self.failed: str | None = None  # why capturing stopped (then every step runs eagerly)
@@ -163,7 +194,7 @@ class DecodeGraphs:
         step = self.steps.get(key)
         if step is None:
             step = self.steps[key] = StaticDecodeStep(self.model, self.pool, self.device, rows, context,
-                                                      self.windows)
+                                                      self.windows, self.paged)
         return step
 
     def forward(self, items: Sequence) -> torch.Tensor:

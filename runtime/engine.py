@@ -31,6 +31,7 @@ from .adapter_cache import AdapterCache, CacheCapacity, LoadState
 from .adapter_source import AdapterSource
 from .adapter_weights import ServedModel
 from .admission import Admitter
+from .attention import check_paged_kernel, pick_attention
 from .batch_context import static_lora_batch
 from .block_manager import BlockManager
 from .config import EngineConfig
@@ -145,10 +146,11 @@ class Engine:
         windows = sliding_windows(mc)
         if windows:
             log.info("sliding-window attention: %s tokens", ", ".join(map(str, windows)))
+        self.attention, self.attention_fallback = self._pick_attention()
         graphs = (DecodeGraphs(model, self.kv, self.device, cfg.max_running, self.max_model_len, capture=True,
-                               windows=windows)
+                               windows=windows, paged=self.attention == "triton")
                   if cfg.cuda_graphs and self.device.type == "cuda" and cfg.quantize != "int8" else None)
-        self.runner = ModelRunner(model, self.kv, self.device, graphs, windows)
+        self.runner = ModelRunner(model, self.kv, self.device, graphs, windows, self.attention)
         self.cache = AdapterCache(
             CacheCapacity(cfg.max_slots, cfg.host_cache_bytes, cfg.max_host_adapters),
             load=self.adapters.read, layers=self.layers, stats=self._stats,
@@ -165,6 +167,23 @@ class Engine:
         log.info("engine ready: %s (%s, %s) with %d LoRA-wrapped linears",
                  self.base.name, cfg.quantize, self.device, len(self.layers))
         return self
+
+    def _pick_attention(self) -> tuple[str, str | None]:
+        """The attention backend (attention.pick_attention), its kernel checked against the
+        reference on this device first: (backend, why the Triton kernel was given up or None).
+        "auto" falls back to SDPA, logged; "triton" asked for by name fails the start instead."""
+        requested = self.config.attention
+        backend = pick_attention(requested, self.device)
+        problem = check_paged_kernel(self.device, self.dtype) if backend == "triton" else None
+        if problem is not None:
+            if requested == "triton":
+                raise ValueError(f"attention='triton': the paged attention kernel failed its check at start "
+                                 f"({problem}); use attention='auto' to serve with SDPA")
+            log.warning("the paged attention kernel failed its check at start (%s): attention runs on SDPA",
+                        problem)
+            backend = "sdpa"
+        log.info("attention: %s", backend)
+        return backend, problem
 
     def _warm_up(self) -> None:
         blocks: list[int] = []
@@ -346,6 +365,8 @@ class Engine:
             kv_cache_tokens=self.kv.capacity_tokens,
             lora_ops=cfg.lora_ops if self.lora_fallback is None else f"{cfg.lora_ops} ({self.lora_fallback})",
             tool_call_parser=self.tool_format, vocab_size=self.encoder.vocab_size,
+            attention=self.attention if self.attention_fallback is None
+            else f"{self.attention} ({self.attention_fallback})",
         )
 
     def stats(self) -> dict:

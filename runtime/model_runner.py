@@ -11,6 +11,7 @@ from . import batching
 from .batch_context import AttentionBatch, BatchContext, LoRABatch, use_context
 from .cuda_graphs import DecodeGraphs
 from .kv_cache import KVPool
+from .triton_attention import paged_seqs
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,10 @@ def lora_batch(slot_list: Sequence[int], device: torch.device) -> LoRABatch:
 
 
 def attention_batch(pool: KVPool, items: Sequence[StepItem], cu_lens: Sequence[int],
-                    device: torch.device, windows: Sequence[int] = ()) -> AttentionBatch:
-    """The attention function's view of a step: pool slots to write, one group per call, with a
-    mask per sliding window in `windows`."""
+                    device: torch.device, windows: Sequence[int] = (), paged: bool = False) -> AttentionBatch:
+    """The attention function's view of a step: pool slots to write, and either the block tables
+    the paged kernel reads (`paged`) or one group per SDPA call, with a mask per sliding window
+    in `windows`."""
     bs = pool.block_size
     width = max(len(it.blocks) for it in items)
     tables = torch.tensor([[*it.blocks, *[0] * (width - len(it.blocks))] for it in items],
@@ -66,6 +68,9 @@ def attention_batch(pool: KVPool, items: Sequence[StepItem], cu_lens: Sequence[i
     owner = torch.repeat_interleave(torch.arange(len(items), device=device),
                                     torch.tensor(chunks, device=device))  # [T] sequence of each token
     write_index = batching.slot_index(tables[owner], positions[:, None], bs).view(-1)  # [T]
+    if paged:
+        return AttentionBatch(pool.k, pool.v, write_index, (), paged_seqs(
+            cu_lens[:-1], [it.past for it in items], chunks, tables, bs))
     groups = []
     for members in ([i for i, n in enumerate(chunks) if n == 1], [i for i, n in enumerate(chunks) if n > 1]):
         if members:
@@ -79,12 +84,13 @@ class ModelRunner:
     """Runs the (LoRA-wrapped) model on packed steps. One call = one model forward."""
 
     def __init__(self, model: torch.nn.Module, pool: KVPool, device: torch.device,
-                 graphs: DecodeGraphs | None = None, windows: Sequence[int] = ()) -> None:
+                 graphs: DecodeGraphs | None = None, windows: Sequence[int] = (), attention: str = "sdpa") -> None:
         self.model = model
         self.pool = pool
         self.device = device
         self.graphs = graphs  # decode-only steps go there when set (CUDA graphs)
         self.windows = tuple(windows)  # the model's sliding windows (model_loader.sliding_windows)
+        self.paged = attention == "triton"  # attention.pick_attention's choice
 
     @torch.inference_mode()
     def forward(self, items: Sequence[StepItem]) -> StepLogits:
@@ -105,7 +111,8 @@ class ModelRunner:
         keep, last, first = batching.logit_rows(cu_lens, [it.wants_logits for it in ordered],
                                                 [it.all_logits for it in ordered])
         ctx = BatchContext(lora=lora_batch(token_slots, self.device),
-                           attention=attention_batch(self.pool, ordered, cu_lens, self.device, self.windows))
+                           attention=attention_batch(self.pool, ordered, cu_lens, self.device, self.windows,
+                                                     self.paged))
         with use_context(ctx):
             out = self.model(
                 input_ids=input_ids[None].to(self.device),

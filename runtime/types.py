@@ -247,3 +247,4 @@ class EngineInfo:
     lora_ops: str
     tool_call_parser: str  # how tool calls are rendered and parsed (runtime/tool_calls.py)
     vocab_size: int  # token ids are in [0, vocab_size)
+    attention: str = "sdpa"  # the attention backend in use ("sdpa", "triton"; a fallback says why)

@@ -26,6 +26,7 @@ CHOICES = {
     "dtype": engine_config.DTYPES,
     "compute_dtype": engine_config.DTYPES,
     "lora_ops": engine_config.LORA_OPS,
+    "attention": engine_config.ATTENTION_BACKENDS,
     "tool_call_parser": engine_config.TOOL_CALL_PARSERS,
 }
 _TYPES = {"int": int, "float": float, "str": str}

@@ -134,7 +134,7 @@ def test_log_tail_keeps_the_last_state_of_progress_lines(tmp_path):
 
 def test_get_info_reports_the_serving_process_from_the_process_table():
     """Guards GetInfo's pid/start_time going missing (0) or not surviving the wire."""
-    described = EngineInfo("b", "f" * 64, "none", "cpu", "float32", "float32", *range(1, 11), "reference", "hermes", 49152)
+    described = EngineInfo("b", "f" * 64, "none", "cpu", "float32", "float32", *range(1, 11), "reference", "hermes", 49152, "sdpa")
     engine = SimpleNamespace(info=lambda: described)
     info = convert.info_from_proto(convert.info_to_proto(catalog.server_info(engine)))
     assert info.pid == os.getpid()

@@ -85,6 +85,8 @@ def main() -> None:
     p.add_argument("--sequences", type=int, default=32)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--ops", default="auto,segmented,batched")
+    p.add_argument("--attention", default="sdpa", help="attention backends, comma-separated (triton on CPU: "
+                   "under TRITON_INTERPRET=1, for op counts only, --steps 0)")
     p.add_argument("--dora", type=int, default=0, help="also measure with this many DoRA adapters")
     p.add_argument("--rounds", type=int, default=3, help="alternating plain / DoRA rounds (with --dora)")
     args = p.parse_args()
@@ -117,20 +119,23 @@ def main() -> None:
 
     report: dict = {"base": base.name, "quantize": args.quantize, "threads": torch.get_num_threads(),
                     "sequences": args.sequences}
-    for ops in args.ops.split(","):
+    for ops, attention in ((o, a) for o in args.ops.split(",") for a in args.attention.split(",")):
+        label = ops if attention == "sdpa" else f"{ops}, {attention} attention"
         engine = Engine(EngineConfig(
             base=base.name, quantize=args.quantize, max_slots=args.sequences + args.dora, max_rank=16,
             max_running=args.sequences, max_batch_tokens=max(512, args.sequences), lora_ops=ops,
             max_model_len=256, max_prompt_tokens=128, kv_cache_tokens=args.sequences * 256,
+            attention=attention,
         ), registry).start(run_loop=False)
         t = time.perf_counter()
         engine.load_adapter(names[-1])
         report["cold_load_ms"] = round((time.perf_counter() - t) * 1000, 1)
         engine.unload_adapter(names[-1])  # its slot would widen the steps' slot range below
-        if "base_step_ms" not in report:
+        if args.steps and "base_step_ms" not in report:
             report["base_step_ms"] = round(decode_step_ms(engine, [None] * args.sequences, args.steps), 1)
-        report[f"adapters_step_ms[{ops}]"] = round(
-            decode_step_ms(engine, names[:args.sequences], args.steps), 1)
+        if args.steps:
+            report[f"adapters_step_ms[{label}]"] = round(
+                decode_step_ms(engine, names[:args.sequences], args.steps), 1)
         if args.dora:
             t = time.perf_counter()
             engine.load_adapter(dora_names[-1])
@@ -139,7 +144,7 @@ def main() -> None:
             mixed = dora_names[:args.dora] + names[args.dora:args.sequences]
             report[f"dora_step[{ops}, {args.dora} of {args.sequences} DoRA]"] = dora_step_cost(
                 engine, names[:args.sequences], mixed, args.steps, args.rounds)
-        report[f"ops_per_decode_step[{ops}]"] = ops_per_decode_step(
+        report[f"ops_per_decode_step[{label}]"] = ops_per_decode_step(
             engine, names[:args.sequences], engine.tokenizer.encode("Tell me about the sea."),
             (1, 8, args.sequences))
         engine.shutdown(drain=False)

@@ -1,6 +1,7 @@
 """The engine on CUDA (`make gpu-check`; skipped without a GPU): NF4 and bf16 serve, and mixed
-batches equal PeftModel on the same device, with the LoRA ops chosen by "auto" and decode steps
-replayed as CUDA graphs (and, for comparison, run eagerly)."""
+batches equal PeftModel on the same device, with the LoRA ops and attention chosen by "auto"
+(and SDPA for comparison) and decode steps replayed as CUDA graphs (and, for comparison, run
+eagerly)."""
 
 from __future__ import annotations
 
@@ -32,13 +33,16 @@ def test_engine_serves_on_cuda(tiny_registry, tiny_base, engine_factory, quantiz
     assert all(s.graph is not None for s in graphs.steps.values()) and graphs.static_steps >= 5
 
 
+@pytest.mark.parametrize("attention", ["auto", "sdpa"])
 @pytest.mark.parametrize("cuda_graphs", [True, False])
 @pytest.mark.parametrize("quantize", ["none", "nf4"])
 def test_mixed_batch_greedy_matches_peft_on_cuda(tiny_registry, tiny_base, tiny_adapter_dirs, engine_factory,
-                                                 quantize, cuda_graphs):
-    """fp32 compute on CUDA, so greedy tokens can be compared exactly with PEFT's."""
+                                                 quantize, cuda_graphs, attention):
+    """fp32 compute on CUDA, so greedy tokens can be compared exactly with PEFT's; "auto" attention
+    is the paged Triton kernel there (a fallback to SDPA fails the test, with its reason)."""
     engine = engine_factory(tiny_registry, tiny_base.name, run_loop=False, device="cuda",
-                            quantize=quantize, dtype="float32", cuda_graphs=cuda_graphs)
+                            quantize=quantize, dtype="float32", cuda_graphs=cuda_graphs, attention=attention)
+    assert engine.info().attention == ("triton" if attention == "auto" else "sdpa")
     names = [s.name for s in SPECS[:4]] + [None]
     oracle = load_peft_oracle(tiny_base.path, {n: tiny_adapter_dirs[n] for n in names if n}, quantize,
                               device="cuda")

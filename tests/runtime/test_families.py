@@ -70,6 +70,24 @@ def test_mixed_batch_matches_peft(family, registry, engine_factory):
     check_against_peft(engine, oracle, names, PROMPTS[:5], ATOL["none"], new_tokens=5, fp32=True)
 
 
+@pytest.mark.parametrize("family_name", ["gemma2", "gemma3_text", "starcoder2", "falcon", "gpt_neox"])
+def test_the_paged_kernel_serves_each_attention_shape_like_peft(family_name, session_home, tokenizer_dir,
+                                                                tmp_path, registry, engine_factory):
+    """`attention="triton"` (under Triton's CPU interpreter here) on the families whose attention
+    differs: soft-capping with a window and a query scalar (Gemma 2), windows on some layers
+    (Gemma 3), windows everywhere (Starcoder2), grouped (Falcon) and multi-head (GPT-NeoX) keys.
+    The same mixed batch, prefill and decode steps, equal to PEFT."""
+    pytest.importorskip("triton")
+    base, dirs = build_family(family_name, session_home, tokenizer_dir, tmp_path)
+    for name, path in dirs.items():
+        registry.publish(path, name, base=base.name)
+    engine = engine_factory(registry, base.name, run_loop=False, attention="triton")
+    assert engine.info().attention == "triton" and engine.runner.paged
+    oracle = load_peft_oracle(base.path, dirs, "none")
+    check_against_peft(engine, oracle, ["attn", "all", None, "attn"], PROMPTS[:4], ATOL["none"], new_tokens=5,
+                       fp32=True)
+
+
 @pytest.mark.parametrize("family_name", ["phi3", "gemma2"])
 def test_a_new_family_in_nf4(family_name, session_home, tokenizer_dir, tmp_path, registry, engine_factory,
                              cpu_4bit_compute):

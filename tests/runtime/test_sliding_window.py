@@ -97,15 +97,21 @@ def test_chunked_prefill_prefix_hits_and_preemption_keep_the_window(windowed, wi
     assert engine.stats()["kv_cached_blocks"] > 0
 
 
-def test_static_decode_steps_keep_the_window(windowed, windowed_registry, engine_factory):
+@pytest.mark.parametrize("attention", ["sdpa", "triton"])
+def test_static_decode_steps_keep_the_window(windowed, windowed_registry, engine_factory, attention):
     """The static forward CUDA graphs capture (run eagerly here) rebuilds each window's mask from
-    its persistent inputs before every step."""
+    its persistent inputs before every step (sdpa), or hands the kernel the rows' block tables,
+    one context size for every step (triton, under Triton's CPU interpreter here)."""
     from loradock.runtime.cuda_graphs import DecodeGraphs
 
+    if attention == "triton":
+        pytest.importorskip("triton")
     base, dirs = windowed
-    engine = engine_factory(windowed_registry, base.name, run_loop=False)
+    engine = engine_factory(windowed_registry, base.name, run_loop=False, attention=attention)
     graphs = DecodeGraphs(engine.runner.model, engine.kv, engine.device, max_batch=8,
-                          max_context=engine.max_model_len, capture=False, windows=engine.runner.windows)
+                          max_context=engine.max_model_len, capture=False, windows=engine.runner.windows,
+                          paged=engine.runner.paged)
+    assert graphs.context_buckets == ([engine.max_model_len] if attention == "triton" else [64, 128, 256, 512])
     engine.runner.graphs = graphs
     oracle = load_peft_oracle(base.path, dirs, "none")
     check_against_peft(engine, oracle, ["wa", "wb", None], PROMPTS[:3], ATOL["none"], new_tokens=6, fp32=True,
