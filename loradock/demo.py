@@ -37,7 +37,7 @@ from loradock.heldout import HeldOutQuestion, accuracy, answer_matches, load_hel
 from loradock.registry import BaseInfo, NotFoundError, Registry
 from loradock.registry.version import AdapterVersion
 from loradock.server_process import ServerProcess
-from loradock.tables import print_table
+from loradock.tables import clip, print_table
 from loradock.trainer import TrainConfig, TrainerError, load_config, train
 from loradock.trainer.datasets import load_datasets
 
@@ -206,12 +206,6 @@ class StepClock:
         yield
         self.seconds[key] = round(time.monotonic() - start, 1)
         print(f"      ... done in {self.seconds[key]:.1f} s", flush=True)
-
-
-def clip(text: str, width: int) -> str:
-    """One line of at most `width` characters."""
-    line = " ".join(text.split())
-    return line if len(line) <= width else line[: width - 1] + "…"
 
 
 def mark(ok: bool) -> str:

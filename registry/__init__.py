@@ -12,17 +12,20 @@ from .errors import (
     NotFoundError,
     RegistryError,
 )
+from .evals import METRICS, EvalRecord, Requirement
 from .names import Ref, parse_ref
 from .registry import Registry
 from .version import AdapterVersion, VerifyResult
 
 __all__ = [
+    "METRICS",
     "AdapterVersion",
     "AliasChange",
     "AlreadyExistsError",
     "BaseInfo",
     "BaseStore",
     "DigestMismatchError",
+    "EvalRecord",
     "IncompatibleBaseError",
     "InvalidAdapterError",
     "InvalidBaseError",
@@ -31,6 +34,7 @@ __all__ = [
     "Ref",
     "Registry",
     "RegistryError",
+    "Requirement",
     "VerifyResult",
     "parse_ref",
 ]

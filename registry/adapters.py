@@ -40,6 +40,7 @@ from .errors import (
     RegistryError,
     SigningError,
 )
+from .evals import EvalRecord, EvalRecords, Requirement
 from .fsutil import (
     atomic_write_bytes,
     atomic_write_json,
@@ -452,14 +453,35 @@ class AdapterStore:
     def history(self, name: str) -> AliasHistory:
         return AliasHistory(self._name_dir(name))
 
-    def tag(self, ref: str, alias: str, reason: str = "", weight: int = 100) -> AdapterVersion:
+    def evals(self, name: str) -> EvalRecords:
+        return EvalRecords(self._name_dir(name))
+
+    def record_eval(self, ref: str, record: EvalRecord) -> EvalRecord:
+        """Keep an evaluation of the version `ref` means beside it (the version stays as it is)."""
+        name = parse_ref(ref).name
+        with no_space_errors(f"recording an evaluation of {ref}", self.dir), lock.held(self._lock_path(name)):
+            version = self.resolve(ref, verify=False)
+            kept = self.evals(name).append(version.version, record)
+            self.generation.bump()  # readers that cache per generation (/v1/models) see it
+            return kept
+
+    def tag(self, ref: str, alias: str, reason: str = "", weight: int = 100,
+            require: Iterable[str] = ()) -> AdapterVersion:
         """Point `alias` of ref's adapter at the version `ref` means (moving it if it exists), or
         with `weight` < 100 send that percentage of its traffic there and the rest to its stable
-        version (a canary); the move is recorded in the alias's history first."""
+        version (a canary); the move is recorded in the alias's history first. Each of `require`
+        (`evals.Requirement`, e.g. "contains>=0.8") must hold for the version's newest evaluation
+        of that metric, or nothing moves (RegistryError naming every unmet one)."""
         validate_alias(alias)
         name = parse_ref(ref).name
+        requirements = [Requirement.parse(r) for r in require]
         with no_space_errors(f"pointing alias {alias} at {ref}", self.dir), lock.held(self._lock_path(name)):
             version = self.resolve(ref, verify=False)
+            if requirements:
+                records = self.evals(name).read(version.version)
+                unmet = [why for r in requirements if (why := r.unmet(records, version.ref)) is not None]
+                if unmet:
+                    raise RegistryError(f"not moving {name}@{alias} to {version.ref}: " + "; ".join(unmet))
             before = self._target(name, alias)
             target = canary.with_canary(self.alias_targets(name).get(alias), version.version, weight)
             self.history(name).record(alias, "tag", before, canary.to_record(target), reason)
@@ -517,6 +539,7 @@ class AdapterStore:
                 (self._name_dir(name) / "aliases" / alias).unlink()
             version.path.rename(work / "trash")  # disappears atomically; removed with the work dir
             fsync_dir(version.path.parent)
+            self.evals(name).remove(version.version)
             self.generation.bump()
             for rel in version.manifest["files"]:
                 self._digests.forget(version.path / rel)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from .adapters import AdapterStore
 from .alias_history import AliasChange
 from .bases import BaseInfo, BaseStore, ResolvedBase
+from .evals import EvalRecord
 from .fsutil import probe_writable
 from .paths import default_root
 from .version import AdapterVersion, VerifyResult
@@ -109,10 +110,23 @@ class Registry:
         """{alias: version number} of adapter `name`."""
         return self.adapters.aliases(name)
 
-    def tag(self, ref: str, alias: str, reason: str = "", weight: int = 100) -> AdapterVersion:
+    def tag(self, ref: str, alias: str, reason: str = "", weight: int = 100,
+            require: Iterable[str] = ()) -> AdapterVersion:
         """Point `alias` at the version `ref` means, or only `weight` percent of its traffic (a
-        canary; the rest stays on its stable version). Recorded in the alias's history."""
-        return self.adapters.tag(ref, alias, reason, weight)
+        canary; the rest stays on its stable version). Recorded in the alias's history. Refused,
+        with nothing moved, unless the version's evaluations meet every one of `require`
+        ("METRIC OP VALUE", e.g. "contains>=0.8" or "rouge-l>base")."""
+        return self.adapters.tag(ref, alias, reason, weight, require)
+
+    def record_eval(self, ref: str, record: EvalRecord) -> EvalRecord:
+        """Keep an evaluation of the version `ref` means, beside it (append-only; the version's
+        files never change). Returns the record as kept (with its time and author)."""
+        return self.adapters.record_eval(ref, record)
+
+    def evals(self, ref: str) -> list[EvalRecord]:
+        """The evaluations of the version `ref` means, oldest first."""
+        version = self.resolve(ref, verify=False)
+        return self.adapters.evals(version.name).read(version.version)
 
     def alias_targets(self, name: str) -> dict[str, dict[int, int]]:
         """{alias: {version: percent of its traffic}} of adapter `name`."""

@@ -10,9 +10,10 @@ from loradock.commands.common import print_json, print_table, registry_from
 from loradock.commands.merge import add_merge_parser
 from loradock.commands.signing import add_sign_key_argument, add_sign_parser
 from loradock.errors import UserError
-from loradock.registry import AdapterVersion, Registry
+from loradock.registry import METRICS, AdapterVersion, EvalRecord, Registry
 from loradock.registry.quantization import QuantizationRecipe, recorded_recipe
 from loradock.registry.trust import TrustPolicy
+from loradock.tables import clip
 
 REF_HELP = "adapter reference: NAME (latest), NAME@N (version N) or NAME@ALIAS"
 
@@ -65,7 +66,36 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "its stable version; requests with the same route key stay on one version "
                           "(default: 100, all of it)")
     tag.add_argument("--reason", default="", help="why, for the alias's history")
+    tag.add_argument("--require", action="append", default=[], metavar="METRIC OP VALUE",
+                     help="refuse the move unless REF's newest evaluation of METRIC (see `adapters eval`) meets "
+                          "this, e.g. 'contains>=0.8' or 'rouge-l>base' (base: the base model's score in that "
+                          "evaluation); OP one of >= > <= < ==; repeatable")
     tag.set_defaults(func=cmd_tag)
+
+    evaluate = actions.add_parser(
+        "eval", help="score a version on held-out questions and record it",
+        description="Answer every question of a held-out file (JSON Lines: one {\"question\": ..., "
+                    "\"expected\": ...} per line) with the version REF means, greedy, in one batch of an "
+                    "in-process engine on its base (served as `loradock serve` serves it), score the answers and "
+                    "keep the result beside the version (append-only: metric, score, base score, dataset name "
+                    "and sha256, examples, settings, time, who). `adapters show` and the HTTP server's "
+                    "/v1/models report it; `adapters tag --require` gates alias moves on it.")
+    evaluate.add_argument("ref", help=REF_HELP)
+    evaluate.add_argument("--data", type=Path, required=True, metavar="FILE", help="held-out questions (JSON Lines)")
+    evaluate.add_argument("--metric", choices=METRICS, default="contains",
+                          help="exact: the whole answer equals the expected one; contains: the answer states it "
+                               "(case, spaces and thousands separators ignored); regex: expected is a Python "
+                               "regular expression found in the answer; rouge-l: longest-common-subsequence F1 "
+                               "of the words (default: contains)")
+    evaluate.add_argument("--base-compare", action="store_true",
+                          help="also answer with the base model alone and record its score")
+    evaluate.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                          help="tokens per answer (default: 64)")
+    evaluate.add_argument("--quantize", choices=("nf4", "int8", "none"), default="nf4",
+                          help="the base's quantization, as for `loradock serve` (default: nf4)")
+    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
+    evaluate.add_argument("--json", action="store_true", help="print the record and every answer as JSON")
+    evaluate.set_defaults(func=cmd_eval)
 
     untag = actions.add_parser("untag", help="remove an alias", description="Remove ALIAS from adapter NAME.")
     untag.add_argument("name", help="adapter name")
@@ -146,7 +176,31 @@ def version_json(registry: Registry, v: AdapterVersion) -> dict:
     """The manifest plus name, version, ref, digest, path and the aliases pointing at it."""
     aliases = sorted(a for a, target in registry.alias_targets(v.name).items() if v.version in target)
     return {**v.manifest, "name": v.name, "version": v.version, "ref": v.ref,
-            "digest": v.digest, "path": str(v.path), "aliases": aliases}
+            "digest": v.digest, "path": str(v.path), "aliases": aliases,
+            "evals": [dataclasses.asdict(r) for r in registry.evals(v.ref)]}
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from loradock.evaluation import evaluate  # loads torch and the engine
+
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    registry = registry_from(args)
+    registry.resolve(args.ref, verify=False)  # an unknown adapter is named before anything else
+    if not registry.is_writable():
+        raise UserError(f"{registry.root} is read-only here: an evaluation is recorded beside its version")
+    result = evaluate(registry, args.ref, args.data, args.metric, args.base_compare, args.max_new_tokens,
+                      quantize=args.quantize, device=args.device)
+    if args.json:
+        print_json({"ref": result.version.ref, "record": dataclasses.asdict(result.record),
+                    "answers": [dataclasses.asdict(a) for a in result.answers]})
+        return 0
+    worst = sorted(result.answers, key=lambda a: a.score)[:10]
+    print_table(("QUESTION", "EXPECTED", "ANSWER", "SCORE", *(("BASE",) if args.base_compare else ())),
+                [(clip(a.question.question, 40), clip(a.question.expected, 20), clip(a.answer, 40), f"{a.score:.2f}",
+                  *((f"{a.base_score:.2f}",) if args.base_compare else ())) for a in worst])
+    print(f"{result.version.ref}: {result.record.describe()} (recorded)")
+    return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -179,6 +233,9 @@ def cmd_show(args: argparse.Namespace) -> int:
                 "signature"):
         print(f"{key:15} {data.get(key)}")
     print(f"{'quantization':15} {quantization_line(data)}")
+    print("evaluations:" if data["evals"] else f"{'evaluations':15} none (see `loradock adapters eval`)")
+    for record in data["evals"]:
+        print(f"  {EvalRecord(**record).describe()}")
     print("files:")
     print_table(("  FILE", "SIZE", "SHA256"),
                 [(f"  {rel}", e["size"], e["sha256"][:16]) for rel, e in data["files"].items()])
@@ -208,7 +265,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def cmd_tag(args: argparse.Namespace) -> int:
     registry = registry_from(args)
-    v = registry.tag(args.ref, args.alias, args.reason, args.weight)
+    v = registry.tag(args.ref, args.alias, args.reason, args.weight, args.require)
     target = registry.alias_targets(v.name)[args.alias]
     print(f"{v.name}@{args.alias} -> " + ", ".join(f"{v.name}@{n} {w}%" for n, w in sorted(target.items()))
           if len(target) > 1 else f"{v.name}@{args.alias} -> {v.ref}")

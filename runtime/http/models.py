@@ -17,7 +17,7 @@ from datetime import datetime
 from loradock.registry import AdapterVersion, InvalidNameError, NotFoundError, Registry
 
 from .errors import model_not_found
-from .schemas import ModelCard
+from .schemas import EvalSummary, ModelCard
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,11 @@ class ModelCatalog:
             rank = int(v.manifest.get("rank") or 0)
             return (not fingerprint or fingerprint == info.base_fingerprint) and rank <= info.max_rank
 
+        def evals(v: AdapterVersion) -> list[EvalSummary]:
+            newest = {r.metric: r for r in self._registry.evals(v.ref)}  # oldest first: the last one stays
+            fields = EvalSummary.model_fields
+            return [EvalSummary(**{k: getattr(r, k) for k in fields}) for _, r in sorted(newest.items())]
+
         for latest in self._registry.list():
             try:
                 versions = {v.version: v for v in self._registry.versions(latest.name)}
@@ -144,7 +149,7 @@ class ModelCatalog:
 
             def card(model_id: str, v: AdapterVersion) -> ModelCard:
                 return ModelCard(id=model_id, created=_unix(str(v.manifest.get("created_at", ""))),
-                                 root=v.ref, parent=base, **limits)
+                                 root=v.ref, parent=base, evals=evals(v), **limits)
 
             newest = versions[max(versions)]
             if fits(newest):

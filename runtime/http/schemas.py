@@ -479,6 +479,16 @@ class Completion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class EvalSummary(BaseModel):
+    metric: str = Field(description="exact, contains, regex or rouge-l")
+    score: float = Field(description="the version's mean score, in [0, 1]")
+    base_score: float | None = Field(None, description="the base model's on the same data, when compared")
+    examples: int
+    dataset: str = Field(description="the held-out file's name")
+    dataset_digest: str = Field(description="its sha256")
+    time: str = Field(description="when it was recorded (ISO 8601, UTC)")
+
+
 class ModelCard(BaseModel):
     id: str = Field(description="what to pass as `model`: the base's name, name, name@alias or name@N")
     object: Literal["model"] = "model"
@@ -488,6 +498,8 @@ class ModelCard(BaseModel):
     parent: str | None = Field(None, description="the base model an adapter runs on")
     max_model_len: int = Field(description="tokens of context: the prompt plus max_tokens must fit")
     max_prompt_tokens: int = Field(description="the longest prompt accepted, in tokens")
+    evals: list[EvalSummary] = Field(default_factory=list, description="an adapter version's newest evaluation "
+                                     "per metric (`loradock adapters eval`)")
 
 
 class ModelList(BaseModel):

@@ -18,6 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from .conftest import DATA, write_json
 
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
 log = logging.getLogger(__name__)
 
 
@@ -92,3 +94,24 @@ def test_qlora_learns_invented_facts_the_base_does_not_know(smollm2_base, regist
     log.info("held-out accuracy: base %.0f%%, adapter %.0f%%", 100 * base_score, 100 * tuned_score)
     assert base_score < 0.10
     assert tuned_score >= 0.80
+
+    # The same through `loradock adapters eval` (the engine, NF4 as served) and an alias gated on it:
+    # refused while the newest record is on questions the adapter never learned, accepted after
+    # the held-out facts.
+    from loradock.registry import RegistryError
+
+    from loradock.evaluation import evaluate
+
+    unknown = evaluate(registry, version.ref, EXAMPLES / "data" / "veloria_heldout.jsonl", "contains",
+                       max_new_tokens=24)
+    assert unknown.record.score < 0.10, unknown.record
+    with pytest.raises(RegistryError, match=r"fails contains>=0\.8"):
+        registry.tag(version.ref, "prod", require=["contains>=0.8"])
+    heldout = tmp_path / "facts_heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"question": q, "expected": e}) + "\n" for q, e in zip(questions, expected,
+                                                                                                 strict=True)))
+    known = evaluate(registry, version.ref, heldout, "contains", base_compare=True, max_new_tokens=24)
+    log.info("loradock adapters eval: %s", known.record.describe())
+    assert known.record.base_score < 0.10 and known.record.score >= 0.80, known.record
+    registry.tag(version.ref, "prod", require=["contains>=0.8", "contains>base"])
+    assert registry.aliases("facts") == {"prod": version.version}
