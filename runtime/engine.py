@@ -370,9 +370,11 @@ class Engine:
         )
 
     def stats(self) -> dict:
-        """Counters per adapter ("name@version", "<base>") and current gauges."""
+        """Counters and latency histograms per adapter version ("name@version", "<base>") and
+        current gauges."""
         return {
             "adapters": self._stats.snapshot(),
+            "latency": self._stats.latency(),
             "running": len(self.scheduler.running),
             "waiting": self.scheduler.num_waiting,
             "kv_tokens_reserved": self.kv.used_tokens,
@@ -531,6 +533,10 @@ class Engine:
         self._release(seq)
         now = time.monotonic()
         ms = lambda t: (t - seq.submitted_at) * 1000 if t is not None else 0.0  # noqa: E731
+        if reason is not FinishReason.CANCELLED and seq.first_token_at is not None:
+            self._stats.observe(seq.adapter.ref if seq.adapter else BASE_KEY,
+                                time_to_first_token_seconds=seq.first_token_at - seq.submitted_at,
+                                request_duration_seconds=now - seq.submitted_at)
         seq.handle._finish(GenerationResult(
             request_id=seq.request_id,
             text=seq.text.text,

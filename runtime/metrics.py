@@ -16,13 +16,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping
+from itertools import accumulate
 from typing import Any
 
 import prometheus_client
-from loradock.runtime.stats import BASE_KEY
+from loradock.runtime.stats import BASE_KEY, LATENCY_BUCKETS
 from loradock.runtime.types import MIXTURE_PREFIX, GenerationResult
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -31,8 +37,6 @@ log = logging.getLogger(__name__)
 prometheus_client.disable_created_metrics()
 
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
-# Seconds; CPU decoding of a long answer can take tens of seconds.
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 UNRESOLVED = "(unresolved)"
 
 EngineStats = Callable[[], Mapping[str, Any]]
@@ -147,9 +151,29 @@ class EngineCollector(Collector):
                 if stat in values:
                     family.add_metric(labels, values[stat])
             yield family
+        yield from latency_families(stats.get("latency", {}))
         for key, value in sorted(stats.items()):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 yield GaugeMetricFamily(f"loradock_engine_{key}", f"Engine '{key}' when scraped.", value=value)
+
+
+def latency_families(per_key: Mapping[str, Mapping[str, dict]]) -> Iterator[Metric]:
+    """`loradock_engine_<latency>{adapter,version}` histograms (stats.LATENCIES) from the engine's
+    per-version latency snapshots (mixtures summed into one series)."""
+    merged: dict[str, dict[tuple[str, str], dict]] = {}
+    for key, histograms in per_key.items():
+        for name, h in histograms.items():
+            into = merged.setdefault(name, {}).setdefault(_split_key(key), {"counts": [0] * len(h["counts"]), "sum": 0.0})
+            into["counts"] = [a + b for a, b in zip(into["counts"], h["counts"], strict=True)]
+            into["sum"] += h["sum"]
+    for name, series in sorted(merged.items()):
+        family = HistogramMetricFamily(f"loradock_engine_{name}", f"Engine '{name}' of finished requests, by "
+                                       "the adapter version that served them.", labels=("adapter", "version"))
+        for labels, h in sorted(series.items()):
+            cumulative = list(accumulate(h["counts"]))
+            bounds = [*(str(b) for b in LATENCY_BUCKETS), "+Inf"]
+            family.add_metric(labels, list(zip(bounds, cumulative, strict=True)), sum_value=h["sum"])
+        yield family
 
 
 class ReplicaCollector(Collector):

@@ -1,11 +1,18 @@
-"""Per-adapter counters (requests, tokens, errors, cache behaviour), safe to read from any thread."""
+"""Per-adapter-version counters (requests, tokens, errors, cache behaviour) and latency
+histograms (time to first token, request duration), safe to read from any thread. Keyed by the
+concrete version that served ("name@N"), so a canary's versions can be told apart."""
 
 from __future__ import annotations
 
+import bisect
 import threading
 from dataclasses import asdict, dataclass
 
 BASE_KEY = "<base>"  # counters of requests served by the base model alone
+# Upper bounds (seconds) of the latency histograms' buckets, shared with the edges' histograms (CPU
+# decoding of a long answer can take tens of seconds).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+LATENCIES = ("time_to_first_token_seconds", "request_duration_seconds")
 
 
 @dataclass
@@ -21,10 +28,27 @@ class AdapterCounters:
     evictions: int = 0  # removed from a device slot
 
 
+class Histogram:
+    """Observations counted into LATENCY_BUCKETS (plus one past the last), with their sum."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+    def snapshot(self) -> dict:
+        """{"counts": per bucket (the last: above every bound), "sum": seconds}."""
+        return {"counts": list(self.counts), "sum": self.sum}
+
+
 class EngineStats:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_adapter: dict[str, AdapterCounters] = {}
+        self._latency: dict[str, dict[str, Histogram]] = {}
 
     def add(self, key: str, **deltas: int) -> None:
         """Increment counters of `key` ("name@version" or BASE_KEY)."""
@@ -33,6 +57,18 @@ class EngineStats:
             for field_name, delta in deltas.items():
                 setattr(counters, field_name, getattr(counters, field_name) + delta)
 
+    def observe(self, key: str, **seconds: float) -> None:
+        """Record latencies of a finished request of `key` (names from LATENCIES)."""
+        with self._lock:
+            histograms = self._latency.setdefault(key, {name: Histogram() for name in LATENCIES})
+            for name, value in seconds.items():
+                histograms[name].observe(value)
+
     def snapshot(self) -> dict[str, dict[str, int]]:
         with self._lock:
             return {key: asdict(c) for key, c in sorted(self._by_adapter.items())}
+
+    def latency(self) -> dict[str, dict[str, dict]]:
+        """{key: {latency name: Histogram.snapshot()}}."""
+        with self._lock:
+            return {key: {name: h.snapshot() for name, h in hs.items()} for key, hs in sorted(self._latency.items())}

@@ -16,7 +16,8 @@ module's imports, relative ones resolved to the names they mean.
                   cluster reuses the HTTP edge and nothing else imports it but the CLI
     loradock/     the CLI (cli, commands/, demo) is the composition root: nothing imports it
                   except the CLI itself (cli.py -> commands/ -> demo); the library modules
-                  (client, server_process, bases, heldout, evaluation, errors, tables) never import the CLI, and
+                  (client, server_process, bases, heldout, evaluation, canary_report, errors, tables) never
+                  import the CLI, and
                   only the CLI and the benchmarks import them
     benchmarks    import the registry, the engine and loradock/'s library modules, never the
                   CLI, the trainer or an edge
@@ -42,7 +43,8 @@ RAY = ("ray",)
 EDGES = ("loradock.runtime.server", "loradock.runtime.http", "loradock.runtime.cluster")
 CLI = ("loradock.cli", "loradock.commands", "loradock.demo", "loradock.__main__")
 LORADOCK_LIBRARY = ("loradock.client", "loradock.server_process", "loradock.bases",
-                    "loradock.heldout", "loradock.evaluation", "loradock.errors", "loradock.tables")
+                    "loradock.heldout", "loradock.evaluation", "loradock.canary_report", "loradock.errors",
+                    "loradock.tables")
 LORADOCK_TOP = CLI + LORADOCK_LIBRARY
 SHARED_FACTS = ("loradock.registry.quantization", "loradock.registry.devices",
                 "loradock.registry.docstrings", "loradock.registry.fsutil",

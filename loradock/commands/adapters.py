@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from loradock.commands.common import print_json, print_table, registry_from
@@ -96,6 +98,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
     evaluate.add_argument("--json", action="store_true", help="print the record and every answer as JSON")
     evaluate.set_defaults(func=cmd_eval)
+
+    canary = actions.add_parser(
+        "canary", help="compare the versions of a weighted alias from a server's metrics",
+        description="Read a running server's Prometheus page and print, for each version NAME@ALIAS "
+                    "sends traffic to, its weight, requests, errors, generated tokens and latency "
+                    "(time to first token p50/p99, request duration p50, from the engine's per-version "
+                    "histograms; counters only behind a cluster's ingress). Counts are since the server "
+                    "started.")
+    canary.add_argument("ref", metavar="NAME@ALIAS", help="the alias to compare")
+    canary.add_argument("--url", default="http://127.0.0.1:8000/metrics",
+                        help="the server's metrics page: the HTTP edge's /metrics or the --metrics-port "
+                             "page (default: http://127.0.0.1:8000/metrics)")
+    canary.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    canary.set_defaults(func=cmd_canary)
 
     untag = actions.add_parser("untag", help="remove an alias", description="Remove ALIAS from adapter NAME.")
     untag.add_argument("name", help="adapter name")
@@ -269,6 +285,30 @@ def cmd_tag(args: argparse.Namespace) -> int:
     target = registry.alias_targets(v.name)[args.alias]
     print(f"{v.name}@{args.alias} -> " + ", ".join(f"{v.name}@{n} {w}%" for n, w in sorted(target.items()))
           if len(target) > 1 else f"{v.name}@{args.alias} -> {v.ref}")
+    return 0
+
+
+def cmd_canary(args: argparse.Namespace) -> int:
+    from loradock.canary_report import rows, version_figures
+
+    name, alias = _alias_ref(args.ref, needed=True)
+    registry = registry_from(args)
+    weights = registry.alias_targets(name).get(alias)
+    if weights is None:
+        raise UserError(f"adapter {name!r} has no alias {alias!r}; aliases: {', '.join(registry.aliases(name)) or 'none'}")
+    try:
+        with urllib.request.urlopen(args.url, timeout=10) as answer:
+            page = answer.read().decode()
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise UserError(f"cannot read metrics from {args.url}: {getattr(e, 'reason', e)} (is the server "
+                        "running? give its metrics page with --url)") from None
+    headers, table = rows(version_figures(page, name), weights, name)
+    if args.json:
+        print_json([dict(zip(headers, row, strict=True)) for row in table])
+        return 0
+    print(f"{name}@{alias}: " + ", ".join(f"{w}% -> {name}@{v}" for v, w in sorted(weights.items(), key=lambda i: -i[1]))
+          + f" (metrics of {args.url}, since the server started)")
+    print_table(headers, table)
     return 0
 
 

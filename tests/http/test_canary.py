@@ -4,17 +4,19 @@ answer names the concrete version that served it."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from loradock.cli import main
 from tests.http.conftest import TINY_BASE, TOKEN
 
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def test_a_ten_percent_canary_over_a_thousand_requests(api, http_registry, http_adapter_dirs):
+def test_a_ten_percent_canary_over_a_thousand_requests(api, http_registry, http_adapter_dirs, capsys):
     http_registry.publish(http_adapter_dirs["a2"], "canary", base=TINY_BASE, aliases=["prod"])
     http_registry.publish(http_adapter_dirs["a3"], "canary", base=TINY_BASE)
     http_registry.tag("canary@2", "prod", weight=10, reason="try v2 on a tenth")
@@ -34,4 +36,14 @@ def test_a_ten_percent_canary_over_a_thousand_requests(api, http_registry, http_
     # the header wins over `user`: the version follows the header's key, whatever the user
     by_header = {served(f"someone-{i}", header="team-a") for i in range(10)}
     assert len(by_header) == 1
+
+    # `loradock adapters canary` reads the server's per-version figures: every request above, on
+    # the version that served it, with latencies
+    assert main(["--home", str(http_registry.root), "adapters", "canary", "canary@prod", "--url",
+                 f"{api.url}/metrics", "--json"]) == 0
+    table = {row["VERSION"]: row for row in json.loads(capsys.readouterr().out)}
+    served_by = Counter(models) + Counter([models[3]] * 10) + Counter([by_header.pop()] * 10)
+    assert {v: int(row["REQUESTS"]) for v, row in table.items()} == dict(served_by), table
+    assert table["canary@2"]["WEIGHT"] == "10%" and table["canary@1"]["ERRORS"] == "0"
+    assert all(float(row["TTFT P50 MS"]) > 0 for row in table.values())
     http_registry.rollback("canary", "prod", reason="done")
