@@ -16,9 +16,8 @@ module's imports, relative ones resolved to the names they mean.
                   cluster reuses the HTTP edge and nothing else imports it but the CLI
     loradock/     the CLI (cli, commands/, demo) is the composition root: nothing imports it
                   except the CLI itself (cli.py -> commands/ -> demo); the library modules
-                  (client, server_process, bases, heldout, evaluation, canary_report, errors, tables) never
-                  import the CLI, and
-                  only the CLI and the benchmarks import them
+                  (client, server_process, bases, heldout, evaluation, canary_report, errors, tables)
+                  never import the CLI, and only the CLI and the benchmarks import them
     benchmarks    import the registry, the engine and loradock/'s library modules, never the
                   CLI, the trainer or an edge
 """
