@@ -10,6 +10,7 @@ import logging
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -83,6 +84,8 @@ class AdapterSource:
         self._generation: int | None = None
         self._last_poll = 0.0
         self._lock = threading.Lock()
+        # alias -> concrete version for one request; the engine sets its warm-promotion routes
+        self.route: Callable[[str, str | None], str] = registry.route
 
     def prime_host_memory(self, concurrent_loads: int) -> None:
         """Touch the buffers `concurrent_loads` loads of the largest adapter use (staging for a
@@ -127,10 +130,10 @@ class AdapterSource:
                                         f"{self.trust.path}: {status.reason}")
 
     def key(self, ref: str, route_key: str = "") -> ResolvedAdapter:
-        """The concrete version `ref` names now (a weighted alias: the one this request goes to,
-        by `route_key`; registry/canary.py)."""
+        """The concrete version `ref` names now (an alias: the one this request goes to, by
+        `route_key` for a weighted one; `self.route`, the engine's promotion.AliasRoutes)."""
         try:
-            ref = self.registry.route(ref, route_key or None)
+            ref = self.route(ref, route_key or None)
         except RegistryError as e:
             raise engine_error(e, ref) from e
         version = self.resolve(ref)

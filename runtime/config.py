@@ -115,6 +115,11 @@ class EngineConfig:
     that fails is logged and decode steps then run eagerly. No effect on CPU, nor with
     quantize="int8" (LLM.int8's outlier columns depend on the values: not capturable)."""
 
+    promotion_wait_s: float = 60.0
+    """When an alias in use moves (a promotion, a canary, a rollback), its requests stay on the
+    previous target until the versions it adds are loaded, so none pays a cold load; after this many
+    seconds of loading it switches anyway. A version that fails to load is never switched to."""
+
     registry_poll_s: float = 1.0
     """How often (seconds) the engine checks the registry's generation for alias moves / new versions."""
 
@@ -186,6 +191,8 @@ class EngineConfig:
             problems.append(f"prefix_caching={self.prefix_caching!r}: expected true or false")
         if not isinstance(self.cpu_threads, int) or self.cpu_threads < 0:
             problems.append(f"cpu_threads={self.cpu_threads!r}: expected an integer >= 0")
+        if not isinstance(self.promotion_wait_s, (int, float)) or self.promotion_wait_s < 0:
+            problems.append(f"promotion_wait_s={self.promotion_wait_s!r}: expected a number >= 0")
         if not isinstance(self.registry_poll_s, (int, float)) or self.registry_poll_s < 0:
             problems.append(f"registry_poll_s={self.registry_poll_s!r}: expected a number >= 0")
         if problems:

@@ -59,6 +59,7 @@ from .model_loader import (
     sliding_windows,
 )
 from .model_runner import ModelRunner, StepItem, lora_batch
+from .promotion import AliasRoutes
 from .prompts import PromptEncoder
 from .sampling import Sampler
 from .scheduler import Admission, Scheduler
@@ -156,6 +157,8 @@ class Engine:
             load=self.adapters.read, layers=self.layers, stats=self._stats,
             workers=cfg.load_workers, keep_host_copies=self.device.type != "cpu",  # CPU slots are host memory
         )
+        self.routes = AliasRoutes(self.registry, self._warm, self._load_state, cfg.promotion_wait_s)
+        self.adapters.route = self.routes.route
         self.scheduler = Scheduler(cfg.max_running, cfg.max_batch_tokens, cfg.max_queue)
         self.admitter = Admitter(self.cache, self.blocks, self._stats)
         self._warm_up()
@@ -285,6 +288,27 @@ class Engine:
                     time.sleep(0.001)
         return handle.result(timeout)
 
+    def route(self, ref: str, route_key: str | None = None) -> str:
+        """The concrete `name@N` an alias reference is served by for one request now (other
+        references unchanged): the HTTP edge routes with it, so both edges promote alike."""
+        return self.routes.route(ref, route_key)
+
+    def _warm(self, ref: str) -> None:
+        """Start loading version `ref` into host memory (an alias is about to point at it)."""
+        try:
+            future = self.cache.prefetch(self.adapters.key(ref))
+        except EngineError as e:
+            log.error("cannot load %s for its alias: %s", ref, e)
+            return
+        if future is not None:
+            future.add_done_callback(lambda _: self._wake.set())
+
+    def _load_state(self, ref: str) -> LoadState:
+        try:
+            return self.cache.state(self.adapters.key(ref))[0]
+        except EngineError:  # deleted or refused since the alias moved
+            return LoadState.FAILED
+
     def load_adapter(self, ref: str, pin: bool = False) -> ResolvedAdapter:
         """Resolve `ref`, read it from the registry and place it in a device slot.
         With `pin`, keep it resident until `unload_adapter`."""
@@ -375,6 +399,8 @@ class Engine:
         return {
             "adapters": self._stats.snapshot(),
             "latency": self._stats.latency(),
+            "resident": sorted({(r.adapter.ref, r.tier) for r in self.resident_adapters()}),
+            "promoting": sorted(self.routes.moving()),
             "running": len(self.scheduler.running),
             "waiting": self.scheduler.num_waiting,
             "kv_tokens_reserved": self.kv.used_tokens,

@@ -152,6 +152,18 @@ class EngineCollector(Collector):
                     family.add_metric(labels, values[stat])
             yield family
         yield from latency_families(stats.get("latency", {}))
+        resident = GaugeMetricFamily("loradock_engine_adapter_resident", "Adapter versions held now, by tier "
+                                     "(device: a slot; host: host memory), 1 each.",
+                                     labels=("adapter", "version", "tier"))
+        for ref, tier in stats.get("resident", []):
+            resident.add_metric((*_split_key(ref), tier), 1)
+        yield resident
+        promoting = GaugeMetricFamily("loradock_engine_alias_promoting", "Aliases whose new target is still "
+                                      "loading here (their requests stay on the previous one), 1 each.",
+                                      labels=("alias",))
+        for alias in stats.get("promoting", []):
+            promoting.add_metric((alias,), 1)
+        yield promoting
         for key, value in sorted(stats.items()):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 yield GaugeMetricFamily(f"loradock_engine_{key}", f"Engine '{key}' when scraped.", value=value)

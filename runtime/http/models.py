@@ -73,13 +73,14 @@ class ModelCatalog:
         return served
 
     def _routed(self, model: str, route_key: str | None) -> str:
-        """`model` with a weighted alias replaced by one of its versions (not cached: each
-        request is routed on its own; a file read per request naming an alias)."""
+        """`model` with an alias replaced by the version this request is served by: the engine's
+        routes (warm promotion: runtime/promotion.py), else (a cluster's ingress) the registry's."""
         prefix, _, ref = model.rpartition(":")
         if "@" not in ref:
             return model
+        route = getattr(self._engine, "route", self._registry.route)
         try:
-            routed = self._registry.route(ref.strip(), route_key)
+            routed = route(ref.strip(), route_key)
         except (NotFoundError, InvalidNameError):
             return model  # _resolve says what is wrong with it
         return f"{prefix}:{routed}" if prefix else routed

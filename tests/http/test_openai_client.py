@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import openai
 import pytest
@@ -128,7 +129,12 @@ def test_models_list_the_registry_and_follow_an_alias_move(api, client, http_reg
     http_registry.tag("mover@2", "prod")
     try:
         assert {m.id: m.root for m in client.models.list().data}["mover@prod"] == "mover@2"
-        assert chat(client, "mover@prod", max_tokens=2).model == "mover@2"
+        # traffic follows once mover@2 is loaded (warm promotion), mover@1 serving until then
+        served = [chat(client, "mover@prod", max_tokens=2).model]
+        deadline = time.monotonic() + 30
+        while served[-1] != "mover@2" and time.monotonic() < deadline:
+            served.append(chat(client, "mover@prod", max_tokens=2).model)
+        assert served[-1] == "mover@2" and set(served[:-1]) <= {"mover@1"}, served
     finally:
         http_registry.tag("mover@1", "prod")
     assert chat(client, "mover@prod", max_tokens=2).model == "mover@1"
