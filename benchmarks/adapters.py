@@ -52,8 +52,10 @@ def lora_layout(base_path: Path, config: LoraConfig) -> dict[str, tuple[int, ...
     return {name: tuple(t.shape) for name, t in state.items()}
 
 
-def random_lora_tensors(layout: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
-    """lora_A like PEFT's kaiming-uniform init, lora_B ~ N(0, B_STD^2); float32, seeded."""
+def random_lora_tensors(layout: dict[str, tuple[int, ...]], seed: int,
+                        dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """lora_A like PEFT's kaiming-uniform init, lora_B ~ N(0, B_STD^2); drawn in float32, seeded,
+    stored in `dtype`."""
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, shape in sorted(layout.items()):
@@ -62,7 +64,7 @@ def random_lora_tensors(layout: dict[str, tuple[int, ...]], seed: int) -> dict[s
             tensors[name] = (torch.rand(shape, generator=gen) * 2 - 1) * bound
         else:
             tensors[name] = torch.randn(shape, generator=gen) * B_STD
-    return tensors
+    return {name: t.to(dtype) for name, t in tensors.items()}
 
 
 def write_adapter(out_dir: Path, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> Path:
@@ -79,6 +81,7 @@ def publish_random_adapters(
     specs: Sequence[AdapterSpec],
     seed: int = 0,
     versions: int = 1,
+    dtype: torch.dtype = torch.float32,
 ) -> list[AdapterVersion]:
     """Make sure every spec is published (`versions` versions each, distinct weights); reuse existing ones.
 
@@ -95,7 +98,7 @@ def publish_random_adapters(
             for v in range(len(have) + 1, versions + 1):
                 if key not in layouts:
                     layouts[key] = lora_layout(base.path, config)
-                tensors = random_lora_tensors(layouts[key], seed=seed * 1_000_003 + i * 101 + v)
+                tensors = random_lora_tensors(layouts[key], seed=seed * 1_000_003 + i * 101 + v, dtype=dtype)
                 src = write_adapter(Path(tmp) / f"{i}-{v}", config, tensors)
                 registry.publish(src, spec.name, base=base.name,
                                  metadata={"source": {"kind": "import", "path": f"random (loradock.benchmarks, seed {seed})"}})

@@ -165,8 +165,7 @@ class Engine:
         self.ready = True
         self._accepting = True
         if run_loop:
-            self._thread = threading.Thread(target=self._loop, name="loradock-engine", daemon=True)
-            self._thread.start()
+            self.start_loop()
         log.info("engine ready: %s (%s, %s) with %d LoRA-wrapped linears",
                  self.base.name, cfg.quantize, self.device, len(self.layers))
         return self
@@ -187,6 +186,14 @@ class Engine:
             backend = "sdpa"
         log.info("attention: %s", backend)
         return backend, problem
+
+    def start_loop(self) -> None:
+        """Run steps on a thread of the engine's own from now on (an engine started with
+        `run_loop=False`, driven by `step()` until here)."""
+        if self._thread is not None:
+            raise RuntimeError("the engine loop is already running")
+        self._thread = threading.Thread(target=self._loop, name="loradock-engine", daemon=True)
+        self._thread.start()
 
     def _warm_up(self) -> None:
         blocks: list[int] = []
