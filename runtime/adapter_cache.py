@@ -87,7 +87,8 @@ class AdapterCache:
         self._slot_of: dict[ResolvedAdapter, int] = {}
         self._slot_lru: OrderedDict[int, None] = OrderedDict()  # least recently used first
         self._pins: dict[ResolvedAdapter, int] = {}
-        self._sticky: set[ResolvedAdapter] = set()  # pinned by load_adapter(pin=True)
+        # pinned by load_adapter(pin=True): how many times (a replica pins a hot version once per home)
+        self._sticky: dict[ResolvedAdapter, int] = {}
 
     # ---- host tier -------------------------------------------------------------------------
 
@@ -201,12 +202,13 @@ class AdapterCache:
                 self._pins[key] = n
 
     def set_sticky(self, key: ResolvedAdapter, sticky: bool) -> None:
-        """Keep `key` resident regardless of use (load_adapter(pin=True)) or undo that."""
+        """Keep `key` resident regardless of use (load_adapter(pin=True)) or undo one such pin."""
         with self._lock:
-            if sticky:
-                self._sticky.add(key)
+            count = self._sticky.get(key, 0) + (1 if sticky else -1)
+            if count > 0:
+                self._sticky[key] = count
             else:
-                self._sticky.discard(key)
+                self._sticky.pop(key, None)
 
     def is_pinned(self, key: ResolvedAdapter) -> bool:
         with self._lock:
@@ -263,7 +265,7 @@ class AdapterCache:
         with self._lock:
             if self._pins.get(key, 0) > 0:
                 raise RuntimeError(f"adapter {key.ref} is in use by running requests")
-            self._sticky.discard(key)
+            self._sticky.pop(key, None)
             found = False
             slot = self._slot_of.get(key)
             if slot is not None:

@@ -53,6 +53,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     where.add_argument("--hub-pull", action="store_true",
                        help="replicas pull versions their registry lacks from the Hub (manifest source "
                        "repo + commit) and check the digest; without it every replica needs the version")
+    where.add_argument("--hot-adapters", type=int, default=2, metavar="K",
+                       help="the K busiest adapter versions (most of the ingress's last 1,000 requests, 50 at "
+                       "least) live on --hot-homes replicas each, their requests spread over them; 0: off "
+                       "(default: 2)")
+    where.add_argument("--hot-homes", type=int, default=2, metavar="N",
+                       help="replicas a hot adapter version lives on (default: 2)")
     where.add_argument("--detach", action="store_true",
                        help="return once deployed, leaving the application on the cluster (needs --address)")
     scale = serve.add_argument_group("autoscaling (any of these turns it on; --replicas is the start)")
@@ -91,7 +97,8 @@ def cmd_cluster_serve(args: argparse.Namespace) -> int:
             min_replicas=args.min_replicas, max_replicas=args.max_replicas,
             target_ongoing_requests=args.target_ongoing_requests,
             max_ongoing_requests=args.max_ongoing_requests, hub_pull=args.hub_pull,
-            auth_token_file=str(token_file.resolve()) if token_file else None, engine=engine)
+            auth_token_file=str(token_file.resolve()) if token_file else None,
+            hot_adapters=args.hot_adapters, hot_homes=args.hot_homes, engine=engine)
         cluster.engine_config  # noqa: B018 - validates the engine flags now
     except ValueError as e:
         raise UserError(str(e)) from None

@@ -59,6 +59,14 @@ class ClusterArgs:
     auth_token_file: str | None = None
     """File holding the bearer token the HTTP API requires (none: open)."""
 
+    hot_adapters: int = 2
+    """The busiest adapter versions (the most requests among the ingress's last 1,000, at least 50)
+    that get `hot_homes` homes: Ray loads each on that many replicas and their requests spread over
+    them, so one replica is never the only home of the busiest adapter (cluster/hot.py); 0: off."""
+
+    hot_homes: int = 2
+    """Replicas a hot adapter version lives on (at most the replica count is useful)."""
+
     engine: dict[str, Any] = field(default_factory=dict)
     """EngineConfig fields for every replica (max_slots, quantize, max_running, ...)."""
 
@@ -68,6 +76,9 @@ class ClusterArgs:
             raise ValueError(f"engine: unknown EngineConfig field(s) {', '.join(unknown)}")
         if self.replicas < 1:
             raise ValueError(f"replicas: must be at least 1, got {self.replicas}")
+        if self.hot_adapters < 0 or self.hot_homes < 1:
+            raise ValueError(f"hot_adapters must be >= 0 and hot_homes >= 1, got {self.hot_adapters} and "
+                             f"{self.hot_homes}")
         if self.max_replicas is not None and self.min_replicas is not None \
                 and self.max_replicas < self.min_replicas:
             raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")

@@ -4,7 +4,7 @@ It resolves each request's `model` (aliases included) to the concrete `name@N` o
 HTTP edge's catalog over its own view of the registry, so every replica serves the same version
 and an alias move takes effect cluster-wide on the next request; then `ClusterEngine` sends the
 request to a replica holding that version. `/metrics` adds each replica's engine counters with
-a `replica` label.
+a `replica` label. The busiest versions get several homes (hot.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from loradock.runtime.metrics import Metrics
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from .hot import HotVersions
 from .remote_engine import ClusterEngine
 
 
@@ -25,10 +26,10 @@ class Ingress:
     """Ray Serve builds the ASGI app after the constructor (`__serve_build_asgi_app__`)."""
 
     async def __init__(self, replicas: DeploymentHandle, registry_root: str | None,
-                       auth_token_file: str | None = None) -> None:
+                       auth_token_file: str | None = None, hot_adapters: int = 2, hot_homes: int = 2) -> None:
         self._registry = Registry(registry_root)
         info = await replicas.info.remote()  # waits for the first replica to be up
-        self._engine = ClusterEngine(replicas, info, self._registry)
+        self._engine = ClusterEngine(replicas, info, self._registry, HotVersions(hot_adapters, hot_homes))
         self._metrics = Metrics(replica_stats=self._engine.board.snapshot)
         self._auth_token = Path(auth_token_file).read_text().strip() if auth_token_file else None
 

@@ -26,6 +26,7 @@ from loradock.runtime.types import EngineInfo, GenerationRequest, GenerationResu
 from ray.serve import exceptions as serve_exceptions
 from ray.serve.handle import DeploymentHandle
 
+from .hot import HotVersions
 from .replica import Finished
 from .versions import Origin
 
@@ -108,11 +109,13 @@ class RemoteHandle:
 class ClusterEngine:
     """The replicas, behind one handle, as one engine for the HTTP edge."""
 
-    def __init__(self, replicas: DeploymentHandle, info: EngineInfo, registry: Registry) -> None:
+    def __init__(self, replicas: DeploymentHandle, info: EngineInfo, registry: Registry,
+                 hot: HotVersions | None = None) -> None:
         self._replicas = replicas
         self._info = info
         self._registry = registry
         self._origins: dict[str, Origin | None] = {}  # versions are immutable: cached for good
+        self.hot = hot or HotVersions()
         self.board = ReplicaBoard()
         self.ready = True
 
@@ -121,9 +124,11 @@ class ClusterEngine:
 
     def submit(self, request: GenerationRequest) -> RemoteHandle:
         """Send `request` (its adapter already a concrete `name@N`) to a replica holding that
-        version, or any replica when none does; the base goes to any replica."""
+        version (a hot version: to one of its homes, hot.py), or any replica when none does; the
+        base goes to any replica."""
         ref = request.adapter or ""
-        options = self._replicas.options(multiplexed_model_id=ref, stream=True)
+        model_id = self.hot.model_id(ref, request.route_key or request.request_id) if ref else ""
+        options = self._replicas.options(multiplexed_model_id=model_id, stream=True)
         stream = options.generate.remote(request, self._origin(ref) if ref else None)
         return RemoteHandle(request, stream, self.board)
 

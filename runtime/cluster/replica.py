@@ -1,6 +1,7 @@
 """One Ray Serve replica: one `Engine` on one device.
 
-Requests for an adapter carry its concrete version (`name@N`) as the multiplexed model id. The
+Requests for an adapter carry its concrete version (`name@N`, or `name@N#i` for a hot version's
+other homes: hot.py) as the multiplexed model id. The
 multiplexed loader pins that version into the engine (so the engine's own slot LRU cannot evict
 what Ray routes here), and Ray's per-replica LRU of model ids unpins the version it evicts.
 Ray Serve's router sends each id to the replicas that report holding it, which is what keeps
@@ -26,6 +27,7 @@ from loradock.runtime.stats import BASE_KEY
 from loradock.runtime.types import EngineInfo, GenerationRequest, GenerationResult, TokenEvent
 from ray import serve
 
+from .hot import version_of
 from .versions import Origin, VersionFetcher
 
 log = logging.getLogger(__name__)
@@ -81,7 +83,8 @@ class EngineReplica:
         self._fetcher = VersionFetcher(registry, hub_pull)
         self._origins: dict[str, Origin] = {}
 
-        async def pin(ref: str) -> PinnedVersion:
+        async def pin(model_id: str) -> PinnedVersion:
+            ref = version_of(model_id)  # a hot version's other homes carry "#i" (hot.py)
             local = await asyncio.to_thread(self._fetcher.ensure, ref, self._origins.get(ref))
             await asyncio.to_thread(self.engine.load_adapter, local, True)
             return PinnedVersion(self.engine, local)
@@ -101,11 +104,12 @@ class EngineReplica:
                        ) -> AsyncIterator[TokenEvent | Finished]:
         """Token events as the engine produces them, then `Finished`. The request's adapter
         version is the multiplexed model id ("" for the base)."""
-        ref = serve.get_multiplexed_model_id()
+        model_id = serve.get_multiplexed_model_id()
+        ref = version_of(model_id)
         if ref:
             if origin is not None:
                 self._origins[ref] = origin
-            pinned = await self._pin(ref)
+            pinned = await self._pin(model_id)
             if pinned.ref != request.adapter:  # pulled here under another number
                 request = dataclasses.replace(request, adapter=pinned.ref)
         requests = EngineRequests(self.engine, [request])

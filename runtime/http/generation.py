@@ -10,6 +10,7 @@ requests at once, whether it was still waiting or already streaming.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
@@ -95,6 +96,9 @@ class Generation:
             served = await asyncio.to_thread(self._catalog.resolve, model, route_key)
             outcome.label = served.label
             plan = build(served)
+            if route_key:  # the engine routes nothing more (the version is concrete); a cluster keeps a caller on one home
+                plan = dataclasses.replace(plan, requests=[dataclasses.replace(r, route_key=route_key)
+                                                           for r in plan.requests])
             requests = EngineRequests(self._engine, plan.requests)
             await requests.submit()
         except Exception as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -158,6 +159,25 @@ def test_the_openai_client_works_against_the_cluster(cluster: Cluster, reference
     assert text == reference(reference_engine, "c3@1")
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nosuch", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_the_busiest_adapter_gets_a_home_on_both_replicas(cluster: Cluster):
+    """A version with 50 of the ingress's recent requests is hot (runtime/cluster/hot.py): its
+    requests, spread by caller, then go to two homes, so both replicas serve it."""
+    before = served_by(cluster, "c1")
+
+    def ask(i: int) -> None:
+        response = httpx.post(f"{cluster.url}/v1/chat/completions", timeout=120, json={
+            "model": "c1@1", "max_tokens": 2, "user": f"caller-{i}",
+            "messages": [{"role": "user", "content": QUESTION}]})
+        assert response.status_code == 200, response.text
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(ask, range(120)))
+    after = served_by(cluster, "c1")
+    grew = {r: after[r]["requests"] - before.get(r, {}).get("requests", 0) for r in after}
+    assert sum(grew.values()) == 120 and len(grew) == REPLICAS, grew
+    assert min(grew.values()) >= 10, grew  # the second home takes a real share, not a stray request
 
 
 def test_a_killed_replica_loses_no_request_the_client_retries(cluster: Cluster, reference_engine: Engine):
