@@ -48,4 +48,5 @@ def build_app(args: Mapping[str, Any] | ClusterArgs) -> Application:
         max_ongoing_requests=1000,
     )
     replicas = replica.bind(config, args.registry_root, args.multiplexed_slots, args.hub_pull)
-    return ingress.bind(replicas, args.registry_root, args.auth_token_file, args.hot_adapters, args.hot_homes)
+    return ingress.bind(replicas, args.registry_root, args.auth_token_file, args.hot_adapters, args.hot_homes,
+                        config.promotion_wait_s)

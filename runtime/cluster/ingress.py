@@ -2,7 +2,8 @@
 
 It resolves each request's `model` (aliases included) to the concrete `name@N` once, with the
 HTTP edge's catalog over its own view of the registry, so every replica serves the same version
-and an alias move takes effect cluster-wide on the next request; then `ClusterEngine` sends the
+and an alias move takes effect cluster-wide once a replica has loaded the new version (warm
+promotion, `ClusterEngine.route`); then `ClusterEngine` sends the
 request to a replica holding that version. `/metrics` adds each replica's engine counters with
 a `replica` label. The busiest versions get several homes (hot.py).
 """
@@ -26,10 +27,12 @@ class Ingress:
     """Ray Serve builds the ASGI app after the constructor (`__serve_build_asgi_app__`)."""
 
     async def __init__(self, replicas: DeploymentHandle, registry_root: str | None,
-                       auth_token_file: str | None = None, hot_adapters: int = 2, hot_homes: int = 2) -> None:
+                       auth_token_file: str | None = None, hot_adapters: int = 2, hot_homes: int = 2,
+                       promotion_wait_s: float = 60.0) -> None:
         self._registry = Registry(registry_root)
         info = await replicas.info.remote()  # waits for the first replica to be up
-        self._engine = ClusterEngine(replicas, info, self._registry, HotVersions(hot_adapters, hot_homes))
+        self._engine = ClusterEngine(replicas, info, self._registry, HotVersions(hot_adapters, hot_homes),
+                                     promotion_wait_s)
         self._metrics = Metrics(replica_stats=self._engine.board.snapshot)
         self._auth_token = Path(auth_token_file).read_text().strip() if auth_token_file else None
 

@@ -1,8 +1,9 @@
 """The engine as the ingress sees it: the replicas behind one Ray Serve handle.
 
 `ClusterEngine` has the small part of `Engine`'s API the HTTP edge uses (`ready`, `info`,
-`submit`, `load_adapter`, `unload_adapter`), so the edge's OpenAI routes run unchanged on top
-of it. `submit` calls the replica handle with the request's concrete version as the
+`submit`, `load_adapter`, `unload_adapter`, `route`), so the edge's OpenAI routes run unchanged
+on top of it. `route` promotes aliases warm, as one engine does: a moved alias takes traffic once
+a replica has loaded its new version (`Replica.warm`). `submit` calls the replica handle with the request's concrete version as the
 multiplexed model id, streaming; the `RemoteHandle` it returns iterates like the engine's own
 handle and turns Ray's errors back into the engine's, so the edge answers with the same
 statuses (a replica that died mid-request is a 503 the client retries).
@@ -10,17 +11,20 @@ statuses (a replica that died mid-request is a 503 the client retries).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 
 import ray.exceptions
 from loradock.registry import NotFoundError, Registry, RegistryError
+from loradock.runtime.adapter_cache import LoadState
 from loradock.runtime.errors import (
     AdapterUnavailableError,
     EngineError,
     EngineShutdownError,
     QueueFullError,
 )
+from loradock.runtime.promotion import AliasRoutes
 from loradock.runtime.stats import BASE_KEY
 from loradock.runtime.types import EngineInfo, GenerationRequest, GenerationResult, TokenEvent
 from ray.serve import exceptions as serve_exceptions
@@ -29,6 +33,8 @@ from ray.serve.handle import DeploymentHandle
 from .hot import HotVersions
 from .replica import Finished
 from .versions import Origin
+
+log = logging.getLogger(__name__)
 
 RETRY_HINT = "retry the request: another replica takes it"
 
@@ -110,13 +116,16 @@ class ClusterEngine:
     """The replicas, behind one handle, as one engine for the HTTP edge."""
 
     def __init__(self, replicas: DeploymentHandle, info: EngineInfo, registry: Registry,
-                 hot: HotVersions | None = None) -> None:
+                 hot: HotVersions | None = None, promotion_wait_s: float = 60.0) -> None:
         self._replicas = replicas
         self._info = info
         self._registry = registry
         self._origins: dict[str, Origin | None] = {}  # versions are immutable: cached for good
         self.hot = hot or HotVersions()
         self.board = ReplicaBoard()
+        self._warming: dict[str, LoadState] = {}
+        self._lock = threading.Lock()
+        self.routes = AliasRoutes(registry, self._warm, self._warm_state, promotion_wait_s)
         self.ready = True
 
     def info(self) -> EngineInfo:
@@ -131,6 +140,33 @@ class ClusterEngine:
         options = self._replicas.options(multiplexed_model_id=model_id, stream=True)
         stream = options.generate.remote(request, self._origin(ref) if ref else None)
         return RemoteHandle(request, stream, self.board)
+
+    def route(self, ref: str, route_key: str | None = None) -> str:
+        """An alias as the cluster serves it now (warm promotion, runtime/promotion.py: a moved
+        alias takes traffic once a replica has loaded its new version)."""
+        return self.routes.route(ref, route_key)
+
+    def _warm(self, ref: str) -> None:
+        """Have a replica load `ref` (the one Ray then sends its requests to), off the caller's thread."""
+        with self._lock:
+            self._warming[ref] = LoadState.LOADING
+
+        def call() -> None:
+            try:
+                replica = self._replicas.options(multiplexed_model_id=ref).warm.remote(self._origin(ref)).result()
+                state = LoadState.READY
+                log.info("%s is loaded on replica %s", ref, replica)
+            except Exception as e:
+                state = LoadState.FAILED
+                log.error("no replica could load %s: %s", ref, engine_error(e))
+            with self._lock:
+                self._warming[ref] = state
+
+        threading.Thread(target=call, name=f"warm-{ref}", daemon=True).start()
+
+    def _warm_state(self, ref: str) -> LoadState:
+        with self._lock:
+            return self._warming.get(ref, LoadState.ABSENT)
 
     def _origin(self, ref: str) -> Origin | None:
         if ref not in self._origins:

@@ -123,6 +123,15 @@ class EngineReplica:
         finally:
             requests.cancel()  # the client went away: free the sequence now
 
+    async def warm(self, origin: Origin | None = None) -> str:
+        """Load and pin the version of this call's multiplexed model id (an alias is about to
+        point at it: the ingress's warm promotion) and say which replica holds it now."""
+        model_id = serve.get_multiplexed_model_id()
+        if origin is not None:
+            self._origins[version_of(model_id)] = origin
+        await self._pin(model_id)
+        return self.name
+
     def counters(self, ref: str) -> dict[str, int]:
         key = self._fetcher.local_ref(ref) if ref else BASE_KEY
         return dict(self.engine.stats()["adapters"].get(key, {}))

@@ -79,6 +79,12 @@ def test_an_alias_move_is_served_by_the_new_version_on_every_replica(cluster: Cl
     try:
         expected = reference(reference_engine, "mover@2")
         assert expected != first["choices"][0]["message"]["content"]
+        # Warm promotion: mover@1 answers until a replica has loaded mover@2, never an error
+        models = [chat(cluster, "mover@prod", max_tokens=2).json()["model"]]
+        deadline = time.monotonic() + 60
+        while models[-1] != "mover@2" and time.monotonic() < deadline:
+            models.append(chat(cluster, "mover@prod", max_tokens=2).json()["model"])
+        assert models[-1] == "mover@2" and set(models[:-1]) <= {"mover@1"}, models
         # Concurrent requests past one replica's max_ongoing_requests (2) reach both replicas.
         with httpx.Client(timeout=120) as client:
             import concurrent.futures as cf
