@@ -102,15 +102,29 @@ class ModelCatalog:
 
     def cards(self) -> list[ModelCard]:
         """The base, then for every adapter: `name`, each `name@alias`, each `name@N`, leaving out
-        versions this engine cannot serve (trained for another base, or rank above max_rank)."""
+        versions this engine cannot serve (trained for another base, or rank above max_rank);
+        each adapter card says where its version is now (`residency`)."""
         with self._lock:
             self._current()
-            if self._cards is not None:
-                return self._cards
-        cards = self._build_cards()
-        with self._lock:
-            self._cards = cards
-        return cards
+            cards = self._cards
+        if cards is None:
+            cards = self._build_cards()
+            with self._lock:
+                self._cards = cards
+        return self._with_residency(cards)
+
+    def _with_residency(self, cards: list[ModelCard]) -> list[ModelCard]:
+        """The cached cards with each version's tier now: "device" (a slot), "host" (host memory)
+        or "disk" (the registry only). A cluster's ingress holds none itself: left out there."""
+        resident = getattr(self._engine, "resident_adapters", None)
+        if resident is None:
+            return cards
+        tiers: dict[str, str] = {}
+        for r in resident():
+            if tiers.get(r.adapter.ref) != "device":
+                tiers[r.adapter.ref] = r.tier
+        return [card if card.parent is None else card.model_copy(update={"residency": tiers.get(card.root, "disk")})
+                for card in cards]
 
     def card(self, model_id: str) -> ModelCard:
         """The card of `model_id`, also written `BASE:ADAPTER` as generation accepts it."""

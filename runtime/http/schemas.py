@@ -500,6 +500,8 @@ class ModelCard(BaseModel):
     max_prompt_tokens: int = Field(description="the longest prompt accepted, in tokens")
     evals: list[EvalSummary] = Field(default_factory=list, description="an adapter version's newest evaluation "
                                      "per metric (`loradock adapters eval`)")
+    residency: Literal["device", "host", "disk"] | None = Field(
+        None, description="where an adapter version is now: a device slot, host memory, or only the registry")
 
 
 class ModelList(BaseModel):

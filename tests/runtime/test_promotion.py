@@ -10,6 +10,7 @@ import time
 import pytest
 from loradock.runtime import GenerationRequest, SamplingParams
 from loradock.runtime.adapter_source import AdapterSource
+from loradock.runtime.http.models import ModelCatalog
 from loradock.runtime.metrics import Metrics
 
 SLOW_LOAD_S = 1.5
@@ -64,6 +65,9 @@ def test_a_promotion_loads_the_new_version_before_it_takes_traffic(promo, tiny_b
     assert max(ttft for _, ttft in served) < SLOW_LOAD_S * 1000 / 2, served  # nobody waited for the load
     page = Metrics(engine.stats).render().decode()
     assert 'loradock_engine_adapter_resident{adapter="promo",tier="device",version="2"} 1.0' in page
+    promo.publish(promo.resolve("promo@1").path, "promo")  # promo@3: never served here
+    catalog = ModelCatalog(engine, promo)  # /v1/models
+    assert [catalog.card(m).residency for m in ("promo@prod", "promo@2", "promo@3")] == ["device", "device", "disk"]
     assert "loradock_engine_alias_promoting{" not in page
     with capsys.disabled():
         print(f"\nwarm promotion: {len(served) - 1} requests on promo@1 while promo@2 loaded ({took:.2f} s); "
