@@ -61,7 +61,7 @@ from .model_loader import (
 from .model_runner import ModelRunner, StepItem, lora_batch
 from .promotion import AliasRoutes
 from .prompts import PromptEncoder
-from .sampling import Sampler
+from .sampling import Sampler, sample_rows
 from .scheduler import Admission, Scheduler
 from .sequence import SeqStatus, Sequence
 from .stats import BASE_KEY, EngineStats
@@ -490,19 +490,21 @@ class Engine:
                        if row is not None and seq.matcher is not None]
         if constrained:  # structured outputs: forbidden tokens' logits to -inf, in their rows only
             mask_rows(step.logits, [row for row, _ in constrained], [m for _, m in constrained])
-        greedy = step.logits.argmax(dim=-1).tolist()  # one batched argmax for every greedy request
-        sampled: list[tuple[Sequence, int, int]] = []  # (sequence, logits row, token)
+        picking: list[tuple[Sequence, int]] = []  # (sequence, logits row)
+        processed: list[tuple[Sequence, int, torch.Tensor]] = []  # rows not plain greedy, processors applied
         for (seq, _), item, row in zip(plan, items, step.rows, strict=True):
             self.blocks.computed(seq, len(item.tokens))
             if row is None:
                 continue
             try:
-                token = (greedy[row] if seq.sampler.batched_greedy
-                         else seq.sampler(step.logits[row], seq.prompt_ids, seq.output_ids))
-                sampled.append((seq, row, token))
+                if not seq.sampler.batched_greedy:
+                    processed.append((seq, row, seq.sampler.process(step.logits[row], seq.prompt_ids,
+                                                                    seq.output_ids)))
+                picking.append((seq, row))
             except Exception as e:
-                log.exception("request %s failed while sampling", seq.request_id)
-                self._fail(seq, EngineError(f"internal error: {e}"))
+                self._sampling_failed(seq, e)
+        tokens = self._pick(step.logits, processed)
+        sampled = [(seq, row, tokens[row]) for seq, row in picking if seq.status is not SeqStatus.FINISHED]
         logprobs = generated_logprobs(step.logits, sampled)
         for seq, _, token in sampled:
             try:
@@ -511,6 +513,33 @@ class Engine:
                 log.exception("request %s failed after sampling", seq.request_id)
                 self._fail(seq, EngineError(f"internal error: {e}"))
         return True
+
+    def _pick(self, logits: torch.Tensor, processed: list[tuple[Sequence, int, torch.Tensor]]) -> list[int]:
+        """Every row's next token, read back once: the argmax, or for the rows in `processed`
+        `sample_rows` over all of them in one batch. Should that batch fail, each row is drawn
+        alone, so only a request whose own draw fails is failed."""
+        tokens = logits.argmax(dim=-1)
+        if processed:
+            rows = torch.tensor([row for _, row, _ in processed], device=logits.device)
+            try:
+                drawn = sample_rows(torch.stack([p for _, _, p in processed]), [q.sampler for q, _, _ in processed])
+            except Exception:
+                log.exception("sampling %d rows together failed; drawing each alone", len(processed))
+                drawn = torch.stack([self._draw_alone(seq, p, logits.argmax(dim=-1)[row])
+                                     for seq, row, p in processed])
+            tokens = tokens.index_copy(0, rows, drawn)
+        return tokens.tolist()  # the step's one wait for the device
+
+    def _draw_alone(self, seq: Sequence, row_logits: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+        try:
+            return sample_rows(row_logits[None], [seq.sampler])[0]
+        except Exception as e:
+            self._sampling_failed(seq, e)
+            return fallback  # never used: the request has failed
+
+    def _sampling_failed(self, seq: Sequence, error: Exception) -> None:
+        log.exception("request %s failed while sampling", seq.request_id, exc_info=error)
+        self._fail(seq, EngineError(f"internal error: {error}"))
 
     def _admit(self, seq: Sequence) -> Admission:
         """The scheduler's question: may `seq` start now? (see `admission.Admitter`)"""

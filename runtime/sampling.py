@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 
 import torch
 
@@ -75,25 +76,98 @@ def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
 
 
 class Sampler:
-    """Picks the next token of one request from its logits [vocab]. `batched_greedy`: plain
-    greedy, which the engine does for all such requests in one argmax."""
+    """One request's way of picking its next token: its logits processors (`process`), then
+    greedy or a draw with its own generator (`sample_rows` does the whole step's rows at once).
+    `batched_greedy`: plain greedy, which the engine takes from the step's one argmax."""
 
     def __init__(self, params: SamplingParams, device: torch.device, end_ids: set[int] = frozenset()) -> None:
         self.params = params
         self.greedy = params.temperature < GREEDY_BELOW_TEMPERATURE
         self.processors = LogitsProcessors(params, end_ids) if LogitsProcessors.wanted(params) else None
         self.batched_greedy = self.greedy and self.processors is None
+        # A seeded request draws from its own generator; the others share one (`shared_generator`),
+        # so their noise comes in one call whatever the batch.
         self.generator: torch.Generator | None = None
-        if not self.greedy:
-            seed = params.seed if params.seed is not None else random.getrandbits(63)
-            self.generator = torch.Generator(device=device).manual_seed(seed)
+        if not self.greedy and params.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(params.seed)
+
+    def process(self, logits: torch.Tensor, prompt_ids: list[int] = (), output_ids: list[int] = ()) -> torch.Tensor:
+        """This request's row of logits [vocab] after its processors (penalties, bias, min_tokens)."""
+        return logits if self.processors is None else self.processors(logits, prompt_ids, output_ids)
 
     def __call__(self, logits: torch.Tensor, prompt_ids: list[int] = (), output_ids: list[int] = ()) -> int:
-        if self.processors is not None:
-            logits = self.processors(logits, prompt_ids, output_ids)
-        if self.greedy:
-            return int(torch.argmax(logits))
-        return int(sample_token(logits, self.params, self.generator))
+        """One token from one row (the engine samples its rows together with `sample_rows`)."""
+        return int(sample_rows(self.process(logits, prompt_ids, output_ids)[None], [self])[0])
+
+
+def sample_rows(logits: torch.Tensor, samplers: Sequence[Sampler]) -> torch.Tensor:
+    """One token id per row of `logits` [n, vocab] (processors already applied), each row by its
+    sampler, as one batch on the logits' device: greedy rows take the argmax; the others are
+    divided by their temperature, cut to their top-k and top-p (`nucleus`, over one sort of the
+    batch, only when a row asks for either), and draw by the exponential race: the argmax of
+    p / E with E ~ Exp(1), which picks token i with probability p_i (as a multinomial draw
+    does). A seeded row's E comes from its own generator, so its draws are the same whatever
+    shares its batch; the other rows' come from one call. Nothing is read back here: the engine reads every row's token
+    at once. -> [n] long.
+
+    >>> g = SamplingParams(temperature=0.0)
+    >>> sample_rows(torch.tensor([[0.0, 3.0, 1.0]]), [Sampler(g, torch.device("cpu"))]).tolist()
+    [1]
+    >>> hot = Sampler(SamplingParams(temperature=1.0, seed=1, top_k=1), torch.device("cpu"))
+    >>> sample_rows(torch.tensor([[0.0, 3.0, 1.0]]), [hot]).tolist()  # top_k=1: only the best can come
+    [1]
+    """
+    tokens = logits.argmax(dim=-1)
+    drawn = [i for i, s in enumerate(samplers) if not s.greedy]
+    if not drawn:
+        return tokens
+    device = logits.device
+    rows = torch.tensor(drawn, device=device)
+    params = [samplers[i].params for i in drawn]
+    vocab = logits.shape[-1]
+    scaled = logits.index_select(0, rows).float() / torch.tensor([p.temperature for p in params], device=device)[:, None]
+    noise = torch.empty(len(drawn), vocab, device=device).exponential_(generator=shared_generator(device))
+    for j, i in enumerate(drawn):  # seeded rows: their own generator's noise
+        if samplers[i].generator is not None:
+            noise[j].exponential_(generator=samplers[i].generator)
+    noise.clamp_min_(torch.finfo(torch.float32).tiny)
+    ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    if all(k == vocab for k in ks) and all(p.top_p >= 1.0 for p in params):
+        probs = torch.softmax(scaled, dim=-1)
+    else:  # in vocabulary order again, so a row's noise meets the same tokens whichever path it takes
+        ordered, order = scaled.sort(dim=-1, descending=True)
+        kept = nucleus(ordered, torch.tensor(ks, device=device), torch.tensor([p.top_p for p in params], device=device))
+        probs = torch.zeros_like(kept).scatter_(1, order, torch.softmax(kept, dim=-1))
+    return tokens.index_copy(0, rows, (probs / noise).argmax(dim=-1))
+
+
+_shared: dict[torch.device, torch.Generator] = {}
+
+
+def shared_generator(device: torch.device) -> torch.Generator:
+    """The generator of unseeded draws on `device`, seeded at random once per process (torch's
+    default generator starts from the same seed in every process)."""
+    generator = _shared.get(device)
+    if generator is None:
+        generator = _shared[device] = torch.Generator(device=device).manual_seed(random.getrandbits(63))
+    return generator
+
+
+def nucleus(ordered: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Rows of logits sorted in descending order [n, vocab] with -inf past each row's top_k
+    (vocab: all) and past its nucleus: a token goes when the tokens before it already reach
+    top_p of the probability left after top-k (the first always stays, even when top_p rounds
+    to 0). Per row the same tokens as `filter_logits` keeps, save for ties at the k-th value.
+
+    >>> nucleus(torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])), torch.tensor([4]), torch.tensor([0.7])).exp()
+    tensor([[0.5000, 0.3000, 0.0000, 0.0000]])
+    """
+    positions = torch.arange(ordered.shape[-1], device=ordered.device)
+    cut = ordered.masked_fill(positions[None, :] >= top_k[:, None], float("-inf"))
+    probs = torch.softmax(cut, dim=-1)
+    drop = probs.cumsum(dim=-1) - probs >= top_p[:, None]
+    drop[:, 0] = False
+    return cut.masked_fill(drop, float("-inf"))
 
 
 class LogitsProcessors:
@@ -131,7 +205,8 @@ class LogitsProcessors:
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set logits outside the top-k / nucleus (top-p) to -inf.  logits [vocab] -> [vocab]"""
+    """Set logits outside the top-k / nucleus (top-p) to -inf.  logits [vocab] -> [vocab]. The
+    one-row spec of `nucleus` (which works on sorted rows, the whole batch at once)."""
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -144,10 +219,3 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
-
-
-def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """Temperature, then top-k, then top-p, then one multinomial draw."""
-    scaled = logits.float() / params.temperature
-    probs = torch.softmax(filter_logits(scaled, params.top_k, params.top_p), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[0]

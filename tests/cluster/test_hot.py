@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 
 pytest.importorskip("ray")
-from loradock.runtime.cluster import hot  # noqa: E402
-from loradock.runtime.cluster.hot import HotVersions  # noqa: E402
+from loradock.runtime.cluster import hot
+from loradock.runtime.cluster.hot import HotVersions
 
 
 def test_only_the_top_k_busy_versions_spread_and_a_caller_keeps_its_home():

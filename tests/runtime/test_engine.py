@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from loradock.registry import Registry
 from loradock.runtime import (
     AdapterNotFoundError,
@@ -30,15 +31,18 @@ from tests.runtime.conftest import drive
 
 
 class ScriptedSampler:
-    """Stands in for a request's sampler: the next token comes from `pick()`, not the logits."""
+    """Stands in for a request's sampler: the next token comes from `pick()`, not the logits (its
+    processor leaves only that token, which the greedy argmax then takes)."""
 
-    greedy = batched_greedy = False
+    greedy, batched_greedy = True, False
 
     def __init__(self, pick) -> None:
         self.pick = pick
 
-    def __call__(self, logits, prompt_ids=(), output_ids=()) -> int:
-        return self.pick()
+    def process(self, logits, prompt_ids=(), output_ids=()):
+        only = torch.full_like(logits, float("-inf"))
+        only[self.pick()] = 0.0
+        return only
 
 
 def req(adapter=None, prompt="Tell me a story", n=8, **kw):

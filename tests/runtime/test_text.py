@@ -57,3 +57,57 @@ def test_sampler_seed_and_greedy():
     assert draws(seeded) == draws(seeded)
     assert draws(seeded) != draws(SamplingParams(temperature=1.0, seed=43))
     assert Sampler(SamplingParams(), cpu)(logits) == int(logits.argmax())
+
+
+def test_rows_sampled_together_draw_what_each_draws_alone():
+    """sample_rows over a batch of mixed settings gives each row the token it gets alone with the
+    same seed: one request's draws never depend on who shares its step."""
+    from loradock.runtime.sampling import sample_rows
+
+    cpu = torch.device("cpu")
+    logits = torch.randn(6, 500, generator=torch.Generator().manual_seed(1)) * 3
+    settings = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, seed=1),
+                SamplingParams(temperature=0.7, top_k=5, seed=2), SamplingParams(temperature=1.3, top_p=0.8, seed=3),
+                SamplingParams(temperature=1.0, top_k=50, top_p=0.5, seed=4), SamplingParams(temperature=2.0, seed=5)]
+    together = sample_rows(logits, [Sampler(p, cpu) for p in settings]).tolist()
+    alone = [Sampler(p, cpu)(logits[i]) for i, p in enumerate(settings)]
+    assert together == alone
+    assert together[0] == int(logits[0].argmax())
+
+
+def test_sampled_tokens_follow_the_filtered_distribution():
+    """Over 4,000 draws each kept token comes up about as often as its probability after
+    temperature, top-k and top-p (filter_logits, the one-row spec), and no other token ever does."""
+    from loradock.runtime.sampling import sample_rows
+
+    cpu = torch.device("cpu")
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, -5.0])
+    params = SamplingParams(temperature=0.8, top_k=6, top_p=0.9, seed=7)
+    sampler = Sampler(params, cpu)
+    draws = torch.cat([sample_rows(logits.expand(400, -1), [sampler] * 400) for _ in range(10)])
+    want = torch.softmax(filter_logits(logits / 0.8, 6, 0.9), dim=-1)
+    seen = torch.bincount(draws, minlength=8).float() / len(draws)
+    assert torch.all(seen[want == 0] == 0), (seen, want)
+    assert torch.allclose(seen, want, atol=0.03), (seen, want)
+
+
+def test_nucleus_keeps_what_filter_logits_keeps():
+    from loradock.runtime.sampling import nucleus
+
+    gen = torch.Generator().manual_seed(3)
+    for top_k, top_p in [(0, 1.0), (3, 1.0), (0, 0.6), (10, 0.3), (40, 0.95), (0, 1e-9)]:
+        logits = torch.randn(4, 64, generator=gen) * 2
+        ordered, order = logits.sort(dim=-1, descending=True)
+        kept = nucleus(ordered, torch.tensor([top_k or 64] * 4), torch.tensor([top_p] * 4))
+        got = torch.full_like(logits, float("-inf")).scatter(1, order, kept)
+        for row in range(4):
+            want = filter_logits(logits[row], top_k, top_p)
+            assert torch.equal(torch.isinf(got[row]), torch.isinf(want)), (top_k, top_p)
+
+
+def test_sampling_doctests():
+    import doctest
+
+    from loradock.runtime import sampling
+
+    assert doctest.testmod(sampling).failed == 0
