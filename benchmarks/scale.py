@@ -28,13 +28,14 @@ in seconds (tests/bench/test_scale.py); its figures mean nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
 import shutil
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -107,26 +108,14 @@ class Figures:
     notes: list = field(default_factory=list)
 
 
-class Phase:
-    """Prints what is running and how long it took (long work shows progress)."""
-
-    def __init__(self, figures: Figures) -> None:
-        self.figures = figures
-
-    def __call__(self, what: str):
-        figures = self
-
-        class _Timer:
-            def __enter__(self):
-                print(f"[scale] {what} ...", flush=True)
-                self.started = time.perf_counter()
-
-            def __exit__(self, *exc):
-                seconds = time.perf_counter() - self.started
-                figures.figures.setup_s[what] = round(seconds, 1)
-                print(f"[scale] {what}: {seconds:.1f} s", flush=True)
-
-        return _Timer()
+@contextlib.contextmanager
+def phase(figures: Figures, what: str) -> Iterator[None]:
+    """Print what runs and how long it took (long work shows progress); keep the time."""
+    print(f"[scale] {what} ...", flush=True)
+    started = time.perf_counter()
+    yield
+    figures.setup_s[what] = round(time.perf_counter() - started, 1)
+    print(f"[scale] {what}: {figures.setup_s[what]:.1f} s", flush=True)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int) -> float:
@@ -247,13 +236,12 @@ def run(spec: ScaleSpec, work: Path, out_dir: Path, name: str, tokenizer_dir: Pa
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     figures = Figures(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                       spec=asdict(spec))
-    phase = Phase(figures)
     big = spec.shape != "tiny"
-    with phase("device floors"):
+    with phase(figures, "device floors"):
         figures.copy_bandwidth_gb_s = copy_bandwidth(device, (1 << 30) if big else (64 << 20)) / 1e9
         figures.matmul_tflops = matmul_rate(device, dtype, 8192 if big else 512) / 1e12
     registry = Registry(work / "home")
-    with phase("base"):
+    with phase(figures, "base"):
         made = make_base(work / "home" / f".base-{spec.shape}", SHAPES[spec.shape], device, dtype, tokenizer_dir)
         base, _ = registry.add_base(made, f"scale-{spec.shape}", source=f"random:{spec.shape}",
                                     source_digest=fingerprint(made), move=True)  # renamed into place, not copied
@@ -262,17 +250,17 @@ def run(spec: ScaleSpec, work: Path, out_dir: Path, name: str, tokenizer_dir: Pa
         if device.type == "cuda":
             torch.cuda.empty_cache()
         figures.base = f"random {spec.shape}-shaped Llama ({base.name})"
-    with phase(f"{spec.adapters} adapters"):
+    with phase(figures, f"{spec.adapters} adapters"):
         specs = adapter_specs(spec.adapters)
         refs = [v.ref for v in publish_random_adapters(registry, base, specs, seed=spec.seed, dtype=torch.bfloat16)]
     workload = make_workload(WorkloadSpec(n_adapters=spec.adapters, n_requests=spec.requests, seed=spec.seed,
                                           prompt_len=spec.prompt_len, output_len=spec.output_len,
                                           vocab_size=_vocab(base_dir)))
-    serve(spec, figures, phase, registry, base_dir, refs, specs, workload, device, dtype)
+    serve(spec, figures, registry, base_dir, refs, specs, workload, device, dtype)
     gc.collect()  # the engine's weights, slots and pool go before HF loads its own copy
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    with phase("HF generate + PEFT, eager"):
+    with phase(figures, "HF generate + PEFT, eager"):
         firsts = [r for r in workload if r.adapter == 0][:spec.hf_batch] or workload[:spec.hf_batch]
         figures.hf_peft_tokens_per_s = hf_peft_tokens_per_s(base_dir, registry.resolve(refs[0]).path, firsts,
                                                             device, dtype)
@@ -283,10 +271,10 @@ def run(spec: ScaleSpec, work: Path, out_dir: Path, name: str, tokenizer_dir: Pa
     return figures
 
 
-def serve(spec: ScaleSpec, figures: Figures, phase: Phase, registry: Registry, base_dir: Path, refs: list[str],
+def serve(spec: ScaleSpec, figures: Figures, registry: Registry, base_dir: Path, refs: list[str],
           specs: list[AdapterSpec], workload, device: torch.device, dtype: torch.dtype) -> None:
     """Every phase that runs on loradock's engine (which is gone when this returns)."""
-    with phase("engine start"):
+    with phase(figures, "engine start"):
         engine = Engine(EngineConfig(
             base=base_dir.name, quantize="none", dtype="auto", max_running=spec.concurrency,
             max_slots=spec.max_slots, max_rank=max(RANK_CYCLE), max_batch_tokens=4096,
@@ -304,14 +292,14 @@ def serve(spec: ScaleSpec, figures: Figures, phase: Phase, registry: Registry, b
     kv_per_token = 2 * model_config.num_hidden_layers * engine.kv.k.shape[-2] * engine.kv.k.shape[-1] * \
         engine.kv.k.element_size()
     try:
-        with phase("single prefill"):
+        with phase(figures, "single prefill"):
             median_prompt = sorted(r.prompt_token_ids for r in workload)[len(workload) // 2]
             engine.load_adapter(refs[0])
             single = single_prefill_seconds(engine, refs[0], median_prompt)
             figures.single_prefill_ms, figures.single_prefill_tokens = single * 1000, len(median_prompt)
             floor = prefill_flops(model_config, linear_params, len(median_prompt)) / (figures.matmul_tflops * 1e12)
             figures.fraction_of_compute_floor = floor / single
-        with phase("decode steps"):
+        with phase(figures, "decode steps"):
             batch = min(spec.concurrency, spec.max_slots, spec.adapters)
             prompt = workload[0].prompt_token_ids[:128]
             base_s, context = decode_step_seconds(engine, [None] * batch, prompt, spec.decode_steps)
@@ -323,7 +311,7 @@ def serve(spec: ScaleSpec, figures: Figures, phase: Phase, registry: Registry, b
             figures.decode_floor_ms = floor_s * 1000
             figures.fraction_of_bandwidth_floor = floor_s / lora_s
             figures.lora_overhead_vs_base = lora_s / base_s
-        with phase(f"workload: {spec.requests} requests, {spec.concurrency} at a time"):
+        with phase(figures, f"workload: {spec.requests} requests, {spec.concurrency} at a time"):
             engine.start_loop()
 
             def send(request):
