@@ -67,11 +67,15 @@ class AliasRoutes:
             return {a: m.target for a, m in self._moving.items()}
 
     def _target(self, name: str, alias: str, alias_ref: str) -> Target | None:
+        to_warm: list[str] = []
         with self._lock:
             generation = self.registry.generation()
             if generation != self._generation:
                 self._generation = generation
-                self._reread()
+                to_warm = self._reread()
+        for ref in to_warm:  # outside the lock: resolving a version reads (and hashes) its files
+            self.warm(ref)
+        with self._lock:
             served = self._served.get(alias_ref)
             if served is None:  # first use: as the registry has it
                 served = self.registry.alias_targets(name).get(alias)
@@ -83,8 +87,10 @@ class AliasRoutes:
                 served = self._advance(alias_ref, move) or served
             return served
 
-    def _reread(self) -> None:
-        """The registry changed: start the moves of the aliases in use whose target did."""
+    def _reread(self) -> list[str]:
+        """The registry changed: start the moves of the aliases in use whose target did, and
+        return the versions to load for them."""
+        to_warm = []
         for alias_ref, served in list(self._served.items()):
             name, _, alias = alias_ref.partition("@")
             try:
@@ -105,9 +111,9 @@ class AliasRoutes:
                 log.info("%s moves to %s: loading %s before it takes traffic", alias_ref,
                          ", ".join(f"{name}@{v} {w}%" for v, w in sorted(target.items())),
                          ", ".join(f"{name}@{v}" for v in new) or "nothing")
-                for v in new:
-                    self.warm(f"{name}@{v}")
+                to_warm += [f"{name}@{v}" for v in new]
                 self._moving[alias_ref] = _Move(target, tuple(new), time.monotonic() + self.wait_s)
+        return to_warm
 
     def _rolled_back(self, name: str, alias: str) -> bool:
         """The alias's last recorded change is a rollback (`loradock adapters rollback`)."""
