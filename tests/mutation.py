@@ -352,6 +352,36 @@ BREAKAGES = (
         "            self.history(name).record(alias, \"tag\", before, canary.to_record(target), reason)\n",
         ("tests/registry/test_alias_history.py::test_sigkill_at_every_write_step_leaves_a_truthful_history",),
     ),
+    Breakage(
+        "paged-window-sees-one-key-too-many", "runtime/paged_attention_kernel.py",
+        "seen = seen & (kp[None, :] > q_pos[:, None] - window)",
+        "seen = seen & (kp[None, :] >= q_pos[:, None] - window)",
+        ("tests/runtime/test_triton_attention.py",),
+    ),
+    Breakage(
+        "promotion-switches-before-the-load", "runtime/promotion.py",
+        "        if not ready and time.monotonic() < move.deadline:\n",
+        "        if False:\n",
+        ("tests/runtime/test_promotion.py::test_a_promotion_loads_the_new_version_before_it_takes_traffic",),
+    ),
+    Breakage(
+        "require-reads-the-oldest-record", "registry/evals.py",
+        "        newest = next((r for r in reversed(records) if r.metric == self.metric), None)",
+        "        newest = next((r for r in records if r.metric == self.metric), None)",
+        ("tests/registry/test_evals.py::test_the_newest_record_of_the_metric_decides",),
+    ),
+    Breakage(
+        "batched-draws-ignore-the-seed", "runtime/sampling.py",
+        "        if samplers[i].generator is not None:\n",
+        "        if False:\n",
+        ("tests/runtime/test_text.py::test_rows_sampled_together_draw_what_each_draws_alone",),
+    ),
+    Breakage(
+        "hot-versions-keep-one-home", "runtime/cluster/hot.py",
+        "        return ref if shard == 0 else f\"{ref}{SHARD}{shard}\"",
+        "        return ref",
+        ("tests/cluster/test_hot.py",),
+    ),
 )
 
 SITECUSTOMIZE = '''"""Written by tests/mutation.py: import loradock.* from this copy of the tree."""
