@@ -179,11 +179,11 @@ def test_the_busiest_adapter_gets_a_home_on_both_replicas(cluster: Cluster):
         assert response.status_code == 200, response.text
 
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(ask, range(120)))
+        list(pool.map(ask, range(90)))
     after = served_by(cluster, "c1")
     grew = {r: after[r]["requests"] - before.get(r, {}).get("requests", 0) for r in after}
-    assert sum(grew.values()) == 120 and len(grew) == REPLICAS, grew
-    assert min(grew.values()) >= 10, grew  # the second home takes a real share, not a stray request
+    assert sum(grew.values()) == 90 and len(grew) == REPLICAS, grew
+    assert min(grew.values()) >= 8, grew  # the second home takes a real share, not a stray request
 
 
 def test_a_killed_replica_loses_no_request_the_client_retries(cluster: Cluster, reference_engine: Engine):

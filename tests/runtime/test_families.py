@@ -70,13 +70,13 @@ def test_mixed_batch_matches_peft(family, registry, engine_factory):
     check_against_peft(engine, oracle, names, PROMPTS[:5], ATOL["none"], new_tokens=5, fp32=True)
 
 
-@pytest.mark.parametrize("family_name", ["gemma2", "gemma3_text", "gpt_neox"])
+@pytest.mark.parametrize("family_name", ["gemma2", "gemma3_text"])
 def test_the_paged_kernel_serves_each_attention_shape_like_peft(family_name, session_home, tokenizer_dir,
                                                                 tmp_path, registry, engine_factory):
     """`attention="triton"` (under Triton's CPU interpreter here) on the families whose attention
     differs: soft-capping with a window and a query scalar (Gemma 2), windows on some layers
-    (Gemma 3), multi-head keys behind a fused projection (GPT-NeoX); windows on every layer are in
-    test_sliding_window.py. The same mixed batch, prefill and decode steps, equal to PEFT."""
+    (Gemma 3); windows on every layer are in test_sliding_window.py, multi-head and grouped keys
+    in test_triton_attention.py. The same mixed batch, prefill and decode steps, equal to PEFT."""
     pytest.importorskip("triton")
     base, dirs = build_family(family_name, session_home, tokenizer_dir, tmp_path)
     for name, path in dirs.items():
