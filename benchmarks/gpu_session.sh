@@ -2,8 +2,8 @@
 # The prepared run for a session lent a GPU (issue 31): what to do first, within the device
 # tool's limits (64 MiB carried per call, 10 minutes a call, 15 minutes of device time).
 #
-# Here, beforehand (PyPI reachable; about 38 MiB, under the 64 MiB a call may carry):
-#   echo /.tok/ >> .git/info/exclude
+# Here, beforehand (PyPI reachable; about 38 MiB, under the 64 MiB a call may carry; .whl/ and
+# .tok/ are git-ignored, so they travel only when a call's carry names them):
 #   .venv/bin/python tests/gpu_wheels.py --dest .whl --tokenizer-instead .tok
 # Then two device calls, back to back (the machine stays warm 30 s), each carrying .whl and .tok:
 #   1. command "bash benchmarks/gpu_session.sh tests", timeout_s 300: every `cuda` test (the Triton
