@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from loradock.registry.canary import choose
 from loradock.runtime import Engine
 from loradock.runtime.types import ChatMessage, GenerationRequest, SamplingParams
 
@@ -124,6 +125,14 @@ def test_a_canary_splits_traffic_across_the_replicas_by_route_key(cluster: Clust
                 assert answer.status_code == 200, answer.text
                 return answer.json()["model"]
 
+            # Warm promotion: the alias keeps its previous target until a replica has loaded the
+            # versions the canary adds; go on once a caller of each version gets it.
+            split = {1: 90, 2: 10}
+            probes = {v: next(f"probe-{i}" for i in range(1000) if choose(split, "mover@prod", f"probe-{i}") == v)
+                      for v in split}
+            deadline = time.monotonic() + 60
+            while any(ask(key) != f"mover@{v}" for v, key in probes.items()) and time.monotonic() < deadline:
+                time.sleep(0.1)
             with cf.ThreadPoolExecutor(8) as pool:
                 models = list(pool.map(ask, (f"user-{i}" for i in range(1000))))
             again = {ask("user-5") for _ in range(8)}
