@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,15 @@ def make_tiny_config(root: Path, base_name: str) -> dict:
 def tiny_config(tmp_path: Path, tiny_base, home: Path) -> dict:
     """make_tiny_config in this test's tmp_path, with LORADOCK_HOME set to a fresh registry."""
     return make_tiny_config(tmp_path, tiny_base.name)
+
+
+@pytest.fixture(autouse=True)
+def every_core():
+    """Training runs on every core: an engine started earlier in the session with cpu_threads=1
+    leaves torch on one thread process-wide, which made the facts test half again as slow."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(before)
