@@ -68,7 +68,6 @@ class StaticDecodeStep:
     def __init__(self, model: torch.nn.Module, pool: KVPool, device: torch.device, rows: int,
                  context: int, windows: Sequence[int] = (), paged: bool = False) -> None:
         self.model, self.rows, self.context, self.device, self.paged = model, rows, context, device, paged
-        self.block_size = pool.block_size
         tail = rows * (3 + blocks_for(context, pool.block_size)) if paged else rows * context
         size = rows * self.FIELDS + tail
         self.meta = torch.zeros(size, dtype=torch.long, device=device)

@@ -400,6 +400,11 @@ class Engine:
             else f"{self.attention} ({self.attention_fallback})",
         )
 
+    def counters(self, key: str) -> dict[str, int]:
+        """One adapter version's counters ("name@version" or "<base>"): what a cluster replica
+        reports with each finished request, without the whole of `stats()`."""
+        return self._stats.counters(key)
+
     def stats(self) -> dict:
         """Counters and latency histograms per adapter version ("name@version", "<base>") and
         current gauges."""

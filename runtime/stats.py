@@ -64,6 +64,11 @@ class EngineStats:
             for name, value in seconds.items():
                 histograms[name].observe(value)
 
+    def counters(self, key: str) -> dict[str, int]:
+        """The counters of one key (zeros when it has none yet)."""
+        with self._lock:
+            return asdict(self._by_adapter.get(key, AdapterCounters()))
+
     def snapshot(self) -> dict[str, dict[str, int]]:
         with self._lock:
             return {key: asdict(c) for key, c in sorted(self._by_adapter.items())}

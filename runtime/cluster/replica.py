@@ -134,7 +134,7 @@ class EngineReplica:
 
     def counters(self, ref: str) -> dict[str, int]:
         key = self._fetcher.local_ref(ref) if ref else BASE_KEY
-        return dict(self.engine.stats()["adapters"].get(key, {}))
+        return self.engine.counters(key)
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)
