@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint demo proto bench bench-sweep bench-full soak mutation gpu-check gpu-install gpu-test gpu-bench gpu-bench-default gpu-bench-scale gpu-wheels clean
+.PHONY: setup test lint browser demo proto bench bench-sweep bench-full soak mutation gpu-check gpu-install gpu-test gpu-bench gpu-bench-default gpu-bench-scale gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -22,8 +22,19 @@ $(STAMP): pyproject.toml
 lint: setup
 	$(VENV)/bin/ruff check .
 
-test: setup lint
+test: setup lint browser
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Headless Chromium for the web console's browser tests (tests/http/test_console.py): Debian's
+# chromium and chromium-driver, installed with apt where this runs as root; elsewhere those
+# tests skip and say why.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium and chromium-driver (apt) for the console's browser tests"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			chromium chromium-driver >/dev/null) || echo "apt could not install chromium: the console's browser tests will skip"; \
+	else echo "no chromium and no apt as root: the console's browser tests will skip"; fi
 
 demo: setup
 	$(VENV)/bin/loradock demo

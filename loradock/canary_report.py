@@ -9,11 +9,12 @@ ingress the replicas' counters (`loradock_replica_*`) are summed instead; they c
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from loradock.runtime.stats import histogram_quantile
 
 COUNTERS = ("requests", "errors", "prompt_tokens", "generated_tokens")
 LATENCIES = ("time_to_first_token_seconds", "request_duration_seconds")
@@ -27,26 +28,8 @@ class VersionFigures:
     buckets: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # latency -> (le, cumulative)
 
     def quantile(self, latency: str, q: float) -> float | None:
-        """The q-quantile of a latency histogram, interpolated within its bucket as Prometheus'
-        histogram_quantile does; None without observations.
-
-        >>> VersionFigures(buckets={"d": [(0.1, 0), (0.5, 10), (math.inf, 10)]}).quantile("d", 0.25)
-        0.2
-        """
-        buckets = sorted(self.buckets.get(latency, []))
-        if not buckets or buckets[-1][1] == 0:
-            return None
-        rank = q * buckets[-1][1]
-        lower_bound, lower_count = 0.0, 0.0
-        for bound, count in buckets:
-            if count >= rank:
-                if math.isinf(bound):
-                    return lower_bound  # above every finite bound: its lower edge, as Prometheus does
-                if count == lower_count:
-                    return bound
-                return lower_bound + (bound - lower_bound) * (rank - lower_count) / (count - lower_count)
-            lower_bound, lower_count = bound, count
-        return None
+        """The q-quantile of a latency histogram (None without observations)."""
+        return histogram_quantile(self.buckets.get(latency, []), q)
 
 
 def version_figures(metrics_text: str, adapter: str) -> dict[int, VersionFigures]:

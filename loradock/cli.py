@@ -16,7 +16,7 @@ from loradock.errors import UserError
 from loradock.registry import RegistryError
 
 # Subcommand modules, in the order `--help` lists them.
-COMMAND_MODULES = ("bases", "adapters", "train", "export", "serve", "generate", "demo", "bench", "cluster")
+COMMAND_MODULES = ("bases", "adapters", "train", "export", "serve", "ui", "generate", "demo", "bench", "cluster")
 
 
 def build_parser() -> argparse.ArgumentParser:

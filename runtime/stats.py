@@ -5,6 +5,7 @@ concrete version that served ("name@N"), so a canary's versions can be told apar
 from __future__ import annotations
 
 import bisect
+import math
 import threading
 from dataclasses import asdict, dataclass
 
@@ -42,6 +43,38 @@ class Histogram:
     def snapshot(self) -> dict:
         """{"counts": per bucket (the last: above every bound), "sum": seconds}."""
         return {"counts": list(self.counts), "sum": self.sum}
+
+
+def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """The q-quantile of a histogram given as (upper bound, cumulative count) pairs, interpolated
+    within its bucket as Prometheus' histogram_quantile does; None without observations.
+
+    >>> histogram_quantile([(0.1, 0), (0.5, 10), (math.inf, 10)], 0.25)
+    0.2
+    """
+    buckets = sorted(buckets)
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound  # above every finite bound: its lower edge, as Prometheus does
+            if count == lower_count:
+                return bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (count - lower_count)
+        lower_bound, lower_count = bound, count
+    return None
+
+
+def cumulative(counts: list[int]) -> list[tuple[float, float]]:
+    """A Histogram snapshot's per-bucket counts as (upper bound, cumulative count) pairs."""
+    total, out = 0, []
+    for bound, count in zip((*LATENCY_BUCKETS, math.inf), counts, strict=True):
+        total += count
+        out.append((bound, float(total)))
+    return out
 
 
 class EngineStats:

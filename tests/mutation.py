@@ -382,6 +382,23 @@ BREAKAGES = (
         "        return ref",
         ("tests/cluster/test_hot.py",),
     ),
+    Breakage(
+        "console-writes-without-login", "runtime/http/console/console.py",
+        "        if not self.authenticated(request):\n            return \"read-only until you log in\"\n",
+        "",
+        ("tests/http/test_console.py",),
+    ),
+    Breakage(
+        "console-lineage-drops-alias-moves", "runtime/http/console/facts.py",
+        "                if after == v.version:",
+        "                if False:",
+        ("tests/http/test_console_facts.py",),
+    ),
+    Breakage(
+        "console-card-runs-html", "runtime/http/console/facts.py",
+        '{"html": False}', '{"html": True}',
+        ("tests/http/test_console_facts.py",),
+    ),
 )
 
 SITECUSTOMIZE = '''"""Written by tests/mutation.py: import loradock.* from this copy of the tree."""

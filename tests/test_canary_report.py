@@ -6,6 +6,7 @@ from __future__ import annotations
 import doctest
 
 import pytest
+from loradock.runtime import stats
 
 from loradock import canary_report
 from loradock.canary_report import rows, version_figures
@@ -43,3 +44,4 @@ def test_each_version_gets_its_own_figures():
 
 def test_doctests():
     assert doctest.testmod(canary_report).failed == 0
+    assert doctest.testmod(stats).failed == 0  # the histogram quantile the canary report and the console share

@@ -8,7 +8,7 @@ import pytest
 
 from loradock.cli import build_parser
 
-COMMANDS = ["bases", "adapters", "train", "export", "serve", "generate", "chat", "demo", "bench", "cluster"]
+COMMANDS = ["bases", "adapters", "train", "export", "serve", "ui", "generate", "chat", "demo", "bench", "cluster"]
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -42,6 +42,25 @@ def read_log(log_path: Path) -> list[dict]:
     return [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
 
 
+CURVE_POINTS = 500  # per series kept in the manifest: enough to draw, a few KB at most
+
+
+def loss_curve(records: list[dict], max_points: int = CURVE_POINTS) -> dict[str, list[list[float]]]:
+    """The run's loss and eval loss by step as `{"loss": [[step, value], ...], "eval_loss": ...}`,
+    each thinned evenly to at most `max_points` (the last point always kept), for the manifest's
+    metrics (the console draws it)."""
+    curve = {}
+    for key in ("loss", "eval_loss"):
+        points = [[r["step"], r[key]] for r in records if r.get(key) is not None]
+        if len(points) > max_points:
+            stride = math.ceil(len(points) / max_points)
+            kept = points[::stride][: max_points - 1]
+            points = kept if kept[-1] is points[-1] else [*kept, points[-1]]
+        if points:
+            curve[key] = points
+    return curve
+
+
 def write_results(output_dir: Path, records: list[dict], *, epoch: float, runtime_s: float,
                   eval_loss: float | None) -> dict:
     """train_results.json (+ eval_results.json) and all_results.json; returns all results.

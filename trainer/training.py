@@ -186,7 +186,9 @@ def _save_and_publish(run: Run, result: FitResult) -> publish.AdapterVersion | N
     shutil.rmtree(adapter_dir, ignore_errors=True)
     run.model.save_pretrained(adapter_dir)
     metrics = _metrics(run, result)
-    _write_lf_outputs(run, adapter_dir, metrics)
+    records = outputs.read_log(run.output_dir / LOG_FILE)
+    _write_lf_outputs(run, adapter_dir, metrics, records)
+    metrics["curve"] = outputs.loss_curve(records)
     log.info("trained %d steps in %.1f s: loss %s -> %s, eval loss %s", result.state.step,
              result.wall_time_s, _fmt(metrics["initial_loss"]), _fmt(metrics["train_loss"]),
              _fmt(result.eval_loss))
@@ -217,10 +219,9 @@ def _ddp(model: torch.nn.Module, device: torch.device) -> DistributedDataParalle
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def _write_lf_outputs(run: Run, adapter_dir: Path, metrics: dict) -> None:
+def _write_lf_outputs(run: Run, adapter_dir: Path, metrics: dict, records: list[dict]) -> None:
     """The files LLaMA-Factory leaves in its output_dir (see outputs.py)."""
     outputs.link_adapter(adapter_dir, run.output_dir)
-    records = outputs.read_log(run.output_dir / LOG_FILE)
     outputs.write_results(run.output_dir, records, epoch=metrics["epochs"],
                           runtime_s=metrics["wall_time_s"], eval_loss=metrics["eval_loss"])
     if run.config.plot_loss:

@@ -244,10 +244,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         print_json(data)
         return 0
+    shown = {**data, "metrics": {k: v for k, v in (data.get("metrics") or {}).items() if k != "curve"}}
     for key in ("ref", "digest", "path", "aliases", "created_at", "base", "peft_type", "rank", "alpha",
                 "target_modules", "use_rslora", "source", "parent", "parents", "dataset", "training", "metrics",
                 "signature"):
-        print(f"{key:15} {data.get(key)}")
+        print(f"{key:15} {shown.get(key)}")
+    for series, points in ((data.get("metrics") or {}).get("curve") or {}).items():
+        print(f"{'curve':15} {series}: {len(points)} points (drawn on the console's version page)")
     print(f"{'quantization':15} {quantization_line(data)}")
     print("evaluations:" if data["evals"] else f"{'evaluations':15} none (see `loradock adapters eval`)")
     for record in data["evals"]:

@@ -1,8 +1,10 @@
 """The HTTP edge's gate, one ASGI middleware in front of every route (as the gRPC edge's
-interceptors are): while draining, API requests get 503; without the bearer token, 401;
-while the base loads, 503; a body over the size limit, 413. Health, readiness and metrics
-stay open, as gRPC health and reflection do. It also counts requests in flight (the drain waits for them) and every HTTP
-request in the metrics, by route template, so unknown paths cannot create new series.
+interceptors are): while draining, API requests get 503; without the bearer token, 401; while
+the base loads, 503; a body over the size limit, 413. The console's session cookie
+(session.py) counts as the token, so its playground calls the API as the browser's user.
+Health, readiness and metrics stay open, as gRPC health and reflection do. It also counts
+requests in flight (the drain waits for them) and every HTTP request in the metrics, by route
+template, so unknown paths cannot create new series.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ApiError, draining, loading
+from .session import has_session
 
 API_PREFIX = "/v1/"
 API_ROOT_PATHS = frozenset({"/tokenize", "/detokenize"})  # vLLM's, outside /v1/ but the API all the same
@@ -41,6 +44,7 @@ class Gate:
         self._engine = engine
         self._state = state
         self._metrics = metrics
+        self._token = auth_token
         self._expected = f"Bearer {auth_token}".encode() if auth_token else None
         self._max_body = max_body_bytes
 
@@ -48,7 +52,10 @@ class Gate:
         if self._state.draining:
             return draining()
         if self._expected is not None:
-            given = dict(scope.get("headers") or ()).get(b"authorization")
+            headers = dict(scope.get("headers") or ())
+            given = headers.get(b"authorization")
+            if given is None and has_session(headers.get(b"cookie"), self._token):  # the console's
+                given = self._expected
             if given is None:
                 return ApiError(401, "missing 'Authorization: Bearer <token>' header", type="authentication_error",
                                 code="invalid_api_key", canonical="UNAUTHENTICATED")

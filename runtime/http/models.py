@@ -30,6 +30,19 @@ class ServedModel:
     label: str
 
 
+def unservable_reason(manifest: dict, base_fingerprint: str, max_rank: int, base_name: str) -> str:
+    """Why a server of the base `base_fingerprint` with `max_rank` cannot serve the version whose
+    manifest this is ("" when it can)."""
+    trained = manifest.get("base") or {}
+    if trained.get("fingerprint") and trained["fingerprint"] != base_fingerprint:
+        return (f"trained for base {trained.get('name') or '?'} ({trained['fingerprint'][:12]}), "
+                f"this server serves {base_name} ({base_fingerprint[:12]})")
+    rank = int(manifest.get("rank") or 0)
+    if rank > max_rank:
+        return f"rank {rank} is above this server's --max-rank {max_rank}"
+    return ""
+
+
 def _unix(timestamp: str) -> int:
     try:
         return int(datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp())
@@ -146,9 +159,7 @@ class ModelCatalog:
         cards = [ModelCard(id=base, created=base_created, root=base, **limits)]
 
         def fits(v: AdapterVersion) -> bool:
-            fingerprint = (v.manifest.get("base") or {}).get("fingerprint")
-            rank = int(v.manifest.get("rank") or 0)
-            return (not fingerprint or fingerprint == info.base_fingerprint) and rank <= info.max_rank
+            return not unservable_reason(v.manifest, info.base_fingerprint, info.max_rank, base)
 
         def evals(v: AdapterVersion) -> list[EvalSummary]:
             newest = {r.metric: r for r in self._registry.evals(v.ref)}  # oldest first: the last one stays

@@ -1,5 +1,6 @@
 """The FastAPI application: the OpenAI routes, runtime adapter management, health, readiness
-and metrics, behind the gate (`gate.py`), with every error in OpenAI's shape."""
+and metrics, behind the gate (`gate.py`), with every error in OpenAI's shape; the web console
+(`console/`) under /ui."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from loradock.runtime.metrics import CONTENT_TYPE, Metrics
 from starlette.exceptions import HTTPException
 
 from . import convert
+from .console import Console
 from .errors import (
     ApiError,
     bad_request,
@@ -242,6 +244,8 @@ def create_app(
         """Prometheus text exposition (the same page as --metrics-port)."""
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    app.state.console = Console(registry, engine=engine, auth_token=auth_token, allow_updates=allow_adapter_updates)
+    app.state.console.mount(app)
     app.add_middleware(Gate, engine=engine, state=state, metrics=metrics, auth_token=auth_token,
                        max_body_bytes=max_body_bytes)
     chunk = ChatCompletionChunk.model_json_schema(ref_template="#/components/schemas/{model}")

@@ -92,6 +92,16 @@ def create_http_server(
     state = EdgeState()
     app = create_app(engine, registry, metrics=metrics, state=state, auth_token=auth_token,
                      allow_adapter_updates=allow_adapter_updates, max_body_bytes=max_body_bytes)
+    app.state.console.serving.start()  # the serving page's "last minutes" start with the server
+    sock = bind(host, port)
+    bound = sock.getsockname()[1]
+    scheme = "https" if tls_cert else "http"
+    return HttpServer(uvicorn.Server(uvicorn_config(app, tls_cert, tls_key)), sock, state,
+                      f"{scheme}://{host}:{bound}"), bound
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (0: a free port); OSError naming the address otherwise."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.bind((host, port))
@@ -100,11 +110,26 @@ def create_http_server(
         sock.close()
         raise OSError(f"cannot listen on {host}:{port} for HTTP: {e.strerror or e}") from None
     sock.set_inheritable(True)
-    bound = sock.getsockname()[1]
-    config = uvicorn.Config(
+    return sock
+
+
+def uvicorn_config(app, tls_cert: Path | None = None, tls_key: Path | None = None) -> uvicorn.Config:
+    return uvicorn.Config(
         app, log_config=None, access_log=False, lifespan="off", loop="asyncio", http="h11",
         timeout_graceful_shutdown=STOP_TIMEOUT_S, timeout_keep_alive=30,
         ssl_certfile=str(tls_cert) if tls_cert else None, ssl_keyfile=str(tls_key) if tls_key else None,
     )
-    scheme = "https" if tls_cert else "http"
-    return HttpServer(uvicorn.Server(config), sock, state, f"{scheme}://{host}:{bound}"), bound
+
+
+def serve_console(registry: Registry, *, host: str, port: int, auth_token: str | None = None,
+                  allow_updates: bool = False, policy=None, on_listening=None) -> None:
+    """`loradock ui`: the web console over `registry` alone, until SIGINT or SIGTERM;
+    `on_listening(url)` is called once the port is bound."""
+    from .console import create_console_app
+
+    app = create_console_app(registry, auth_token=auth_token, allow_updates=allow_updates, policy=policy)
+    sock = bind(host, port)
+    if on_listening is not None:
+        on_listening(f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}")
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start/stop chatter repeats ours
+    uvicorn.Server(uvicorn_config(app)).run(sockets=[sock])

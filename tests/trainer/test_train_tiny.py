@@ -67,6 +67,9 @@ def test_loss_falls_and_the_version_records_how_it_was_made(published, tiny_base
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == list(range(1, 13))
     assert log[-1] == {"step": 12, "eval_loss": metrics["eval_loss"]}
+    # The manifest keeps the curve the console draws: every logged loss and eval loss, by step.
+    assert metrics["curve"]["loss"] == [[r["step"], r["loss"]] for r in log if "loss" in r]
+    assert metrics["curve"]["eval_loss"] == [[r["step"], r["eval_loss"]] for r in log if "eval_loss" in r]
     assert yaml.safe_load((run / "train_config.yaml").read_text())["adapter_name"] == "colors"
 
 
