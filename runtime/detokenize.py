@@ -15,7 +15,12 @@ REPLACEMENT = "\ufffd"
 
 
 class IncrementalDecoder:
-    """Token ids in, newly completed text out (the prefix/read offset scheme of TGI and vLLM)."""
+    """Token ids in, newly completed text out (the prefix/read offset scheme of TGI and vLLM).
+
+    Two `tokenizer.decode` calls per token in Python: the reference, and the path for slow
+    (Python-only) tokenizers. `incremental_decoder` picks the Rust tokenizer's own stream when
+    there is one: the same text per token (tests/runtime/test_text.py) at ~1/8 of the host time.
+    """
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -34,6 +39,29 @@ class IncrementalDecoder:
             self._prefix, self._read = self._read, len(self.ids)
             return after[len(before):]
         return ""
+
+
+class RustStreamDecoder:
+    """`tokenizers`' DecodeStream over a fast tokenizer's Rust backend: one call per token, the
+    same buffering of partial characters, special tokens skipped."""
+
+    def __init__(self, backend) -> None:
+        from tokenizers.decoders import DecodeStream
+
+        self._backend = backend
+        self._stream = DecodeStream(skip_special_tokens=True)
+
+    def add(self, token_id: int) -> str:
+        return self._stream.step(self._backend, token_id) or ""
+
+
+def incremental_decoder(tokenizer) -> IncrementalDecoder | RustStreamDecoder:
+    """The fastest decoder `tokenizer` allows."""
+    backend = getattr(tokenizer, "_tokenizer", None)  # a fast tokenizer's `tokenizers.Tokenizer`
+    try:
+        return RustStreamDecoder(backend) if backend is not None else IncrementalDecoder(tokenizer)
+    except ImportError:  # a tokenizers release without DecodeStream
+        return IncrementalDecoder(tokenizer)
 
 
 class StopMatcher:
@@ -78,7 +106,7 @@ class TextStream:
     """One request's output text: decoder + stop matcher."""
 
     def __init__(self, tokenizer, stops: Sequence[str]) -> None:
-        self.decoder = IncrementalDecoder(tokenizer)
+        self.decoder = incremental_decoder(tokenizer)
         self.matcher = StopMatcher(stops)
         self.text = ""
 

@@ -174,6 +174,12 @@ def test_the_openai_client_works_against_the_cluster(cluster: Cluster, reference
     assert text == reference(reference_engine, "c3@1")
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nosuch", messages=[{"role": "user", "content": "hi"}])
+    # The ingress serves the console too: the registry's pages, and a serving page that says where
+    # a cluster's figures are (its replicas hold the engines).
+    assert 'href="/ui/adapters/c2/1"' in httpx.get(f"{cluster.url}/ui/adapters", timeout=30).text
+    serving = httpx.get(f"{cluster.url}/ui/serving", timeout=30)
+    assert serving.status_code == 200 and "cluster's ingress" in serving.text
+    assert 'value="c2"' in httpx.get(f"{cluster.url}/ui/playground", timeout=30).text
 
 
 def test_the_busiest_adapter_gets_a_home_on_both_replicas(cluster: Cluster):

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from loradock.runtime.detokenize import StopMatcher, TextStream
+from loradock.runtime.detokenize import (
+    IncrementalDecoder,
+    RustStreamDecoder,
+    StopMatcher,
+    TextStream,
+    incremental_decoder,
+)
 from loradock.runtime.sampling import Sampler, filter_logits
 from loradock.runtime.types import SamplingParams
 
@@ -23,6 +29,22 @@ def test_stream_reassembles_text_without_broken_characters(tokenizer, text):
     chunks.append(stream.finish())
     assert "".join(chunks) == text
     assert all("\ufffd" not in c for c in chunks)
+
+
+def test_the_rust_stream_emits_what_the_reference_decoder_emits_token_by_token(tokenizer):
+    """Same text at the same tokens (so stop strings end a request at the same token): real text
+    with multi-byte characters, random ids (partial byte sequences, specials) and the EOS token."""
+    import random
+
+    assert isinstance(incremental_decoder(tokenizer), RustStreamDecoder)
+    rng = random.Random(0)
+    texts = ["Hello, wörld! 你好，世界 🤖🎉 naïve café — “quotes” ", "def f(x):\n    return x**2\n"]
+    for trial in range(60):
+        ids = (tokenizer.encode(texts[trial % 2] * 2, add_special_tokens=False) if trial % 3 == 0
+               else [rng.randrange(len(tokenizer)) for _ in range(40)])
+        ids.insert(len(ids) // 2, tokenizer.eos_token_id)
+        reference, fast = IncrementalDecoder(tokenizer), RustStreamDecoder(tokenizer._tokenizer)
+        assert [fast.add(t) for t in ids] == [reference.add(t) for t in ids], ids
 
 
 @pytest.mark.parametrize(("pieces", "stops", "emitted", "stopped"), [

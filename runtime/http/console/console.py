@@ -42,7 +42,9 @@ class Console:
         self.allow_updates = allow_updates
         self._policy = policy
         self._view: RegistryView | None = None
-        self.serving = ServingWindow(engine, serving_interval_s) if engine is not None else None
+        # A cluster's ingress holds no engine of its own (no slots, no KV): its replicas report at /metrics.
+        local = engine is not None and hasattr(engine, "resident_adapters")
+        self.serving = ServingWindow(engine, serving_interval_s) if local else None
         self._templates = Environment(loader=FileSystemLoader(HERE / "templates"),
                                       autoescape=select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True)
         self._templates.filters["size"] = _human_size
@@ -180,7 +182,7 @@ class Console:
 
     def _serving(self) -> dict:
         if self.serving is None:
-            return {"ready": False, "server": False}
+            return {"ready": False, "server": self.engine is not None, "cluster": self.engine is not None}
         snapshot = self.serving.snapshot()
         if snapshot["ready"]:
             resident = {*snapshot["resident"]["device"], *snapshot["resident"]["host"]}
