@@ -81,6 +81,9 @@ class MultiLoRALinear(nn.Module):
             self.register_buffer(name, torch.zeros(num_slots, self.out_features, dtype=dtype, device=device),
                                  persistent=False)
         self.ranks = [0] * num_slots  # rank of the adapter in each slot here (0: none)
+        # The same on the device, for the static op's kernels (a captured graph reads it as it is).
+        self.register_buffer("slot_ranks", torch.zeros(num_slots, dtype=torch.int32, device=device),
+                             persistent=False)
         # Rows of each slot that may be non-zero (every row from there on is zero): a load
         # zeroes only what an earlier, larger adapter left, not the whole rank padding.
         self.written = [0] * num_slots
@@ -128,6 +131,7 @@ class MultiLoRALinear(nn.Module):
         elif had_dora:
             self.lora_dora_scale[slot] = 0
         self.ranks[slot] = r
+        self.slot_ranks[slot] = r
         if r and bias is not None:
             self.bias_slots.add(slot)
         if r and dora_scale is not None:
@@ -164,7 +168,8 @@ class MultiLoRALinear(nn.Module):
     def _static_forward(self, x: torch.Tensor, result: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(self.lora_shrink.dtype)
         out = self.static_op(result.view(-1, self.out_features), flat, self.lora_shrink, self.lora_expand, batch,
-                             self.lora_bias, self.lora_dora_scale, getattr(self.base_layer, "bias", None))
+                             self.lora_bias, self.lora_dora_scale, getattr(self.base_layer, "bias", None),
+                             self.slot_ranks)
         return out.view(result.shape)
 
     def dequantized_weight(self) -> torch.Tensor:

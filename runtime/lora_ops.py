@@ -47,10 +47,12 @@ class LoRAOp(Protocol):
 class StaticLoRAOp(Protocol):
     def __call__(self, out: torch.Tensor, x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor,
                  batch: LoRABatch, bias: torch.Tensor, dora_scale: torch.Tensor,
-                 base_bias: torch.Tensor | None) -> torch.Tensor:
-        """A captured step's LoRA work for one layer, over every slot at full rank: the base
-        output out [T, out] plus each token's delta, then `apply_bias_and_dora` with the slot
-        rows bias, dora_scale [S, out]; may write into `out` and return it."""
+                 base_bias: torch.Tensor | None, ranks: torch.Tensor | None = None) -> torch.Tensor:
+        """A captured step's LoRA work for one layer, over every slot: the base output out
+        [T, out] plus each token's delta, then `apply_bias_and_dora` with the slot rows bias,
+        dora_scale [S, out]; may write into `out` and return it. `ranks` [S] (int32, on the
+        device: a captured graph reads the values of the moment) is each slot's rank in this
+        layer; an op may skip the zero rows past it."""
         ...
 
 
@@ -204,8 +206,9 @@ LORA_OPS: dict[str, LoRAOp] = {name: globals()[f"{name}_lora"] for name in LORA_
 
 def gathered_static_lora(out: torch.Tensor, x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor,
                          batch: LoRABatch, bias: torch.Tensor, dora_scale: torch.Tensor,
-                         base_bias: torch.Tensor | None) -> torch.Tensor:
-    """The static op in plain torch: `gathered_lora`, then the bias/DoRA rows."""
+                         base_bias: torch.Tensor | None, ranks: torch.Tensor | None = None) -> torch.Tensor:
+    """The static op in plain torch: `gathered_lora` (at full rank: a gather cannot skip rows
+    per token), then the bias/DoRA rows."""
     delta = gathered_lora(x, shrink, expand, batch, ())
     return apply_bias_and_dora(out + delta.to(out.dtype), batch.token_slots, bias, dora_scale, base_bias)
 

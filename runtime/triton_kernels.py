@@ -5,11 +5,11 @@ import triton.language as tl
 
 
 @triton.jit
-def segmented_matmul_kernel(x_ptr, w_ptr, out_ptr, runs_ptr, bias_ptr, dora_ptr, base_bias_ptr, K, N,
+def segmented_matmul_kernel(x_ptr, w_ptr, out_ptr, runs_ptr, bias_ptr, dora_ptr, base_bias_ptr, ranks_ptr, K, N,
                             stride_xt, stride_ws, stride_wk, stride_wn, stride_ot, stride_rs,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             EXACT_FP32: tl.constexpr, ADD_TO_OUT: tl.constexpr, SLOT_ROWS: tl.constexpr,
-                            BASE_BIAS: tl.constexpr):
+                            BASE_BIAS: tl.constexpr, RANK_DIM: tl.constexpr):
     """out[start:start + length] = x[start:start + length] @ W[slot] for run `program_id(0)` of
     `runs` [G, 3] (start, length, slot); zeros where slot is 0. This program: BLOCK_M tokens of
     the run (`program_id(1)`), BLOCK_N output columns (`program_id(2)`). Operands go to the
@@ -19,7 +19,12 @@ def segmented_matmul_kernel(x_ptr, w_ptr, out_ptr, runs_ptr, bias_ptr, dora_ptr,
     ADD_TO_OUT: add to out (the base output) instead, and with SLOT_ROWS apply the slot's LoRA
     bias and DoRA rows (bias_ptr, dora_ptr [S, N], row stride stride_rs) in the same pass,
     `lora_ops.apply_bias_and_dora`'s formula (BASE_BIAS: the base layer's bias [N], which DoRA
-    does not scale); slot 0 rows are left as they are (its rows are zero)."""
+    does not scale); slot 0 rows are left as they are (its rows are zero).
+
+    RANK_DIM: which side is the LoRA rank, padded to the buffers' max rank: 1, N (shrink), or 2, K
+    (expand); the slot's rank (`ranks_ptr` [S]) then bounds what is read, so a rank-8 adapter
+    in rank-64 buffers reads an eighth of them (rows past its rank are zero, so the result is
+    the same). 0: read everything."""
     run, block_m, block_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = tl.load(runs_ptr + run * 3)
     length = tl.load(runs_ptr + run * 3 + 1)
@@ -28,14 +33,19 @@ def segmented_matmul_kernel(x_ptr, w_ptr, out_ptr, runs_ptr, bias_ptr, dora_ptr,
     cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < length
     col_ok = cols < N
+    k_end, n_end = K, N  # what is read of W[slot]
+    if RANK_DIM == 1:
+        n_end = tl.minimum(N, tl.load(ranks_ptr + slot))
+    if RANK_DIM == 2:
+        k_end = tl.minimum(K, tl.load(ranks_ptr + slot))
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if slot != 0:
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(0, k_end, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + (start + rows)[:, None] * stride_xt + ks[None, :],
-                        mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
+                        mask=row_ok[:, None] & (ks[None, :] < k_end), other=0.0)
             w = tl.load(w_ptr + slot * stride_ws + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
-                        mask=(ks[:, None] < K) & col_ok[None, :], other=0.0)
+                        mask=(ks[:, None] < k_end) & (cols[None, :] < n_end), other=0.0)
             if EXACT_FP32:
                 acc += tl.dot(x, w, input_precision="ieee")
             else:

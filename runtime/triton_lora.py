@@ -35,12 +35,15 @@ def available() -> bool:
 
 def segmented_matmul(x: torch.Tensor, w: torch.Tensor, transposed: bool, runs: torch.Tensor, longest_run: int,
                      out: torch.Tensor | None = None,
-                     slot_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+                     slot_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+                     ranks: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, K]; w [S, N, K] read as W[s] = w[s].T when `transposed`, else w [S, K, N];
     runs [G, 3] int (start, length, slot) covering every token -> a new [T, N] (zeros on slot 0).
     With `out` [T, N] (rows contiguous): added into it instead, and with `slot_rows` = (bias,
     dora_scale [S, N], base_bias [N] or None) the LoRA bias and DoRA rows applied in the same
-    pass (see `lora_ops.apply_bias_and_dora`); returns `out`."""
+    pass (see `lora_ops.apply_bias_and_dora`); returns `out`. With `ranks` [S] (int32, each
+    slot's rank; w's rank rows past it are zero), only a slot's own rank of w is read: N when
+    `transposed` (shrink), else K (expand)."""
     import triton
 
     from .triton_kernels import segmented_matmul_kernel
@@ -60,10 +63,12 @@ def segmented_matmul(x: torch.Tensor, w: torch.Tensor, transposed: bool, runs: t
     stride_wk, stride_wn = (w.stride(2), w.stride(1)) if transposed else (w.stride(1), w.stride(2))
     grid = (runs.shape[0], triton.cdiv(longest_run, BLOCK_M), triton.cdiv(n, BLOCK_N))
     segmented_matmul_kernel[grid](
-        x, w, out, runs, bias, dora_scale, out if base_bias is None else base_bias, k, n,
+        x, w, out, runs, bias, dora_scale, out if base_bias is None else base_bias,
+        runs if ranks is None else ranks, k, n,
         x.stride(0), w.stride(0), stride_wk, stride_wn, out.stride(0), bias.stride(0),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, EXACT_FP32=w.dtype == torch.float32,
-        ADD_TO_OUT=add_to_out, SLOT_ROWS=slot_rows is not None, BASE_BIAS=base_bias is not None)
+        ADD_TO_OUT=add_to_out, SLOT_ROWS=slot_rows is not None, BASE_BIAS=base_bias is not None,
+        RANK_DIM=0 if ranks is None else 1 if transposed else 2)
     return out
 
 
@@ -77,11 +82,12 @@ def triton_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, bat
 
 def triton_lora_into(out: torch.Tensor, x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor,
                      batch: LoRABatch, bias: torch.Tensor, dora_scale: torch.Tensor,
-                     base_bias: torch.Tensor | None) -> torch.Tensor:
+                     base_bias: torch.Tensor | None, ranks: torch.Tensor | None = None) -> torch.Tensor:
     """A static op (see lora_ops): the whole LoRA work of a layer in two launches, written into
     the base output `out` [T, out]: the shrink kernel, then the expand kernel adding the delta,
     LoRA bias and DoRA rows as it stores (a captured decode step would otherwise launch five
-    more kernels per layer for the add and the rows)."""
-    h = segmented_matmul(x, shrink, True, batch.run_table, batch.longest_run)  # [T, r]
+    more kernels per layer for the add and the rows). With the slots' `ranks`, each token's
+    kernels read its adapter's rank of the buffers, not the max rank they are padded to."""
+    h = segmented_matmul(x, shrink, True, batch.run_table, batch.longest_run, ranks=ranks)  # [T, r]
     return segmented_matmul(h, expand, False, batch.run_table, batch.longest_run, out=out,
-                            slot_rows=(bias, dora_scale, base_bias))
+                            slot_rows=(bias, dora_scale, base_bias), ranks=ranks)

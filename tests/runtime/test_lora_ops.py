@@ -151,7 +151,7 @@ def test_warm_up_runs_each_layer_shape_once():
 
     static_calls = []  # a static batch: the static op (that of captured steps), once per shape too
 
-    def static_op(out, x, shrink, expand, batch, bias, dora_scale, base_bias):
+    def static_op(out, x, shrink, expand, batch, bias, dora_scale, base_bias, ranks):
         static_calls.append((tuple(out.shape), tuple(x.shape)))
         return out
 

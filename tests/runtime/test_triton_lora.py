@@ -107,3 +107,30 @@ def test_fused_rows_match_the_reference_composition(seq_slots, chunk_lens, runs,
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
     untouched = spec.token_slots == 0
     assert torch.equal(got.cpu()[untouched], base_out[untouched])
+
+
+@pytest.mark.parametrize(("seq_slots", "chunk_lens"), CASES)
+@pytest.mark.parametrize("runs", ["per-slot", "per-token"])
+def test_the_static_op_reads_each_slot_to_its_own_rank(seq_slots, chunk_lens, runs):
+    """With the slots' ranks, `triton_lora_into` reads only each adapter's rank of the padded
+    buffers: rows past a slot's rank are filled with noise here, and the answer is still the
+    spec's on the zero-padded weights (a kernel that read them would differ by far more)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator().manual_seed(11 + len(seq_slots))
+    shrink, expand = case_weights(seq_slots, 40, 24)
+    ranks = torch.tensor([0] + [(4, 8, 16, 2)[i % 4] for i in range(len(shrink) - 1)], dtype=torch.int32)
+    noisy_shrink, noisy_expand = shrink.clone(), expand.clone()
+    for s, r in enumerate(ranks.tolist()):
+        if s:  # slot 0 stays zero: it is "no adapter", whatever its rank entry
+            noisy_shrink[s, r:] = torch.randn(shrink.shape[1] - r, 40, generator=g)
+            noisy_expand[s, r:] = torch.randn(expand.shape[1] - r, 24, generator=g)
+    zeros = torch.zeros(len(shrink), 24)
+    tokens = sum(chunk_lens)
+    x, base_out = torch.randn(tokens, 40, generator=g), torch.randn(tokens, 24, generator=g)
+    spec = make_batch(seq_slots, chunk_lens)
+    want = base_out + reference_lora(x, shrink, expand, spec, spec.slots_present)
+    batch = make_batch(seq_slots, chunk_lens, device)
+    batch = static_batch(batch) if runs == "per-token" else batch
+    on = [t.to(device) for t in (base_out, x, noisy_shrink, noisy_expand, zeros, zeros, ranks)]
+    got = triton_lora.triton_lora_into(on[0].clone(), *on[1:4], batch, on[4], on[5], None, on[6])
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
