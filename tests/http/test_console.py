@@ -27,9 +27,10 @@ from tests.http.conftest import TOKEN, Served
 
 selenium = pytest.importorskip("selenium")
 from selenium import webdriver  # noqa: E402
-from selenium.common.exceptions import TimeoutException  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 CHROMIUM = os.environ.get("LORADOCK_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
@@ -54,8 +55,11 @@ def browser() -> Iterator[webdriver.Chrome]:
 
 
 def wait(driver, condition, message: str, timeout: float = WAIT_S):
+    """`condition(driver)` once truthy (its value); elements the page re-renders meanwhile (the
+    serving page redraws its table every refresh) are looked up again."""
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: condition(d))
+        return WebDriverWait(driver, timeout, poll_frequency=0.05,
+                             ignored_exceptions=(StaleElementReferenceException,)).until(condition)
     except TimeoutException:
         raise AssertionError(f"{message}; the page says:\n{driver.find_element(By.TAG_NAME, 'body').text[:2000]}") \
             from None
@@ -181,6 +185,13 @@ def test_an_alias_moved_from_the_page_serves_the_next_request(browser, api: Serv
     alias.clear()
     alias.send_keys("prod")
     form.find_element(By.ID, "reason").send_keys("better held-out score")
+    require = form.find_element(By.ID, "require")
+    require.send_keys("contains>=0.95")  # shown@2 scored 0.90: the gate holds the alias where it is
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    wait(browser, lambda d: "Not moved" in d.find_element(By.ID, "toast").text, "an unmet gate moved the alias")
+    assert "contains" in browser.find_element(By.ID, "toast").text and console_home.aliases("shown")["prod"] == 1
+    require.clear()
+    require.send_keys("contains>=0.8, contains>base")
     form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
     wait(browser, lambda d: "shown@prod → shown@2" in d.find_element(By.ID, "toast").text, "no move confirmed")
     assert console_home.aliases("shown")["prod"] == 2
@@ -193,7 +204,7 @@ def test_an_alias_moved_from_the_page_serves_the_next_request(browser, api: Serv
     # Roll back from the alias history's button (the page asks for a reason).
     wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#history-h ~ div [data-rollback]"), "no rollback")
     browser.find_element(By.CSS_SELECTOR, "[data-rollback][data-alias=prod]").click()
-    prompt = WebDriverWait(browser, WAIT_S).until(lambda d: d.switch_to.alert)
+    prompt = WebDriverWait(browser, WAIT_S).until(expected_conditions.alert_is_present())
     prompt.send_keys("regression")
     prompt.accept()
     wait(browser, lambda d: "rolled back" in d.find_element(By.ID, "toast").text, "no rollback confirmed")
@@ -206,19 +217,16 @@ def test_the_serving_page_shows_tiers_and_live_per_version_figures(browser, api:
     for _ in range(3):
         served_version(api, "shown@2")
     browser.get(f"{api.url}/ui/serving")
-    row = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#per-adapter tr[data-key='shown@2']"),
-               "shown@2 is not in the per-version table")[0]
-    assert int(re.search(r"(\d+) requests", row.text)[1]) >= 3  # since start
-    assert "shown@2" in browser.find_element(By.ID, "tier-device").text + browser.find_element(By.ID, "tier-host").text
-    assert browser.find_element(By.ID, "kv-meter").get_attribute("max") not in ("", "0")
-    before = int(re.search(r"(\d+) requests", row.text)[1])
-    for _ in range(2):  # the page shows them without a reload
-        served_version(api, "shown@2")
 
     def counted(d) -> int:
         rows = d.find_elements(By.CSS_SELECTOR, "#per-adapter tr[data-key='shown@2']")
         return int(re.search(r"(\d+) requests", rows[0].text)[1]) if rows else -1
 
+    before = wait(browser, lambda d: n if (n := counted(d)) >= 3 else None, "shown@2's 3 requests are not shown")
+    assert "shown@2" in browser.find_element(By.ID, "tier-device").text + browser.find_element(By.ID, "tier-host").text
+    assert browser.find_element(By.ID, "kv-meter").get_attribute("max") not in ("", "0")
+    for _ in range(2):  # the page shows them without a reload
+        served_version(api, "shown@2")
     wait(browser, lambda d: counted(d) == before + 2, "the page did not update itself")
     assert browser.find_element(By.ID, "serving").get_attribute("data-updated")
 

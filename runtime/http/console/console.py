@@ -167,10 +167,12 @@ class Console:
 
         @route("/ui/api/aliases", methods=["POST"], include_in_schema=False)
         async def move_alias(request: Request) -> Response:
-            """{"name", "alias", "version", "weight" (100: move; less: a canary), "reason"}."""
+            """{"name", "alias", "version", "weight" (100: move; less: a canary), "reason",
+            "require" (evaluation gates, as `adapters tag --require`: nothing moves unless the
+            version's newest records meet them)}."""
             return await self._write(request, lambda body: self.registry.tag(
                 f"{body['name']}@{int(body['version'])}", body["alias"], _reason(body),
-                weight=int(body.get("weight", 100))))
+                weight=int(body.get("weight", 100)), require=_requirements(body)))
 
         @route("/ui/api/rollback", methods=["POST"], include_in_schema=False)
         async def rollback(request: Request) -> Response:
@@ -247,6 +249,15 @@ def _engine_policy(engine) -> TrustPolicy | None:
 def _reason(body: dict) -> str:
     reason = str(body.get("reason") or "").strip()
     return f"{reason} (console)" if reason else "from the console"
+
+
+def _requirements(body: dict) -> list[str]:
+    """"contains>=0.8, contains>base" (or a list) -> ["contains>=0.8", "contains>base"]."""
+    given = body.get("require") or []
+    items = given.split(",") if isinstance(given, str) else given
+    if not all(isinstance(r, str) for r in items):
+        raise ValueError("require must be a string or a list of strings")
+    return [r.strip() for r in items if r.strip()]
 
 
 def _local(target: str) -> str:

@@ -58,7 +58,7 @@ function setUpWrites() {
     form.addEventListener("submit", async (event) => {
       event.preventDefault();
       const body = {name: form.dataset.name, version: Number(form.dataset.version), alias: form.alias.value.trim(),
-                    weight: Number(form.weight.value || 100), reason: form.reason.value};
+                    weight: Number(form.weight.value || 100), reason: form.reason.value, require: form.require.value};
       try {
         const moved = await write("/ui/api/aliases", body);
         toast(`${body.name}@${body.alias} → ${moved.ref}${body.weight < 100 ? ` (${body.weight}% canary)` : ""}`);
