@@ -81,7 +81,7 @@ class MultiLoRALinear(nn.Module):
             self.register_buffer(name, torch.zeros(num_slots, self.out_features, dtype=dtype, device=device),
                                  persistent=False)
         self.ranks = [0] * num_slots  # rank of the adapter in each slot here (0: none)
-        # The same on the device, for the static op's kernels (a captured graph reads it as it is).
+        # The same on the device, for the Triton kernels (a captured graph reads it as it is).
         self.register_buffer("slot_ranks", torch.zeros(num_slots, dtype=torch.int32, device=device),
                              persistent=False)
         # Rows of each slot that may be non-zero (every row from there on is zero): a load
@@ -156,7 +156,7 @@ class MultiLoRALinear(nn.Module):
         flat = x.reshape(-1, self.in_features)  # [T, in]
         if flat.dtype != shrink.dtype:
             flat = flat.to(shrink.dtype)
-        delta = self.op(flat, shrink, expand, ctx.lora, slots).view(result.shape)  # [T, out]
+        delta = self.op(flat, shrink, expand, ctx.lora, slots, self.slot_ranks).view(result.shape)  # [T, out]
         out = result.add_(delta) if delta.dtype == result.dtype else result + delta.to(result.dtype)
         bias = self.lora_bias if self.bias_slots and not self.bias_slots.isdisjoint(slots) else None
         dora = self.lora_dora_scale if self.dora_slots and not self.dora_slots.isdisjoint(slots) else None
@@ -214,7 +214,7 @@ def warm_up_ops(layers: Iterable[MultiLoRALinear], batch: LoRABatch) -> None:
             if batch.static:
                 layer._static_forward(x, x.new_zeros(x.shape[0], layer.out_features), batch)
             else:
-                layer.op(x, layer.lora_shrink, layer.lora_expand, batch, batch.slots_present)
+                layer.op(x, layer.lora_shrink, layer.lora_expand, batch, batch.slots_present, layer.slot_ranks)
 
 
 def use_torch_ops(layers: Iterable[MultiLoRALinear], static_only: bool = False) -> None:

@@ -38,9 +38,11 @@ from .triton_lora import triton_lora, triton_lora_into
 
 class LoRAOp(Protocol):
     def __call__(self, x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, batch: LoRABatch,
-                 slots: Sequence[int]) -> torch.Tensor:
+                 slots: Sequence[int], ranks: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, in], shrink [S, r, in], expand [S, r, out] -> delta [T, out]. `slots`: the step's
-        non-zero slots that hold weights in this layer, sorted; tokens of other slots get zeros."""
+        non-zero slots that hold weights in this layer, sorted; tokens of other slots get zeros.
+        `ranks` [S] (int32, on the device): each slot's rank here; an op may skip the zero rows
+        past it (the Triton kernels do; the torch ops get buffers sliced to the step's largest)."""
         ...
 
 
@@ -57,7 +59,7 @@ class StaticLoRAOp(Protocol):
 
 
 def reference_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, batch: LoRABatch,
-                   slots: Sequence[int]) -> torch.Tensor:
+                   slots: Sequence[int], ranks: torch.Tensor | None = None) -> torch.Tensor:
     """Loop over adapters present; each takes its tokens by mask (PEFT `_mixed_batch_forward`)."""
     delta = x.new_zeros(x.shape[0], expand.shape[2])
     for s in slots:
@@ -72,7 +74,7 @@ def _run_delta(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor) -> t
 
 
 def segmented_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, batch: LoRABatch,
-                   slots: Sequence[int]) -> torch.Tensor:
+                   slots: Sequence[int], ranks: torch.Tensor | None = None) -> torch.Tensor:
     """One matmul pair per contiguous run of equal slots (tokens are packed slot by slot)."""
     wanted = set(slots)
     parts = []
@@ -121,7 +123,7 @@ def _served_parts(ranges: Sequence[tuple[int, int]], slots: Sequence[int]) -> li
 
 
 def batched_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, batch: LoRABatch,
-                 slots: Sequence[int]) -> torch.Tensor:
+                 slots: Sequence[int], ranks: torch.Tensor | None = None) -> torch.Tensor:
     """Short runs of tokens (decode steps) go into one padded block [slots, width, in] for two
     bmm calls per layer instead of two matmuls per adapter, with no per-token weight copies;
     long runs (prompt chunks, `batch.groups.long_runs`) get a matmul pair each."""
@@ -141,7 +143,7 @@ def batched_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, ba
 
 
 def gathered_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, batch: LoRABatch,
-                  slots: Sequence[int]) -> torch.Tensor:
+                  slots: Sequence[int], ranks: torch.Tensor | None = None) -> torch.Tensor:
     """Each token's adapter weights gathered by its slot, then two bmm: shapes and launches are
     fixed by the token count alone, whatever the slots (a captured CUDA graph's op where Triton
     is missing). Copies [T, r, in + out] of weights per layer, so it is for small batches."""
@@ -151,7 +153,7 @@ def gathered_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, b
 
 
 def auto_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, batch: LoRABatch,
-              slots: Sequence[int]) -> torch.Tensor:
+              slots: Sequence[int], ranks: torch.Tensor | None = None) -> torch.Tensor:
     """Batched when its block holds several tokens and is at most half padding (decode tokens,
     also next to prompt chunks), else segmented (e.g. prompt chunks alone, or two adapters at
     opposite ends of the slot range). On SmolLM2 NF4, 32 decode sequences on 32 rank-16
@@ -168,7 +170,7 @@ def _dense_block(g: SlotGroups) -> bool:
 
 
 def cuda_auto_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, batch: LoRABatch,
-                   slots: Sequence[int]) -> torch.Tensor:
+                   slots: Sequence[int], ranks: torch.Tensor | None = None) -> torch.Tensor:
     """On CUDA: the two bmm of `batched_lora` for decode-only steps, the Triton kernels once a
     prompt chunk is in the step (or the block would be mostly padding). On an H200, 32 rank-16
     adapters, bf16, a layer's LoRA delta took 33-52 µs as bmm against 63-114 µs as Triton for
@@ -178,7 +180,7 @@ def cuda_auto_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, 
     g = batch.groups
     if not g.long_runs and _dense_block(g):
         return batched_lora(x, shrink, expand, batch, slots)
-    return triton_lora(x, shrink, expand, batch, slots)
+    return triton_lora(x, shrink, expand, batch, slots, ranks)
 
 
 def apply_bias_and_dora(y: torch.Tensor, token_slots: torch.Tensor, bias: torch.Tensor | None,

@@ -73,11 +73,12 @@ def segmented_matmul(x: torch.Tensor, w: torch.Tensor, transposed: bool, runs: t
 
 
 def triton_lora(x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor, batch: LoRABatch,
-                slots: Sequence[int]) -> torch.Tensor:
-    """The LoRA op (see lora_ops): shrink then expand, each one segmented-matmul launch. Slots
-    outside `slots` are zero in this layer's buffers, so computing them changes nothing."""
-    h = segmented_matmul(x, shrink, True, batch.run_table, batch.longest_run)  # [T, r]
-    return segmented_matmul(h, expand, False, batch.run_table, batch.longest_run)  # [T, out]
+                slots: Sequence[int], ranks: torch.Tensor | None = None) -> torch.Tensor:
+    """The LoRA op (see lora_ops): shrink then expand, each one segmented-matmul launch, each
+    run read to its slot's rank when `ranks` is given. Slots outside `slots` are zero in this
+    layer's buffers, so computing them changes nothing."""
+    h = segmented_matmul(x, shrink, True, batch.run_table, batch.longest_run, ranks=ranks)  # [T, r]
+    return segmented_matmul(h, expand, False, batch.run_table, batch.longest_run, ranks=ranks)  # [T, out]
 
 
 def triton_lora_into(out: torch.Tensor, x: torch.Tensor, shrink: torch.Tensor, expand: torch.Tensor,

@@ -140,7 +140,8 @@ def test_warm_up_runs_each_layer_shape_once():
 
     calls = []
 
-    def op(x, shrink, expand, batch, slots):
+    def op(x, shrink, expand, batch, slots, ranks):
+        assert ranks.dtype == torch.int32 and ranks.shape == (3,)  # the layer's slot ranks, for the kernels
         calls.append((tuple(x.shape), tuple(expand.shape), slots))
         return reference_lora(x, shrink, expand, batch, slots)
 

@@ -36,6 +36,10 @@ def test_triton_op_matches_reference(seq_slots, chunk_lens, rank):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     zero_rows = batch.token_slots == 0
     assert torch.all(got[zero_rows] == 0), "tokens without an adapter get no delta"
+    ranks = torch.tensor([0] + [min(rank, (4, 8, 16, 2)[i % 4]) for i in range(len(shrink) - 1)],
+                         dtype=torch.int32, device=device)  # each slot's rank, as the layer keeps them
+    ranked = triton_lora.triton_lora(x, shrink, expand, batch, batch.slots_present, ranks)
+    torch.testing.assert_close(ranked, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(("seq_slots", "chunk_lens"), CASES)
