@@ -217,7 +217,7 @@ def _parents(v: AdapterVersion) -> list[tuple[str, str]]:
     return found
 
 
-NODE_W, NODE_H, GAP_X, GAP_Y = 200, 36, 120, 18
+NODE_W, NODE_H, GAP_X, GAP_Y = 200, 36, 190, 30
 
 
 def layout(graph: dict) -> dict:
