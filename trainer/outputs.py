@@ -48,10 +48,11 @@ CURVE_POINTS = 500  # per series kept in the manifest: enough to draw, a few KB 
 def loss_curve(records: list[dict], max_points: int = CURVE_POINTS) -> dict[str, list[list[float]]]:
     """The run's loss and eval loss by step as `{"loss": [[step, value], ...], "eval_loss": ...}`,
     each thinned evenly to at most `max_points` (the last point always kept), for the manifest's
-    metrics (the console draws it)."""
+    metrics (the console draws it). Non-finite values (a step whose loss overflowed) are left
+    out: a manifest is plain JSON."""
     curve = {}
     for key in ("loss", "eval_loss"):
-        points = [[r["step"], r[key]] for r in records if r.get(key) is not None]
+        points = [[r["step"], r[key]] for r in records if r.get(key) is not None and math.isfinite(r[key])]
         if len(points) > max_points:
             stride = math.ceil(len(points) / max_points)
             kept = points[::stride][: max_points - 1]

@@ -116,6 +116,14 @@ def test_nothing_shows_and_nothing_moves_without_the_token(browser, api: Served,
     assert r.status_code == 403 and "X-Loradock-Console" in r.json()["error"]
     assert console_home.aliases("shown")["prod"] == 1
     assert not console_home.alias_history("shown", "prod")["prod"][-1].reason.startswith("sneaky")
+    logged_in = {**headers, "Authorization": f"Bearer {TOKEN}"}  # bad writes, named: nothing moves
+    r = httpx.post(f"{api.url}/ui/api/aliases", json={**body, "version": 9}, headers=logged_in)
+    assert r.status_code == 404 and "no version 9" in r.json()["error"]
+    r = httpx.post(f"{api.url}/ui/api/aliases", json={**body, "alias": "bad alias"}, headers=logged_in)
+    assert r.status_code == 400 and "bad alias" in r.json()["error"]
+    r = httpx.post(f"{api.url}/ui/api/aliases", json={"name": "shown"}, headers=logged_in)
+    assert r.status_code == 400 and "version" in r.json()["error"]
+    assert console_home.aliases("shown")["prod"] == 1
     # The API takes the console's session cookie only as the browser sends it back.
     cookie = {"loradock_session": "0" * 64}
     assert httpx.get(f"{api.url}/v1/models", cookies=cookie).status_code == 401

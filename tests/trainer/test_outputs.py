@@ -25,6 +25,7 @@ def test_a_stride_that_lands_on_the_last_step_keeps_it_once():
     assert steps[-1] == 1201 and len(steps) == len(set(steps)) <= 500
 
 
-def test_a_run_without_eval_has_no_eval_series():
-    assert loss_curve([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]) == {"loss": [[1, 2.0], [2, 1.5]]}
+def test_a_run_without_eval_has_no_eval_series_and_overflowed_steps_are_left_out():
+    records = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": float("nan")}, {"step": 3, "loss": 1.5}]
+    assert loss_curve(records) == {"loss": [[1, 2.0], [3, 1.5]]}
     assert loss_curve([]) == {}

@@ -137,6 +137,8 @@ class Console:
                 version = self.view.version(f"{name}@{number}" if number.isdigit() else ref)
             except (NotFoundError, InvalidNameError) as e:
                 return self._page(request, "missing.html", status=404, title="Not found", message=str(e))
+            except RegistryError as e:  # a damaged version: say so rather than fail the page
+                return self._page(request, "missing.html", status=500, title="Unreadable version", message=str(e))
             return self._page(request, "version.html", title=version["ref"], v=version)
 
         @route("/ui/serving", methods=["GET"], include_in_schema=False)
@@ -213,12 +215,14 @@ class Console:
             if not isinstance(body, dict):
                 raise ValueError("the body must be a JSON object")
             version = act(body)
+        except NotFoundError as e:  # (a KeyError too: before the bad-body case)
+            return JSONResponse({"error": str(e)}, status_code=404)
+        except InvalidNameError as e:
+            return JSONResponse({"error": str(e)}, status_code=400)
+        except RegistryError as e:  # e.g. an unmet evaluation gate, nothing moved
+            return JSONResponse({"error": str(e)}, status_code=409)
         except (KeyError, TypeError, ValueError) as e:
             return JSONResponse({"error": f"bad request: {e}"}, status_code=400)
-        except NotFoundError as e:
-            return JSONResponse({"error": str(e)}, status_code=404)
-        except RegistryError as e:
-            return JSONResponse({"error": str(e)}, status_code=409)
         return JSONResponse({"ref": version.ref, "name": version.name, "version": version.version})
 
     def _page(self, request: Request, template: str, status: int = 200, **context) -> HTMLResponse:
