@@ -12,8 +12,9 @@ Two more per-slot buffers, [slots, out] each, zero for plain LoRA and slot 0: Lo
 
 A static step (a captured CUDA graph, `cuda_graphs.py`) skips none of that: the graph is
 replayed for whatever adapters the next steps bring, so it runs the static op over every slot
-at full rank and always applies the bias/DoRA rows (zero where unused); on CUDA that is two
-Triton launches per layer, the second adding delta and rows into the base output as it stores.
+and always applies the bias/DoRA rows (zero where unused); on CUDA that is two Triton launches
+per layer, the second adding delta and rows into the base output as it stores, and the layers
+that read one input (`InputGroup`: q/k/v, gate/up) share one shrink launch.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ from .lora_ops import (
     torch_twin,
     uses_triton,
 )
+from .triton_lora import grouped_shrink, triton_expand_into, triton_lora_into
+
+# Sibling layers that read the same input in the families served (an attention's, an MLP's).
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +96,7 @@ class MultiLoRALinear(nn.Module):
         # is one empty-set test, not a loop over the step's slots.
         self.bias_slots: set[int] = set()
         self.dora_slots: set[int] = set()
+        self.group: InputGroup | None = None  # the layers reading this one's input, if any
 
     def set_slot(self, slot: int, shrink: torch.Tensor | None, expand: torch.Tensor | None,
                  bias: torch.Tensor | None = None, dora_scale: torch.Tensor | None = None) -> None:
@@ -167,6 +173,11 @@ class MultiLoRALinear(nn.Module):
 
     def _static_forward(self, x: torch.Tensor, result: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(self.lora_shrink.dtype)
+        if self.group is not None and self.static_op is triton_lora_into:
+            h = self.group.shrunk(self, x, flat, batch)
+            out = triton_expand_into(result.view(-1, self.out_features), h, self.lora_expand, batch, self.lora_bias,
+                                     self.lora_dora_scale, getattr(self.base_layer, "bias", None), self.slot_ranks)
+            return out.view(result.shape)
         out = self.static_op(result.view(-1, self.out_features), flat, self.lora_shrink, self.lora_expand, batch,
                              self.lora_bias, self.lora_dora_scale, getattr(self.base_layer, "bias", None),
                              self.slot_ranks)
@@ -175,6 +186,30 @@ class MultiLoRALinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The base layer's weight [out, in] as served, float32 (for DoRA's norms)."""
         return dequantized_weight(self.base_layer)
+
+
+class InputGroup:
+    """Layers that read one input (an attention's q/k/v, an MLP's gate/up) in a captured step
+    on CUDA: the first of them to see a new input makes every member's shrink in one launch
+    (`grouped_shrink`), the others take theirs, so q/k/v cost one shrink launch, not three. A
+    member called with another input (a family that feeds them apart) starts over: correct,
+    just not shared."""
+
+    def __init__(self, members: Sequence[MultiLoRALinear]) -> None:
+        self.members = tuple(members)
+        self._input: torch.Tensor | None = None
+        self._pending: dict[int, torch.Tensor] = {}  # id(member) -> its shrink of _input
+
+    def shrunk(self, layer: MultiLoRALinear, x: torch.Tensor, flat: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
+        """`layer`'s shrink of x [T, r] (x: the layer's own input, compared by identity)."""
+        if x is not self._input or id(layer) not in self._pending:
+            hs = grouped_shrink(flat, [m.lora_shrink for m in self.members], batch,
+                                [m.slot_ranks for m in self.members])
+            self._input, self._pending = x, {id(m): h for m, h in zip(self.members, hs, strict=True)}
+        h = self._pending.pop(id(layer))
+        if not self._pending:
+            self._input = None  # every member served: hold nothing between steps
+        return h
 
 
 def lora_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -198,7 +233,22 @@ def wrap_linears(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.d
         wrapper = MultiLoRALinear(module, num_slots, max_rank, dtype, device, op)
         setattr(parent, child, wrapper)
         wrapped[name] = wrapper
+    group_shared_inputs(wrapped)
     return wrapped
+
+
+def group_shared_inputs(wrapped: dict[str, MultiLoRALinear]) -> None:
+    """Give the sibling layers that read one input (SHARED_INPUTS, under one parent, one input
+    width) an `InputGroup`."""
+    parents = {name.rpartition(".")[0] for name in wrapped}
+    for parent in parents:
+        prefix = f"{parent}." if parent else ""
+        for names in SHARED_INPUTS:
+            members = [wrapped[prefix + n] for n in names if prefix + n in wrapped]
+            if len(members) > 1 and len({m.in_features for m in members}) == 1:
+                group = InputGroup(members)
+                for member in members:
+                    member.group = group
 
 
 def warm_up_ops(layers: Iterable[MultiLoRALinear], batch: LoRABatch) -> None:

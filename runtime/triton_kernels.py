@@ -5,6 +5,25 @@ import triton.language as tl
 
 
 @triton.jit
+def _tile(x_ptr, w_ptr, start, rows, row_ok, cols, slot, k_end, n_end, stride_xt, stride_ws, stride_wk, stride_wn,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EXACT_FP32: tl.constexpr):
+    """x[start + rows] @ W[slot][:k_end, cols] in fp32 ([BLOCK_M, BLOCK_N]; columns from n_end on
+    read as zero)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, k_end, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + (start + rows)[:, None] * stride_xt + ks[None, :],
+                    mask=row_ok[:, None] & (ks[None, :] < k_end), other=0.0)
+        w = tl.load(w_ptr + slot * stride_ws + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
+                    mask=(ks[:, None] < k_end) & (cols[None, :] < n_end), other=0.0)
+        if EXACT_FP32:
+            acc += tl.dot(x, w, input_precision="ieee")
+        else:
+            acc += tl.dot(x, w)
+    return acc
+
+
+@triton.jit
 def segmented_matmul_kernel(x_ptr, w_ptr, out_ptr, runs_ptr, bias_ptr, dora_ptr, base_bias_ptr, ranks_ptr, K, N,
                             stride_xt, stride_ws, stride_wk, stride_wn, stride_ot, stride_rs,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -40,16 +59,8 @@ def segmented_matmul_kernel(x_ptr, w_ptr, out_ptr, runs_ptr, bias_ptr, dora_ptr,
         k_end = tl.minimum(K, tl.load(ranks_ptr + slot))
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if slot != 0:
-        for k0 in range(0, k_end, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + (start + rows)[:, None] * stride_xt + ks[None, :],
-                        mask=row_ok[:, None] & (ks[None, :] < k_end), other=0.0)
-            w = tl.load(w_ptr + slot * stride_ws + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
-                        mask=(ks[:, None] < k_end) & (cols[None, :] < n_end), other=0.0)
-            if EXACT_FP32:
-                acc += tl.dot(x, w, input_precision="ieee")
-            else:
-                acc += tl.dot(x, w)
+        acc = _tile(x_ptr, w_ptr, start, rows, row_ok, cols, slot, k_end, n_end, stride_xt, stride_ws,
+                    stride_wk, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, EXACT_FP32)
     out_ptrs = out_ptr + (start + rows)[:, None] * stride_ot + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
     if ADD_TO_OUT:
@@ -65,3 +76,33 @@ def segmented_matmul_kernel(x_ptr, w_ptr, out_ptr, runs_ptr, bias_ptr, dora_ptr,
             tl.store(out_ptrs, z.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def grouped_shrink_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, out0_ptr, out1_ptr, out2_ptr, runs_ptr,
+                          ranks0_ptr, ranks1_ptr, ranks2_ptr, K, N, stride_xt, stride_ws, stride_wk, stride_wn,
+                          stride_ot, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          EXACT_FP32: tl.constexpr, COL_BLOCKS: tl.constexpr):
+    """The shrinks of up to three layers that read one input (an attention's q/k/v, an MLP's
+    gate/up) in one launch: out_j[run] = x[run] @ W_j[slot] (each W_j [S, N, K] read as its
+    transpose, to the slot's rank in that layer, ranks_j), member j = program_id(2) // COL_BLOCKS.
+    The members' weights and outputs share shapes and strides."""
+    run, block_m = tl.program_id(0), tl.program_id(1)
+    member, block_n = tl.program_id(2) // COL_BLOCKS, tl.program_id(2) % COL_BLOCKS
+    w_ptr, out_ptr, ranks_ptr = w0_ptr, out0_ptr, ranks0_ptr
+    if member == 1:
+        w_ptr, out_ptr, ranks_ptr = w1_ptr, out1_ptr, ranks1_ptr
+    if member == 2:
+        w_ptr, out_ptr, ranks_ptr = w2_ptr, out2_ptr, ranks2_ptr
+    start = tl.load(runs_ptr + run * 3)
+    length = tl.load(runs_ptr + run * 3 + 1)
+    slot = tl.load(runs_ptr + run * 3 + 2)
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < length
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if slot != 0:
+        acc = _tile(x_ptr, w_ptr, start, rows, row_ok, cols, slot, K, tl.minimum(N, tl.load(ranks_ptr + slot)),
+                    stride_xt, stride_ws, stride_wk, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, EXACT_FP32)
+    tl.store(out_ptr + (start + rows)[:, None] * stride_ot + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (cols[None, :] < N))

@@ -90,5 +90,41 @@ def triton_lora_into(out: torch.Tensor, x: torch.Tensor, shrink: torch.Tensor, e
     more kernels per layer for the add and the rows). With the slots' `ranks`, each token's
     kernels read its adapter's rank of the buffers, not the max rank they are padded to."""
     h = segmented_matmul(x, shrink, True, batch.run_table, batch.longest_run, ranks=ranks)  # [T, r]
+    return triton_expand_into(out, h, expand, batch, bias, dora_scale, base_bias, ranks)
+
+
+def triton_expand_into(out: torch.Tensor, h: torch.Tensor, expand: torch.Tensor, batch: LoRABatch,
+                       bias: torch.Tensor, dora_scale: torch.Tensor, base_bias: torch.Tensor | None,
+                       ranks: torch.Tensor | None = None) -> torch.Tensor:
+    """`triton_lora_into`'s second launch, from the shrink's output h [T, r]."""
     return segmented_matmul(h, expand, False, batch.run_table, batch.longest_run, out=out,
                             slot_rows=(bias, dora_scale, base_bias), ranks=ranks)
+
+
+def grouped_shrink(x: torch.Tensor, shrinks: Sequence[torch.Tensor], batch: LoRABatch,
+                   ranks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The shrinks of up to three layers that read the same x [T, K] (each [S, r, K], one layout),
+    in one launch: [x @ shrink_j[slot].T for each j], each [T, r], each slot read to its rank
+    `ranks[j]`. A captured step's attention then makes one shrink launch for q, k and v."""
+    import triton
+
+    from .triton_kernels import grouped_shrink_kernel
+
+    if not 1 <= len(shrinks) <= 3 or len({(w.shape, w.stride(), w.dtype) for w in shrinks}) != 1:
+        raise ValueError("grouped_shrink takes 1 to 3 shrink buffers of one shape, layout and dtype")
+    w = shrinks[0]
+    x = x.contiguous().to(w.dtype)
+    n = w.shape[1]
+    outs = [x.new_empty(x.shape[0], n) for _ in shrinks]
+
+    def three(items: Sequence[torch.Tensor]) -> list[torch.Tensor]:  # unused members point at the first
+        return [*items, *[items[0]] * (3 - len(items))]
+
+    col_blocks = triton.cdiv(n, BLOCK_N)
+    grid = (batch.run_table.shape[0], triton.cdiv(batch.longest_run, BLOCK_M), len(shrinks) * col_blocks)
+    grouped_shrink_kernel[grid](
+        x, *three(shrinks), *three(outs), batch.run_table, *three(ranks), x.shape[1], n,
+        x.stride(0), w.stride(0), w.stride(2), w.stride(1), outs[0].stride(0),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, EXACT_FP32=w.dtype == torch.float32,
+        COL_BLOCKS=col_blocks)
+    return outs

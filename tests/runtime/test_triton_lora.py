@@ -138,3 +138,85 @@ def test_the_static_op_reads_each_slot_to_its_own_rank(seq_slots, chunk_lens, ru
     on = [t.to(device) for t in (base_out, x, noisy_shrink, noisy_expand, zeros, zeros, ranks)]
     got = triton_lora.triton_lora_into(on[0].clone(), *on[1:4], batch, on[4], on[5], None, on[6])
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("seq_slots", "chunk_lens"), CASES)
+@pytest.mark.parametrize("members", [2, 3])
+def test_one_launch_shrinks_the_layers_that_share_an_input(seq_slots, chunk_lens, members):
+    """`grouped_shrink` (q/k/v or gate/up in one launch) gives each member what its own shrink
+    gives, each slot read to that member's rank (noise past it)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator().manual_seed(5 + len(seq_slots))
+    batch = static_batch(make_batch(seq_slots, chunk_lens, device))
+    x = torch.randn(sum(chunk_lens), 40, generator=g)
+    shrinks, ranks, wants = [], [], []
+    for j in range(members):
+        shrink, _ = case_weights(seq_slots, 40, 24)
+        rank = torch.tensor([0] + [(2, 16, 8, 4)[(i + j) % 4] for i in range(len(shrink) - 1)], dtype=torch.int32)
+        shrink = torch.randn(shrink.shape, generator=g)
+        clean = shrink.clone()
+        for s, r in enumerate(rank.tolist()):
+            clean[s, r:] = 0  # what the slot holds; the noise past it must not be read
+        shrink[0] = clean[0] = 0
+        wants.append(triton_lora.segmented_matmul(x.to(device), clean.to(device), True, batch.run_table,
+                                                  batch.longest_run).cpu())
+        shrinks.append(shrink.to(device))
+        ranks.append(rank.to(device))
+    got = triton_lora.grouped_shrink(x.to(device), shrinks, batch, ranks)
+    for j in range(members):
+        torch.testing.assert_close(got[j].cpu(), wants[j], rtol=1e-4, atol=1e-4)
+
+
+def test_siblings_share_one_shrink_launch_in_a_static_step(monkeypatch):
+    """q/k/v wrapped by `wrap_linears` form an `InputGroup`: in a static step on the Triton op the
+    first of them makes all three shrinks in one launch; each output equals its own static op."""
+    from loradock.runtime import lora_layer
+    from loradock.runtime.batch_context import BatchContext, use_context
+    from torch import nn
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = nn.Linear(40, 24), nn.Linear(40, 8), nn.Linear(40, 8)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = Attention()
+
+        def get_output_embeddings(self) -> None:
+            return None
+
+    torch.manual_seed(0)
+    model = Model()
+    monkeypatch.setattr(lora_layer, "pick_static_op", lambda device: triton_lora.triton_lora_into)
+    layers = lora_layer.wrap_linears(model, 5, 16, torch.float32, torch.device("cpu"), "auto")
+    q, k, v = (layers[f"attn.{n}"] for n in ("q_proj", "k_proj", "v_proj"))
+    assert q.group is k.group is v.group is not None
+    g = torch.Generator().manual_seed(3)
+    for i, layer in enumerate((q, k, v)):
+        for slot, rank in ((1, 4), (2, 16), (3, 2 + i)):
+            layer.set_slot(slot, torch.randn(rank, 40, generator=g), torch.randn(rank, layer.out_features, generator=g))
+    batch = static_batch(make_batch([1, 3, 0, 2, 1], [1, 1, 1, 1, 1]))
+    x = torch.randn(5, 40, generator=g)
+    launches = {"grouped": 0, "single": 0}
+    real_grouped, real_single = triton_lora.grouped_shrink, triton_lora.segmented_matmul
+
+    def grouped(*args, **kwargs):
+        launches["grouped"] += 1
+        return real_grouped(*args, **kwargs)
+
+    def single(*args, **kwargs):
+        launches["single"] += 1
+        return real_single(*args, **kwargs)
+
+    monkeypatch.setattr(lora_layer, "grouped_shrink", grouped)
+    monkeypatch.setattr(triton_lora, "segmented_matmul", single)
+    with use_context(BatchContext(batch, None)):
+        got = [layer(x) for layer in (q, k, v)]
+    assert launches == {"grouped": 1, "single": 3}, launches  # one shared shrink, three expands
+    for layer, out in zip((q, k, v), got, strict=True):
+        want = triton_lora.triton_lora_into(layer.base_layer(x), x, layer.lora_shrink, layer.lora_expand, batch,
+                                            layer.lora_bias, layer.lora_dora_scale, layer.base_layer.bias)
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    assert q.group._input is None  # nothing held once every member took its shrink
