@@ -5,6 +5,17 @@ import triton.language as tl
 
 
 @triton.jit
+def _run_block(runs_ptr, run, block_m, block_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Run `run` of the table (start, length, slot): its start and slot, this program's rows of
+    it (and which of them exist) and its columns."""
+    start = tl.load(runs_ptr + run * 3)
+    length = tl.load(runs_ptr + run * 3 + 1)
+    slot = tl.load(runs_ptr + run * 3 + 2)
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return start, slot, rows, rows < length, block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
 def _tile(x_ptr, w_ptr, start, rows, row_ok, cols, slot, k_end, n_end, stride_xt, stride_ws, stride_wk, stride_wn,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EXACT_FP32: tl.constexpr):
     """x[start + rows] @ W[slot][:k_end, cols] in fp32 ([BLOCK_M, BLOCK_N]; columns from n_end on
@@ -44,13 +55,8 @@ def segmented_matmul_kernel(x_ptr, w_ptr, out_ptr, runs_ptr, bias_ptr, dora_ptr,
     (expand); the slot's rank (`ranks_ptr` [S]) then bounds what is read, so a rank-8 adapter
     in rank-64 buffers reads an eighth of them (rows past its rank are zero, so the result is
     the same). 0: read everything."""
-    run, block_m, block_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(runs_ptr + run * 3)
-    length = tl.load(runs_ptr + run * 3 + 1)
-    slot = tl.load(runs_ptr + run * 3 + 2)
-    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < length
+    start, slot, rows, row_ok, cols = _run_block(runs_ptr, tl.program_id(0), tl.program_id(1), tl.program_id(2),
+                                                 BLOCK_M, BLOCK_N)
     col_ok = cols < N
     k_end, n_end = K, N  # what is read of W[slot]
     if RANK_DIM == 1:
@@ -87,19 +93,14 @@ def grouped_shrink_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, out0_ptr, out1_ptr, out
     gate/up) in one launch: out_j[run] = x[run] @ W_j[slot] (each W_j [S, N, K] read as its
     transpose, to the slot's rank in that layer, ranks_j), member j = program_id(2) // COL_BLOCKS.
     The members' weights and outputs share shapes and strides."""
-    run, block_m = tl.program_id(0), tl.program_id(1)
-    member, block_n = tl.program_id(2) // COL_BLOCKS, tl.program_id(2) % COL_BLOCKS
+    member = tl.program_id(2) // COL_BLOCKS
     w_ptr, out_ptr, ranks_ptr = w0_ptr, out0_ptr, ranks0_ptr
     if member == 1:
         w_ptr, out_ptr, ranks_ptr = w1_ptr, out1_ptr, ranks1_ptr
     if member == 2:
         w_ptr, out_ptr, ranks_ptr = w2_ptr, out2_ptr, ranks2_ptr
-    start = tl.load(runs_ptr + run * 3)
-    length = tl.load(runs_ptr + run * 3 + 1)
-    slot = tl.load(runs_ptr + run * 3 + 2)
-    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < length
+    start, slot, rows, row_ok, cols = _run_block(runs_ptr, tl.program_id(0), tl.program_id(1),
+                                                 tl.program_id(2) % COL_BLOCKS, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if slot != 0:
         acc = _tile(x_ptr, w_ptr, start, rows, row_ok, cols, slot, K, tl.minimum(N, tl.load(ranks_ptr + slot)),
