@@ -12,7 +12,7 @@ from .errors import (
     NotFoundError,
     RegistryError,
 )
-from .evals import METRICS, EvalRecord, Requirement
+from .evals import METRICS, EvalRecord, Requirement, newest_per_metric
 from .names import Ref, parse_ref
 from .registry import Registry
 from .version import AdapterVersion, VerifyResult
@@ -36,5 +36,6 @@ __all__ = [
     "RegistryError",
     "Requirement",
     "VerifyResult",
+    "newest_per_metric",
     "parse_ref",
 ]

@@ -109,6 +109,12 @@ class Requirement:
         return None
 
 
+def newest_per_metric(records: list[EvalRecord]) -> list[EvalRecord]:
+    """The newest of `records` (oldest first, as kept) for each metric, by metric name."""
+    newest = {r.metric: r for r in records}  # later records replace earlier ones
+    return [r for _, r in sorted(newest.items())]
+
+
 class EvalRecords:
     """The evaluation records of one adapter name's versions (the caller holds the name's lock to write)."""
 

@@ -123,9 +123,10 @@ class Registry:
         files never change). Returns the record as kept (with its time and author)."""
         return self.adapters.record_eval(ref, record)
 
-    def evals(self, ref: str) -> list[EvalRecord]:
-        """The evaluations of the version `ref` means, oldest first."""
-        version = self.resolve(ref, verify=False)
+    def evals(self, ref: str | AdapterVersion) -> list[EvalRecord]:
+        """The evaluations of the version `ref` means (or of a version in hand, not resolved
+        again), oldest first."""
+        version = ref if isinstance(ref, AdapterVersion) else self.resolve(ref, verify=False)
         return self.adapters.evals(version.name).read(version.version)
 
     def alias_targets(self, name: str) -> dict[str, dict[int, int]]:

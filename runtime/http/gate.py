@@ -9,7 +9,6 @@ template, so unknown paths cannot create new series.
 
 from __future__ import annotations
 
-import hmac
 import time
 
 from loradock.runtime.lifecycle import EdgeState
@@ -18,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ApiError, draining, loading
-from .session import has_session
+from .session import has_session, presents_token
 
 API_PREFIX = "/v1/"
 API_ROOT_PATHS = frozenset({"/tokenize", "/detokenize"})  # vLLM's, outside /v1/ but the API all the same
@@ -45,21 +44,18 @@ class Gate:
         self._state = state
         self._metrics = metrics
         self._token = auth_token
-        self._expected = f"Bearer {auth_token}".encode() if auth_token else None
         self._max_body = max_body_bytes
 
     def _refusal(self, scope: Scope) -> ApiError | None:
         if self._state.draining:
             return draining()
-        if self._expected is not None:
+        if self._token is not None:
             headers = dict(scope.get("headers") or ())
-            given = headers.get(b"authorization")
-            if given is None and has_session(headers.get(b"cookie"), self._token):  # the console's
-                given = self._expected
-            if given is None:
+            given, cookie = headers.get(b"authorization"), headers.get(b"cookie")
+            if given is None and not has_session(cookie, self._token):
                 return ApiError(401, "missing 'Authorization: Bearer <token>' header", type="authentication_error",
                                 code="invalid_api_key", canonical="UNAUTHENTICATED")
-            if not hmac.compare_digest(given, self._expected):  # constant time
+            if not presents_token(given, cookie, self._token):
                 return ApiError(401, "wrong bearer token", type="authentication_error",
                                 code="invalid_api_key", canonical="UNAUTHENTICATED")
         if not self._engine.ready:

@@ -14,7 +14,13 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime
 
-from loradock.registry import AdapterVersion, InvalidNameError, NotFoundError, Registry
+from loradock.registry import (
+    AdapterVersion,
+    InvalidNameError,
+    NotFoundError,
+    Registry,
+    newest_per_metric,
+)
 
 from .errors import model_not_found
 from .schemas import EvalSummary, ModelCard
@@ -162,9 +168,9 @@ class ModelCatalog:
             return not unservable_reason(v.manifest, info.base_fingerprint, info.max_rank, base)
 
         def evals(v: AdapterVersion) -> list[EvalSummary]:
-            newest = {r.metric: r for r in self._registry.evals(v.ref)}  # oldest first: the last one stays
             fields = EvalSummary.model_fields
-            return [EvalSummary(**{k: getattr(r, k) for k in fields}) for _, r in sorted(newest.items())]
+            return [EvalSummary(**{k: getattr(r, k) for k in fields})
+                    for r in newest_per_metric(self._registry.evals(v))]
 
         for latest in self._registry.list():
             try:

@@ -13,10 +13,12 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import uvicorn
 from loradock.registry import Registry
+from loradock.registry.trust import TrustPolicy
 from loradock.runtime.lifecycle import EdgeState
 from loradock.runtime.metrics import Metrics
 
@@ -122,7 +124,8 @@ def uvicorn_config(app, tls_cert: Path | None = None, tls_key: Path | None = Non
 
 
 def serve_console(registry: Registry, *, host: str, port: int, auth_token: str | None = None,
-                  allow_updates: bool = False, policy=None, on_listening=None) -> None:
+                  allow_updates: bool = False, policy: TrustPolicy | None = None,
+                  on_listening: Callable[[str], None] | None = None) -> None:
     """`loradock ui`: the web console over `registry` alone, until SIGINT or SIGTERM;
     `on_listening(url)` is called once the port is bound."""
     from .console import create_console_app

@@ -33,6 +33,15 @@ def has_session(cookie_header: bytes | str | None, token: str) -> bool:
     return given is not None and hmac.compare_digest(given.value, session_value(token))
 
 
+def presents_token(authorization: bytes | str | None, cookie_header: bytes | str | None, token: str) -> bool:
+    """Whether a request carries `token`: as `Authorization: Bearer <token>` when it sends that
+    header (it decides then), else as the console's session cookie; constant time."""
+    if authorization is not None:
+        given = authorization.encode("latin-1") if isinstance(authorization, str) else authorization
+        return hmac.compare_digest(given, f"Bearer {token}".encode())
+    return has_session(cookie_header, token)
+
+
 def set_cookie_header(token: str, secure: bool) -> str:
     return (f"{COOKIE}={session_value(token)}; Path=/; HttpOnly; SameSite=Strict"
             + ("; Secure" if secure else ""))

@@ -21,7 +21,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from loradock.registry import InvalidNameError, NotFoundError, Registry, RegistryError
 from loradock.registry.trust import TrustPolicy
 
-from ..session import clear_cookie_header, has_session, set_cookie_header
+from ..session import clear_cookie_header, presents_token, set_cookie_header
 from .facts import RegistryView, ServedBase
 from .serving import INTERVAL_S, ServingWindow
 
@@ -48,7 +48,6 @@ class Console:
         self._templates = Environment(loader=FileSystemLoader(HERE / "templates"),
                                       autoescape=select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True)
         self._templates.filters["size"] = _human_size
-        self._templates.filters["tojson_attr"] = lambda value: json.dumps(value)
 
     # ---- what the pages read ----
 
@@ -80,12 +79,8 @@ class Console:
         return ""
 
     def authenticated(self, request: Request) -> bool:
-        if not self.auth_token:
-            return True
-        given = request.headers.get("authorization", "")
-        if given and hmac.compare_digest(given.encode(), f"Bearer {self.auth_token}".encode()):
-            return True
-        return has_session(request.headers.get("cookie"), self.auth_token)
+        return not self.auth_token or presents_token(request.headers.get("authorization"),
+                                                     request.headers.get("cookie"), self.auth_token)
 
     # ---- the app ----
 
@@ -228,7 +223,7 @@ class Console:
     def _page(self, request: Request, template: str, status: int = 200, **context) -> HTMLResponse:
         context |= {
             "request_path": request.url.path, "logged_in": bool(self.auth_token) and self.authenticated(request),
-            "needs_login": bool(self.auth_token), "writes_refused": self.writes_refused(request),
+            "writes_refused": self.writes_refused(request),
             "server": self.engine is not None,
             "base": self.engine.info().base_name if self._engine_ready() else None,
             "refresh_ms": int(1000 * min(2.0, self.serving.interval_s)) if self.serving else 2000,
@@ -276,9 +271,11 @@ async def _form(request: Request) -> dict[str, str]:
     return {k: v[0] for k, v in urllib.parse.parse_qs(body.decode("utf-8", errors="replace")).items()}
 
 
-def _human_size(n: int) -> str:
+def _human_size(n: float) -> str:
+    """1536 -> "1.5 KB" (as the page's script writes live sizes)."""
+    unit = "B"
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            break
         n /= 1024
-    return f"{n} B"
+    return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"

@@ -12,7 +12,13 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from loradock.registry import AdapterVersion, NotFoundError, Registry, RegistryError
+from loradock.registry import (
+    AdapterVersion,
+    AliasChange,
+    Registry,
+    RegistryError,
+    newest_per_metric,
+)
 from loradock.registry.quantization import recorded_recipe
 from loradock.registry.signing import UNCHECKED, UNSIGNED, claimed_signer
 from loradock.registry.trust import TrustPolicy
@@ -73,12 +79,6 @@ def version_row(v: AdapterVersion, aliases: list[str], served: ServedBase | None
     }
 
 
-def _newest_evals(registry: Registry, ref: str) -> list[dict]:
-    """The newest record of each metric."""
-    newest = {r.metric: r for r in registry.evals(ref)}  # oldest first: the last one stays
-    return [asdict(r) for _, r in sorted(newest.items())]
-
-
 def _alias_labels(targets: dict[str, dict[int, int]]) -> dict[int, list[str]]:
     """{version: ["prod", "canary 10%"]}: the aliases pointing at each version, with a canary's weight."""
     labels: dict[int, list[str]] = {}
@@ -122,11 +122,12 @@ class RegistryView:
                 try:
                     versions = self.registry.versions(latest.name)
                     targets = self.registry.alias_targets(latest.name)
-                except (NotFoundError, RegistryError):  # deleted or damaged while listing
+                except RegistryError:  # deleted or damaged while listing
                     continue
                 labels = _alias_labels(targets)
                 rows = [version_row(v, labels.get(v.version, []), self.served, self.policy,
-                                    _newest_evals(self.registry, v.ref)) for v in reversed(versions)]
+                                    [asdict(r) for r in newest_per_metric(self.registry.evals(v))])
+                        for v in reversed(versions)]
                 adapters.append({"name": latest.name, "latest": rows[0], "versions": rows, "aliases": targets})
                 for v in versions:
                     for parent, how in _parents(v):
@@ -138,20 +139,20 @@ class RegistryView:
         v = self.registry.resolve(ref, verify=False)
         targets = self.registry.alias_targets(v.name)
         m = v.manifest
+        history = self.registry.alias_history(v.name)
         return {
             **version_row(v, _alias_labels(targets).get(v.version, []), self.served, self.policy,
-                          [asdict(r) for r in self.registry.evals(v.ref)]),
+                          [asdict(r) for r in self.registry.evals(v)]),
             "manifest": m, "files": m.get("files", {}), "path": str(v.path),
             "model_card": model_card_html(v.path),
             "curve": curve_chart(m.get("metrics") or {}),
-            "lineage": self.lineage(v),
+            "lineage": self.lineage(v, history),
             "alias_names": sorted(targets),
-            "history": {alias: [asdict(c) for c in changes]
-                        for alias, changes in self.registry.alias_history(v.name).items()},
+            "history": {alias: [asdict(c) for c in changes] for alias, changes in history.items()},
         }
 
-    def lineage(self, v: AdapterVersion) -> dict:
-        """The version's neighbours as a graph: {"nodes": [{"id", "label", "href", "column"}],
+    def lineage(self, v: AdapterVersion, history: dict[str, list[AliasChange]]) -> dict:
+        """The version's neighbours (`history`: its name's alias history) as a graph: {"nodes": [{"id", "label", "href", "column"}],
         "edges": [{"from", "to", "label"}]}; column -1 is where it came from, 1 what came of it."""
         nodes: dict[str, dict] = {v.ref: {"id": v.ref, "label": v.ref, "href": _href(v.ref), "column": 0}}
         edges: list[dict] = []
@@ -175,7 +176,7 @@ class RegistryView:
         for child, how in self.children(v.ref):
             add(child, child, 1, _href(child))
             edges.append({"from": v.ref, "to": child, "label": how})
-        for alias, changes in self.registry.alias_history(v.name).items():
+        for alias, changes in history.items():
             for change in changes:
                 before, after = _main_version(change.before), _main_version(change.after)
                 if before is None or after is None or before == after or not change.applied:
@@ -222,7 +223,8 @@ NODE_W, NODE_H, GAP_X, GAP_Y = 200, 36, 190, 30
 
 def layout(graph: dict) -> dict:
     """Place the nodes in three columns (origins, the version, what came of it) for an SVG of
-    `width` x `height`: each node gets x, y (its top left) and each edge its end points."""
+    `width` x `height`: each node gets x, y (its top left) and each edge its end points (every
+    edge joins the version to a node of another column)."""
     columns: dict[int, list[dict]] = {-1: [], 0: [], 1: []}
     for node in graph["nodes"]:
         columns[node["column"]].append(node)
@@ -238,8 +240,6 @@ def layout(graph: dict) -> dict:
         a, b = at[edge["from"]], at[edge["to"]]
         left, right = (a, b) if a["x"] <= b["x"] else (b, a)
         edge.update(x1=left["x"] + NODE_W, y1=left["y"] + NODE_H / 2, x2=right["x"], y2=right["y"] + NODE_H / 2)
-        if a["x"] == b["x"]:  # same column (cannot happen with three columns, kept safe)
-            edge.update(x1=a["x"] + NODE_W / 2, x2=b["x"] + NODE_W / 2)
     return {**graph, "width": 3 * NODE_W + 2 * GAP_X, "height": height, "node_w": NODE_W, "node_h": NODE_H}
 
 

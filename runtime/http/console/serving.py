@@ -69,11 +69,9 @@ class ServingWindow:
         then, old = samples[0] if samples else (now, stats)
         span = max(now - then, 1e-9)
         info = self._engine.info()
-        resident: dict[str, list[str]] = {"device": [], "host": []}
-        for ref, tier in stats["resident"]:
-            if ref not in resident["device"]:
-                resident.setdefault(tier, []).append(ref)
-        resident["host"] = [ref for ref in resident["host"] if ref not in resident["device"]]
+        device = sorted({ref for ref, tier in stats["resident"] if tier == "device"})
+        host = sorted({ref for ref, tier in stats["resident"] if tier == "host"} - set(device))
+        resident = {"device": device, "host": host}  # a version in a slot is shown there only
         adapters = []
         for key, counters in stats["adapters"].items():
             before = old["adapters"].get(key, {})
