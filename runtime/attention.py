@@ -38,29 +38,44 @@ ATTENTION_NAME = "loradock"
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """query [1, heads, T, d], key/value [1, kv_heads, T, d] -> ([1, T, heads, d], None)."""
+    if torch.compiler.is_compiling():  # the compiler sees one opaque op (compiled.py)
+        return torch.ops.loradock.attention(query, key, value, module.layer_idx, scaling,
+                                            *served_options(kwargs)), None
     ctx = current_context()
     if ctx is None or ctx.attention is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       scaling=scaling, dropout=dropout, **kwargs)
-    batch = ctx.attention
-    k_pool, v_pool = batch.k_pool[module.layer_idx], batch.v_pool[module.layer_idx]  # [slots, kv, d]
+    return step_attention(query, key, value, module.layer_idx, scaling, *served_options(kwargs)), None
+
+
+def served_options(kwargs: dict) -> tuple[int | None, float | None]:
+    """(sliding_window, softcap) of what transformers hands the attention function; what the
+    step cannot honour is refused, never silently dropped."""
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("attention sinks (s_aux) are not served")
+    return kwargs.get("sliding_window"), kwargs.get("softcap")
+
+
+def step_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_idx: int,
+                   scaling: float | None, window: int | None, softcap: float | None) -> torch.Tensor:
+    """One layer's attention in a loradock step, from its batch context: the new K/V written
+    into the pool's layer `layer_idx`, each query attending to its own sequence's cache."""
+    batch = current_context().attention
+    k_pool, v_pool = batch.k_pool[layer_idx], batch.v_pool[layer_idx]  # [slots, kv, d]
     k_pool.index_copy_(0, batch.write_index, key[0].transpose(0, 1))
     v_pool.index_copy_(0, batch.write_index, value[0].transpose(0, 1))
     q_all = query[0].transpose(0, 1)  # [T, heads, d]
-    if kwargs.get("s_aux") is not None:  # never silently drop what the model asks for
-        raise NotImplementedError("attention sinks (s_aux) are not served")
-    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
     if batch.paged is not None:
-        return triton_attention.paged_attention(q_all, k_pool, v_pool, batch.paged, scaling, window, softcap)[None], None
-    out = torch.empty_like(q_all)
+        return triton_attention.paged_attention(q_all, k_pool, v_pool, batch.paged, scaling, window, softcap)[None]
+    out = q_all.new_empty(q_all.shape)  # contiguous, whatever the layout of the query
     gqa = query.shape[1] != key.shape[1]
     attend = F.scaled_dot_product_attention if softcap is None else partial(softcapped_attention, softcap=softcap)
     for g in batch.groups:
         mask = g.masks.get(window)
         if mask is None:  # never silently attend past a window the model asks for
-            raise ValueError(f"layer {module.layer_idx} asks for a sliding window of {window}, "
+            raise ValueError(f"layer {layer_idx} asks for a sliding window of {window}, "
                              f"which this step built no mask for (windows: {sorted(w for w in g.masks if w)})")
         out_g = attend(
             rows(q_all, g.q_index).transpose(1, 2),  # [N, heads, Q, d]
@@ -71,7 +86,21 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         if g.select is not None:
             out_g = out_g.index_select(0, g.select)
         out.index_copy_(0, g.out_rows, out_g)
-    return out[None], None
+    return out[None]
+
+
+@torch.library.custom_op("loradock::attention", mutates_args=())
+def attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_idx: int,
+                 scaling: float | None, window: int | None, softcap: float | None) -> torch.Tensor:
+    """`step_attention` as one op the compiler does not look into (the compile boundary,
+    `compiled.py`): the pool and the step's groups or block tables live outside the graph."""
+    return step_attention(query, key, value, layer_idx, scaling, window, softcap)
+
+
+@attention_op.register_fake
+def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_idx: int,
+      scaling: float | None, window: int | None, softcap: float | None) -> torch.Tensor:
+    return query.new_empty(1, query.shape[2], query.shape[1], value.shape[3])
 
 
 def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor,

@@ -64,6 +64,8 @@ def static_lora_batch(token_slots: torch.Tensor) -> LoRABatch:
 class BatchContext:
     lora: LoRABatch
     attention: AttentionBatch | None = None
+    # The model's LoRA layers by `boundary_index`: how a compiled graph's opaque op finds its layer.
+    lora_layers: tuple = ()
 
 
 _current: ContextVar[BatchContext | None] = ContextVar("loradock_batch", default=None)

@@ -15,6 +15,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # each name NAME to its function NAME_lora and fails at import if one is missing.
 LORA_OPS = ("auto", "reference", "segmented", "batched", "triton", "gathered")
 ATTENTION_BACKENDS = ("auto", "sdpa", "triton")  # runtime/attention.py's pick_attention
+COMPILE_MODES = ("auto", "on", "off")  # runtime/compiled.py's wants_compile
 TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json", "mistral")  # runtime/tool_calls.py's FORMATS
 
 
@@ -109,6 +110,15 @@ class EngineConfig:
     mask, windows and soft-capping in the kernel; CUDA only) or "auto" (triton on CUDA once it
     matches the reference at start, else sdpa, logged; sdpa on CPU)."""
 
+    compile: str = "auto"
+    """Run the model's forward compiled by torch.compile (inductor): norms, rotary embeddings,
+    activations and residual adds fused, the LoRA layers and attention left as opaque ops
+    between the compiled pieces. "on", "off" (the escape hatch: plain eager PyTorch) or "auto"
+    (on with CUDA; off on CPU, where it halves a step's kernels but not its time and a start
+    spends about a minute compiling: measured, see docs/architecture.md). One graph for every
+    step shape, compiled at start and cached on disk ($XDG_CACHE_HOME/loradock/inductor), never
+    on a request's path (a step the graph does not fit runs eagerly)."""
+
     cuda_graphs: bool = True
     """On CUDA, run decode-only steps as CUDA graphs, one per (batch, context) bucket (powers of
     two up to max_running and max_model_len), all captured at start, largest first; a capture
@@ -164,6 +174,7 @@ class EngineConfig:
         choice("compute_dtype", DTYPES)
         choice("lora_ops", LORA_OPS)
         choice("attention", ATTENTION_BACKENDS)
+        choice("compile", COMPILE_MODES)
         choice("tool_call_parser", TOOL_CALL_PARSERS)
         for name in ("max_slots", "max_rank", "host_cache_bytes", "max_host_adapters", "max_running",
                      "max_batch_tokens", "max_queue", "max_prompt_tokens", "max_model_len",

@@ -14,6 +14,9 @@ always apply the bias/DoRA rows (`lora_layer.MultiLoRALinear`). Padding rows are
 (slot 0) on token 0 at position 0; their K/V go to the pool's null block, which every real
 query reads only masked.
 
+With the compiled model path (`compiled.py`) the captured forward is the compiled one, so a
+replay runs inductor's fused kernels between the opaque LoRA and attention ops.
+
 `capture=False` runs the same static forward eagerly: that is how it is tested without a GPU
 (against the eager step and PEFT). A capture that fails is logged once, and decode steps then
 take the ordinary eager path.
@@ -23,12 +26,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from .batch_context import AttentionBatch, BatchContext, static_lora_batch, use_context
 from .batching import AttentionGroup
+from .compiled import no_new_compiles
 from .kv_cache import KVPool, blocks_for
 from .triton_attention import PagedSeqs
 
@@ -65,8 +69,8 @@ class StaticDecodeStep:
 
     FIELDS = 4
 
-    def __init__(self, model: torch.nn.Module, pool: KVPool, device: torch.device, rows: int,
-                 context: int, windows: Sequence[int] = (), paged: bool = False) -> None:
+    def __init__(self, model: Callable[..., object], pool: KVPool, device: torch.device, rows: int,
+                 context: int, windows: Sequence[int] = (), paged: bool = False, lora_layers: tuple = ()) -> None:
         self.model, self.rows, self.context, self.device, self.paged = model, rows, context, device, paged
         tail = rows * (3 + blocks_for(context, pool.block_size)) if paged else rows * context
         size = rows * self.FIELDS + tail
@@ -89,7 +93,7 @@ class StaticDecodeStep:
                           for w in (None, *windows)}
             group = AttentionGroup(rows_index[:, None], self.kv_index, self.masks, None, rows_index)
             attention = AttentionBatch(pool.k, pool.v, self.write_index, (group,))
-        self.ctx = BatchContext(lora, attention)
+        self.ctx = BatchContext(lora, attention, lora_layers)
         self.keep = rows_index
         self.logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -129,7 +133,7 @@ class StaticDecodeStep:
         if not self.paged:
             self._write_masks()
         self.run_table[:, 2].copy_(self.slots)
-        with use_context(self.ctx):
+        with use_context(self.ctx), no_new_compiles():
             out = self.model(input_ids=self.tokens[None], position_ids=self.positions[None],
                              use_cache=False, logits_to_keep=self.keep)
         return out.logits[0]
@@ -173,6 +177,9 @@ class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, pool: KVPool, device: torch.device, max_batch: int,
                  max_context: int, capture: bool, windows: Sequence[int] = (), paged: bool = False) -> None:
         self.model, self.pool, self.device, self.capture = model, pool, device, capture
+        # What the static steps run: the model, or it compiled (`use_forward`, by the runner)
+        self.model_forward: Callable[..., object] = model
+        self.lora_layers: tuple = ()
         self.windows, self.paged = tuple(windows), paged
         self.batch_buckets = buckets(max_batch)
         self.context_buckets = ([max_context] if paged
@@ -181,6 +188,11 @@ class DecodeGraphs:
         self.pool_handle = torch.cuda.graph_pool_handle() if capture else None
         self.failed: str | None = None  # why capturing stopped (then every step runs eagerly)
         self.static_steps = 0  # decode steps served here
+
+    def use_forward(self, forward: Callable[..., object], lora_layers: tuple) -> None:
+        """Run the static steps made from now on through `forward` (the compiled model: its
+        fused kernels are what a capture records), whose opaque ops find `lora_layers`."""
+        self.model_forward, self.lora_layers = forward, lora_layers
 
     def serves(self, items: Sequence) -> bool:
         """A decode-only step that fits the largest buckets."""
@@ -192,8 +204,8 @@ class DecodeGraphs:
         key = (rows, context)
         step = self.steps.get(key)
         if step is None:
-            step = self.steps[key] = StaticDecodeStep(self.model, self.pool, self.device, rows, context,
-                                                      self.windows, self.paged)
+            step = self.steps[key] = StaticDecodeStep(self.model_forward, self.pool, self.device, rows, context,
+                                                      self.windows, self.paged, self.lora_layers)
         return step
 
     def forward(self, items: Sequence) -> torch.Tensor:

@@ -15,6 +15,7 @@ Errors inside a step fail only the affected requests; the loop keeps serving.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -34,6 +35,7 @@ from .admission import Admitter
 from .attention import check_paged_kernel, pick_attention
 from .batch_context import static_lora_batch
 from .block_manager import BlockManager
+from .compiled import wants_compile
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
 from .detokenize import TextStream
@@ -151,7 +153,8 @@ class Engine:
         graphs = (DecodeGraphs(model, self.kv, self.device, cfg.max_running, self.max_model_len, capture=True,
                                windows=windows, paged=self.attention == "triton")
                   if cfg.cuda_graphs and self.device.type == "cuda" and cfg.quantize != "int8" else None)
-        self.runner = ModelRunner(model, self.kv, self.device, graphs, windows, self.attention)
+        self.runner = ModelRunner(model, self.kv, self.device, graphs, windows, self.attention,
+                                  compiled=wants_compile(cfg.compile, self.device))
         self.cache = AdapterCache(
             CacheCapacity(cfg.max_slots, cfg.host_cache_bytes, cfg.max_host_adapters),
             load=self.adapters.read, layers=self.layers, stats=self._stats,
@@ -200,6 +203,8 @@ class Engine:
         if not self.kv.grow(blocks, 2):
             raise ValueError("the KV pool is empty: raise kv_cache_tokens or kv_cache_bytes")
         try:
+            if self.runner.compiled:  # first: the compiled graph is traced under its own rules
+                self._compile(blocks)
             self.runner.forward([StepItem(blocks, 0, [self.tokenizer.eos_token_id or 0] * 2, 0, True)])
         finally:
             self.kv.free(blocks)
@@ -209,6 +214,20 @@ class Engine:
                                              static_batch, by_name=self.config.lora_ops == "triton")
         if self.runner.graphs is not None:
             self.runner.graphs.capture_all(StepItem([0], 0, [0], 0, True))  # padding rows on the null block
+
+    def _compile(self, blocks: list[int]) -> None:
+        """Compile the forward (`compile` "on", or "auto" on CUDA). Where the compiler fails,
+        "auto" serves eagerly, logged; "on" fails the start."""
+        log.info("compiling the model's forward (torch.compile; cached in %s) ...",
+                 os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        try:
+            log.info("compiled in %.1f s", self.runner.compile(blocks))
+        except Exception as e:
+            if self.config.compile == "on":
+                raise ValueError(f"compile='on': compiling the model failed ({type(e).__name__}: {e}); "
+                                 "use compile='off' to serve eagerly") from e
+            log.warning("compiling the model failed (%s: %s); serving eagerly", type(e).__name__, e)
+            self.runner.serve_eagerly()
 
     def shutdown(self, drain: bool = True, timeout: float | None = 30.0) -> None:
         """Stop accepting requests; with `drain`, let queued and running ones finish first

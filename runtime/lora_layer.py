@@ -97,6 +97,7 @@ class MultiLoRALinear(nn.Module):
         self.bias_slots: set[int] = set()
         self.dora_slots: set[int] = set()
         self.group: InputGroup | None = None  # the layers reading this one's input, if any
+        self.boundary_index = -1  # its place in the model's wrapped layers: how compiled graphs name it
 
     def set_slot(self, slot: int, shrink: torch.Tensor | None, expand: torch.Tensor | None,
                  bias: torch.Tensor | None = None, dora_scale: torch.Tensor | None = None) -> None:
@@ -144,6 +145,12 @@ class MultiLoRALinear(nn.Module):
             self.dora_slots.add(slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # the compiler sees one opaque op (compiled.py)
+            return torch.ops.loradock.lora_linear(x, self.boundary_index)
+        return self.step_forward(x)
+
+    def step_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer plus each token's adapter delta, from the step's batch context."""
         result = self.base_layer(x)
         ctx = current_context()
         if ctx is None:
@@ -186,6 +193,29 @@ class MultiLoRALinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The base layer's weight [out, in] as served, float32 (for DoRA's norms)."""
         return dequantized_weight(self.base_layer)
+
+
+def boundary_layer(index: int) -> MultiLoRALinear:
+    """The wrapped layer `index` of the model the running step is for."""
+    ctx = current_context()
+    if ctx is None or not 0 <= index < len(ctx.lora_layers):
+        raise RuntimeError(f"compiled LoRA layer {index} ran outside a loradock step of its model")
+    return ctx.lora_layers[index]
+
+
+@torch.library.custom_op("loradock::lora_linear", mutates_args=())
+def lora_linear(x: torch.Tensor, boundary_index: int) -> torch.Tensor:
+    """A MultiLoRALinear's step as one op the compiler does not look into: the base layer
+    (plain, 4-bit, 8-bit) and the adapters' deltas read per step from the batch context, which
+    a graph cannot hold (the compile boundary of the compiled model path, `compiled.py`). The
+    layer is named by its place in the model, so equal models compile to equal graphs (one
+    cache entry on disk for every start)."""
+    return boundary_layer(boundary_index).step_forward(x)
+
+
+@lora_linear.register_fake
+def _(x: torch.Tensor, boundary_index: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], boundary_layer(boundary_index).out_features)
 
 
 class InputGroup:
@@ -233,6 +263,8 @@ def wrap_linears(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.d
         wrapper = MultiLoRALinear(module, num_slots, max_rank, dtype, device, op)
         setattr(parent, child, wrapper)
         wrapped[name] = wrapper
+    for index, (_, wrapper) in enumerate(iter_wrapped(model)):
+        wrapper.boundary_index = index  # model_runner's BatchContext.lora_layers holds them in this order
     group_shared_inputs(wrapped)
     return wrapped
 

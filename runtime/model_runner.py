@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -9,8 +11,10 @@ import torch
 
 from . import batching
 from .batch_context import AttentionBatch, BatchContext, LoRABatch, use_context
+from .compiled import STEP_SHAPES, compile_model, no_new_compiles, one_graph_for_every_size
 from .cuda_graphs import DecodeGraphs
 from .kv_cache import KVPool
+from .lora_layer import iter_wrapped
 from .triton_attention import paged_seqs
 
 
@@ -84,13 +88,37 @@ class ModelRunner:
     """Runs the (LoRA-wrapped) model on packed steps. One call = one model forward."""
 
     def __init__(self, model: torch.nn.Module, pool: KVPool, device: torch.device,
-                 graphs: DecodeGraphs | None = None, windows: Sequence[int] = (), attention: str = "sdpa") -> None:
+                 graphs: DecodeGraphs | None = None, windows: Sequence[int] = (), attention: str = "sdpa",
+                 compiled: bool = False) -> None:
         self.model = model
+        # The forward of steps outside the decode graphs: the model, or it compiled (compiled.py)
+        self.model_forward = compile_model(model) if compiled else model
+        self.compiled = compiled
+        self.lora_layers = tuple(layer for _, layer in iter_wrapped(model))  # by boundary_index
+        if graphs is not None:
+            graphs.use_forward(self.model_forward, self.lora_layers)
+        self._stance = contextlib.nullcontext  # no_new_compiles once `compile` has run
         self.pool = pool
         self.device = device
         self.graphs = graphs  # decode-only steps go there when set (CUDA graphs)
         self.windows = tuple(windows)  # the model's sliding windows (model_loader.sliding_windows)
         self.paged = attention == "triton"  # attention.pick_attention's choice
+
+    def compile(self, blocks: Sequence[int]) -> float:
+        """Compile the forward now (one graph for every step shape: compiled.STEP_SHAPES run
+        with base tokens into `blocks`, which must hold 2 tokens), never again after: seconds."""
+        started = time.perf_counter()
+        with one_graph_for_every_size():
+            for tokens, wants_logits, all_logits in STEP_SHAPES:
+                self.forward([StepItem(blocks, 0, [0] * tokens, 0, wants_logits, all_logits)])
+        self._stance = no_new_compiles
+        return time.perf_counter() - started
+
+    def serve_eagerly(self) -> None:
+        """Give up the compiled forward (it failed to compile)."""
+        self.model_forward, self.compiled, self._stance = self.model, False, contextlib.nullcontext
+        if self.graphs is not None:
+            self.graphs.use_forward(self.model, self.lora_layers)
 
     @torch.inference_mode()
     def forward(self, items: Sequence[StepItem]) -> StepLogits:
@@ -112,9 +140,10 @@ class ModelRunner:
                                                 [it.all_logits for it in ordered])
         ctx = BatchContext(lora=lora_batch(token_slots, self.device),
                            attention=attention_batch(self.pool, ordered, cu_lens, self.device, self.windows,
-                                                     self.paged))
-        with use_context(ctx):
-            out = self.model(
+                                                     self.paged),
+                           lora_layers=self.lora_layers)
+        with use_context(ctx), self._stance():
+            out = self.model_forward(
                 input_ids=input_ids[None].to(self.device),
                 position_ids=positions[None].to(self.device),
                 use_cache=False,

@@ -27,6 +27,7 @@ CHOICES = {
     "compute_dtype": engine_config.DTYPES,
     "lora_ops": engine_config.LORA_OPS,
     "attention": engine_config.ATTENTION_BACKENDS,
+    "compile": engine_config.COMPILE_MODES,
     "tool_call_parser": engine_config.TOOL_CALL_PARSERS,
 }
 _TYPES = {"int": int, "float": float, "str": str}

@@ -1,7 +1,7 @@
 """The engine on CUDA (`make gpu-check`; skipped without a GPU): NF4 and bf16 serve, and mixed
 batches equal PeftModel on the same device, with the LoRA ops and attention chosen by "auto"
-(and SDPA for comparison) and decode steps replayed as CUDA graphs (and, for comparison, run
-eagerly)."""
+(and SDPA for comparison), the forward compiled as "auto" does there (and, once, eager), and
+decode steps replayed as CUDA graphs (and, for comparison, run eagerly)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ def test_engine_serves_on_cuda(tiny_registry, tiny_base, engine_factory, quantiz
         max_new_tokens=6, ignore_eos=True))) for a, p in zip(["law", None, "med", "code"], PROMPTS,
                                                               strict=True)]
     assert all(len(r.token_ids) == 6 for r in results)
+    assert engine.runner.compiled, "compile='auto' compiles on CUDA (a failed compile is logged)"
     graphs = engine.runner.graphs
     assert graphs.failed is None, graphs.failed
     assert len(graphs.steps) == len(graphs.batch_buckets) * len(graphs.context_buckets)
@@ -51,6 +52,18 @@ def test_mixed_batch_greedy_matches_peft_on_cuda(tiny_registry, tiny_base, tiny_
         assert engine.runner.graphs.failed is None and engine.runner.graphs.static_steps >= 5
     else:
         assert engine.runner.graphs is None
+
+
+def test_the_eager_path_matches_peft_on_cuda(tiny_registry, tiny_base, tiny_adapter_dirs, engine_factory):
+    """compile='off' (the other tests compile, as 'auto' does on CUDA): eager prompt steps, the
+    eager model captured."""
+    engine = engine_factory(tiny_registry, tiny_base.name, run_loop=False, device="cuda", quantize="none",
+                            dtype="float32", compile="off")
+    assert not engine.runner.compiled
+    names = [s.name for s in SPECS[:4]] + [None]
+    oracle = load_peft_oracle(tiny_base.path, {n: tiny_adapter_dirs[n] for n in names if n}, "none", device="cuda")
+    assert_greedy_matches_peft(engine, oracle, names, [*PROMPTS, "Roses are red,"])
+    assert engine.runner.graphs.failed is None and engine.runner.graphs.static_steps >= 5
 
 
 @pytest.mark.parametrize("quantize", ["none", "nf4"])
