@@ -199,6 +199,7 @@ class Engine:
         self._thread.start()
 
     def _warm_up(self) -> None:
+        self.compile_fallback: str | None = None  # why the compiled forward was given up
         blocks: list[int] = []
         if not self.kv.grow(blocks, 2):
             raise ValueError("the KV pool is empty: raise kv_cache_tokens or kv_cache_bytes")
@@ -227,6 +228,7 @@ class Engine:
                 raise ValueError(f"compile='on': compiling the model failed ({type(e).__name__}: {e}); "
                                  "use compile='off' to serve eagerly") from e
             log.warning("compiling the model failed (%s: %s); serving eagerly", type(e).__name__, e)
+            self.compile_fallback = f"compile failed: {type(e).__name__}"
             self.runner.serve_eagerly()
 
     def shutdown(self, drain: bool = True, timeout: float | None = 30.0) -> None:
@@ -417,6 +419,8 @@ class Engine:
             tool_call_parser=self.tool_format, vocab_size=self.encoder.vocab_size,
             attention=self.attention if self.attention_fallback is None
             else f"{self.attention} ({self.attention_fallback})",
+            compile="on" if self.runner.compiled else "off" if self.compile_fallback is None
+            else f"off ({self.compile_fallback})",
         )
 
     def counters(self, key: str) -> dict[str, int]:

@@ -248,3 +248,4 @@ class EngineInfo:
     tool_call_parser: str  # how tool calls are rendered and parsed (runtime/tool_calls.py)
     vocab_size: int  # token ids are in [0, vocab_size)
     attention: str = "sdpa"  # the attention backend in use ("sdpa", "triton"; a fallback says why)
+    compile: str = "off"  # the forward under torch.compile: "on", "off" (a failed compile says why)

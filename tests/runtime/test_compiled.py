@@ -44,7 +44,7 @@ def test_compiled_mixed_batches_match_peft(tiny_registry, tiny_base, tiny_adapte
                                            compiled_layer_calls):
     before = graphs_compiled()
     engine = engine_factory(tiny_registry, tiny_base.name, run_loop=False, quantize="none", compile="on")
-    assert engine.runner.model_forward is not engine.runner.model
+    assert engine.runner.model_forward is not engine.runner.model and engine.info().compile == "on"
     compiled_at_start = graphs_compiled()
     assert compiled_at_start - before == 1, "one graph serves every step shape"
     calls_at_start = compiled_layer_calls[0]
@@ -89,7 +89,7 @@ def test_compiled_nf4_matches_peft(tiny_registry, tiny_base, tiny_adapter_dirs, 
 def test_compile_off_and_auto_on_cpu_serve_eagerly(tiny_registry, tiny_base, engine_factory):
     for mode in ("off", "auto"):
         engine = engine_factory(tiny_registry, tiny_base.name, run_loop=False, compile=mode)
-        assert engine.runner.model_forward is engine.runner.model
+        assert engine.runner.model_forward is engine.runner.model and engine.info().compile == "off"
         engine.shutdown(drain=False)
 
 
@@ -128,6 +128,7 @@ def test_a_failed_compile_serves_eagerly_under_auto_and_refuses_to_start_under_o
     monkeypatch.setattr(engine_module, "wants_compile", lambda mode, device: True)  # "auto" as on CUDA
     engine = engine_factory(tiny_registry, tiny_base.name, run_loop=False, compile="auto")
     assert engine.runner.model_forward is engine.runner.model
+    assert engine.info().compile == "off (compile failed: RuntimeError)"
     assert "compiling the model failed (RuntimeError: InductorError" in caplog.text
     result = engine.generate(GenerationRequest(adapter="law", prompt="Hello", sampling=SamplingParams(
         max_new_tokens=3, ignore_eos=True)))

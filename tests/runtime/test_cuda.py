@@ -27,7 +27,7 @@ def test_engine_serves_on_cuda(tiny_registry, tiny_base, engine_factory, quantiz
         max_new_tokens=6, ignore_eos=True))) for a, p in zip(["law", None, "med", "code"], PROMPTS,
                                                               strict=True)]
     assert all(len(r.token_ids) == 6 for r in results)
-    assert engine.runner.compiled, "compile='auto' compiles on CUDA (a failed compile is logged)"
+    assert engine.info().compile == "on"  # "auto" compiles on CUDA (a failure would say why here)
     graphs = engine.runner.graphs
     assert graphs.failed is None, graphs.failed
     assert len(graphs.steps) == len(graphs.batch_buckets) * len(graphs.context_buckets)

@@ -373,7 +373,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("base_name", "base_fingerprint", "quantization", "device", "dtype", "max_slots", "max_rank", "host_cache_bytes", "max_host_adapters", "max_running", "max_batch_tokens", "max_queue", "max_prompt_tokens", "max_model_len", "kv_cache_tokens", "lora_ops", "loradock_version", "pid", "start_time", "compute_dtype", "tool_call_parser", "vocab_size", "attention")
+    __slots__ = ("base_name", "base_fingerprint", "quantization", "device", "dtype", "max_slots", "max_rank", "host_cache_bytes", "max_host_adapters", "max_running", "max_batch_tokens", "max_queue", "max_prompt_tokens", "max_model_len", "kv_cache_tokens", "lora_ops", "loradock_version", "pid", "start_time", "compute_dtype", "tool_call_parser", "vocab_size", "attention", "compile")
     BASE_NAME_FIELD_NUMBER: _ClassVar[int]
     BASE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
@@ -397,6 +397,7 @@ class GetInfoResponse(_message.Message):
     TOOL_CALL_PARSER_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    COMPILE_FIELD_NUMBER: _ClassVar[int]
     base_name: str
     base_fingerprint: str
     quantization: str
@@ -420,4 +421,5 @@ class GetInfoResponse(_message.Message):
     tool_call_parser: str
     vocab_size: int
     attention: str
-    def __init__(self, base_name: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., quantization: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_slots: _Optional[int] = ..., max_rank: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., max_host_adapters: _Optional[int] = ..., max_running: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_model_len: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., lora_ops: _Optional[str] = ..., loradock_version: _Optional[str] = ..., pid: _Optional[int] = ..., start_time: _Optional[float] = ..., compute_dtype: _Optional[str] = ..., tool_call_parser: _Optional[str] = ..., vocab_size: _Optional[int] = ..., attention: _Optional[str] = ...) -> None: ...
+    compile: str
+    def __init__(self, base_name: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., quantization: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_slots: _Optional[int] = ..., max_rank: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., max_host_adapters: _Optional[int] = ..., max_running: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_model_len: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., lora_ops: _Optional[str] = ..., loradock_version: _Optional[str] = ..., pid: _Optional[int] = ..., start_time: _Optional[float] = ..., compute_dtype: _Optional[str] = ..., tool_call_parser: _Optional[str] = ..., vocab_size: _Optional[int] = ..., attention: _Optional[str] = ..., compile: _Optional[str] = ...) -> None: ...
