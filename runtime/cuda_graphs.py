@@ -176,7 +176,7 @@ class DecodeGraphs:
 
     def __init__(self, model: torch.nn.Module, pool: KVPool, device: torch.device, max_batch: int,
                  max_context: int, capture: bool, windows: Sequence[int] = (), paged: bool = False) -> None:
-        self.model, self.pool, self.device, self.capture = model, pool, device, capture
+        self.pool, self.device, self.capture = pool, device, capture
         # What the static steps run: the model, or it compiled (`use_forward`, by the runner)
         self.model_forward: Callable[..., object] = model
         self.lora_layers: tuple = ()

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 from loradock.runtime import GenerationRequest, SamplingParams, lora_layer
+from loradock.runtime.model_runner import StepItem
 
 from tests.runtime.conftest import SPECS, load_peft_oracle, oracle_greedy
 from tests.runtime.test_families import FAMILIES, build_family
@@ -62,14 +63,20 @@ def test_compiled_mixed_batches_match_peft(tiny_registry, tiny_base, tiny_adapte
         max_new_tokens=6, ignore_eos=True)))
     assert list(result.token_ids) == oracle_greedy(oracle, "law", ids, 6)
 
-    # Prompt log probabilities (every logit kept) and prefill chunks that keep none: shapes
-    # compiled at start, so serving them compiles nothing.
+    # Prompt log probabilities (every logit kept), and a step of a prompt chunk that keeps no
+    # logit (a prompt longer than the step's budget): the graph of the start serves them too.
     long = "The quick brown fox jumps over the lazy dog near the bank of the river " * 5
     handles = [engine.submit(GenerationRequest(adapter=name, prompt=long, sampling=SamplingParams(
         max_new_tokens=3, prompt_logprobs=0))) for name in ("law", "chem", None)]
     while not all(h.done for h in handles):
         engine.step()
     assert all(len(h.result().prompt_logprobs) > 20 for h in handles)
+    blocks: list[int] = []
+    assert engine.kv.grow(blocks, 8)
+    calls = compiled_layer_calls[0]
+    assert engine.runner.forward([StepItem(blocks, 0, list(range(5, 13)), 0, False)]).logits.shape[0] == 0
+    engine.kv.free(blocks)
+    assert compiled_layer_calls[0] - calls == len(engine.layers)
     assert graphs_compiled() == compiled_at_start, "a request's step compiled a graph"
 
 
