@@ -45,10 +45,15 @@ def inductor_cache_dir() -> Path:
 
 
 def compile_model(model: torch.nn.Module) -> Callable[..., object]:
-    """`model` compiled (lazily: each shape compiles on its first call), dynamic in its sizes,
-    with its inductor artifacts cached in `inductor_cache_dir` unless the environment already
-    names a cache (TORCHINDUCTOR_CACHE_DIR)."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
+    """`model` compiled (lazily, on its first call), dynamic in its sizes, with its inductor
+    artifacts cached in `inductor_cache_dir` unless TORCHINDUCTOR_CACHE_DIR names another."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # Inductor writes its default (under /tmp) into the environment when first imported, as
+    # some of our dependencies do: only a value other than that default was chosen by a person.
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache_dir())
     # Dynamo keeps its compiled versions per code object (transformers' forward, shared by every
     # model of a family) and runs eagerly after 8: each engine in a process compiles its own.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)

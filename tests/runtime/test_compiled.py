@@ -162,3 +162,16 @@ def test_compiled_static_decode_steps_match_peft(tiny_registry, tiny_base, tiny_
     assert graphs.static_steps >= 3
     # every forward, the static ones included, ran the compiled graph (no guard sent one eager)
     assert compiled_layer_calls[0] - calls_at_start == forwards[0] * len(engine.layers)
+
+
+def test_the_inductor_cache_is_loradocks_unless_a_person_chose_one(monkeypatch, tmp_path):
+    from loradock.runtime.compiled import compile_model
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what importing inductor leaves
+    compile_model(torch.nn.Linear(2, 2))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "xdg" / "loradock" / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    compile_model(torch.nn.Linear(2, 2))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
