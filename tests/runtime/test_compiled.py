@@ -100,9 +100,9 @@ def test_compile_off_and_auto_on_cpu_serve_eagerly(tiny_registry, tiny_base, eng
         engine.shutdown(drain=False)
 
 
-# Soft-capping, windows and query scalars; partial rotary with a dense projection; MoE routing
-# with windows. Every family (about 4 minutes here): LORADOCK_COMPILE_ALL_FAMILIES=1.
-SWEEP = sorted(FAMILIES) if os.environ.get("LORADOCK_COMPILE_ALL_FAMILIES") == "1" else ["gemma2", "phi", "mixtral"]
+# Soft-capping, windows and query scalars; partial rotary with a dense projection. Every family
+# (MoE routing included; 150 s here): LORADOCK_COMPILE_ALL_FAMILIES=1.
+SWEEP = sorted(FAMILIES) if os.environ.get("LORADOCK_COMPILE_ALL_FAMILIES") == "1" else ["gemma2", "phi"]
 
 
 @pytest.mark.parametrize("family_name", SWEEP)
