@@ -55,11 +55,12 @@ def start_engine(home: Path, quantize: str, compile_mode: str, max_running: int)
     from loradock.registry import Registry
     from loradock.runtime import Engine, EngineConfig
 
-    config = EngineConfig(base=Registry(home).list_bases()[0].name, quantize=quantize, device="cpu", cpu_threads=1,
+    registry = Registry(home)
+    config = EngineConfig(base=registry.list_bases()[0].name, quantize=quantize, device="cpu", cpu_threads=1,
                           compile=compile_mode, max_running=max_running, max_batch_tokens=max(512, max_running),
                           max_queue=4 * max_running, prefix_caching=False, max_slots=8)
     started = time.perf_counter()
-    engine = Engine(config, Registry(home)).start(run_loop=False)
+    engine = Engine(config, registry).start(run_loop=False)
     return engine, time.perf_counter() - started
 
 

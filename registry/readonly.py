@@ -9,19 +9,18 @@ they go to a writable directory of the reader's own instead.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 from .errors import RegistryError
 from .fsutil import probe_writable
+from .paths import cache_root
 from .registry import Registry
 
 
 def default_digest_dir(root: Path) -> Path:
     """`$XDG_CACHE_HOME/loradock/digests/<hash of the registry path>` (default ~/.cache/...)."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     tag = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]
-    return cache / "loradock" / "digests" / tag
+    return cache_root() / "digests" / tag
 
 
 def serving_registry(root: str | Path | None, digest_dir: str | Path | None = None) -> tuple[Registry, str]:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from loradock.registry.paths import cache_root
 from torch.fx.experimental import _config as fx_config
 
 # The step shapes run at start: (tokens, wants_logits, all_logits). The first is traced; the
@@ -41,7 +42,7 @@ def wants_compile(mode: str, device: torch.device) -> bool:
 
 def inductor_cache_dir() -> Path:
     """Where compiled graphs are kept between starts: $XDG_CACHE_HOME/loradock/inductor."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loradock" / "inductor"
+    return cache_root() / "inductor"
 
 
 def compile_model(model: torch.nn.Module) -> Callable[..., object]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
 from loradock.commands.common import registry_from
 from loradock.errors import UserError
+from loradock.registry.paths import cache_root
 
 SYSTEM_HELP = (
     "loradock (engine in-process), loradock-grpc (`loradock serve` + concurrent gRPC clients), "
@@ -20,8 +20,7 @@ SYSTEM_HELP = (
 
 
 def default_bench_home() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "loradock" / "bench-registry"
+    return cache_root() / "bench-registry"
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -95,7 +95,7 @@ def test_compiled_nf4_matches_peft(tiny_registry, tiny_base, tiny_adapter_dirs, 
 
 def test_compile_off_and_auto_on_cpu_serve_eagerly(tiny_registry, tiny_base, engine_factory):
     for mode in ("off", "auto"):
-        engine = engine_factory(tiny_registry, tiny_base.name, run_loop=False, compile=mode)
+        engine = engine_factory(tiny_registry, tiny_base.name, run_loop=False, compile=mode, device="cpu")
         assert engine.runner.model_forward is engine.runner.model and engine.info().compile == "off"
         engine.shutdown(drain=False)
 
