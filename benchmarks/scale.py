@@ -107,6 +107,7 @@ class Figures:
     ratio_vs_hf_peft: float = 0.0
     attention: str = ""
     compiled: bool = False  # the engine's forward under torch.compile (EngineConfig.compile "auto": on CUDA)
+    graph_steps: dict = field(default_factory=dict)  # steps replayed as CUDA graphs, by kind, and failures
     notes: list = field(default_factory=list)
 
 
@@ -331,6 +332,10 @@ def serve(spec: ScaleSpec, figures: Figures, registry: Registry, base_dir: Path,
             figures.ttft_p50_over_single_prefill = summary.ttft_p50_ms / figures.single_prefill_ms
             if device.type == "cuda":
                 figures.peak_device_memory_gb = torch.cuda.max_memory_allocated(device) / 1e9
+            graphs = engine.runner.graphs
+            if graphs is not None:
+                figures.graph_steps = {"decode": graphs.static_steps, "mixed": graphs.mixed_steps,
+                                       "all": engine.steps, "failed": graphs.failed or graphs.mixed_failed}
     finally:
         engine.shutdown(drain=False)
 

@@ -120,10 +120,13 @@ class EngineConfig:
     on a request's path (a step the graph does not fit runs eagerly)."""
 
     cuda_graphs: bool = True
-    """On CUDA, run decode-only steps as CUDA graphs, one per (batch, context) bucket (powers of
-    two up to max_running and max_model_len), all captured at start, largest first; a capture
-    that fails is logged and decode steps then run eagerly. No effect on CPU, nor with
-    quantize="int8" (LLM.int8's outlier columns depend on the values: not capturable)."""
+    """On CUDA, run steps as CUDA graphs, all captured at start, largest first: decode-only
+    steps, one per (batch, context) bucket (powers of two up to max_running and max_model_len;
+    with the paged attention kernel, per batch bucket alone), and with the paged kernel also the
+    steps holding prompt chunks, one per token bucket (powers of two from 16 up to 512 or
+    max_batch_tokens; larger steps run uncaptured). A capture that fails is logged and the steps
+    of its kind then run eagerly. No effect on CPU, nor with quantize="int8" (LLM.int8's outlier
+    columns depend on the values: not capturable)."""
 
     promotion_wait_s: float = 60.0
     """When an alias in use moves (a promotion, a canary, a rollback), its requests stay on the

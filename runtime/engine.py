@@ -37,7 +37,7 @@ from .batch_context import static_lora_batch
 from .block_manager import BlockManager
 from .compiled import wants_compile
 from .config import EngineConfig
-from .cuda_graphs import DecodeGraphs
+from .cuda_graphs import StepGraphs
 from .detokenize import TextStream
 from .errors import (
     AdapterUnavailableError,
@@ -150,8 +150,8 @@ class Engine:
         if windows:
             log.info("sliding-window attention: %s tokens", ", ".join(map(str, windows)))
         self.attention, self.attention_fallback = self._pick_attention()
-        graphs = (DecodeGraphs(model, self.kv, self.device, cfg.max_running, self.max_model_len, capture=True,
-                               windows=windows, paged=self.attention == "triton")
+        graphs = (StepGraphs(model, self.kv, self.device, cfg.max_running, self.max_model_len, capture=True,
+                             windows=windows, paged=self.attention == "triton", max_tokens=cfg.max_batch_tokens)
                   if cfg.cuda_graphs and self.device.type == "cuda" and cfg.quantize != "int8" else None)
         self.runner = ModelRunner(model, self.kv, self.device, graphs, windows, self.attention,
                                   compiled=wants_compile(cfg.compile, self.device))

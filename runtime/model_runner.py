@@ -12,7 +12,7 @@ import torch
 from . import batching
 from .batch_context import AttentionBatch, BatchContext, LoRABatch, use_context
 from .compiled import STEP_SHAPES, compile_model, no_new_compiles, one_graph_for_every_size
-from .cuda_graphs import DecodeGraphs
+from .cuda_graphs import StepGraphs
 from .kv_cache import KVPool
 from .lora_layer import iter_wrapped
 from .triton_attention import paged_seqs
@@ -88,7 +88,7 @@ class ModelRunner:
     """Runs the (LoRA-wrapped) model on packed steps. One call = one model forward."""
 
     def __init__(self, model: torch.nn.Module, pool: KVPool, device: torch.device,
-                 graphs: DecodeGraphs | None = None, windows: Sequence[int] = (), attention: str = "sdpa",
+                 graphs: StepGraphs | None = None, windows: Sequence[int] = (), attention: str = "sdpa",
                  compiled: bool = False) -> None:
         self.model = model
         # The forward of steps outside the decode graphs: the model, or it compiled (compiled.py)
@@ -110,7 +110,7 @@ class ModelRunner:
         started = time.perf_counter()
         with one_graph_for_every_size():
             for tokens, wants_logits, all_logits in STEP_SHAPES:
-                self.forward([StepItem(blocks, 0, [0] * tokens, 0, wants_logits, all_logits)])
+                self._packed_forward([StepItem(blocks, 0, [0] * tokens, 0, wants_logits, all_logits)], [0])
         self._stance = no_new_compiles
         return time.perf_counter() - started
 
@@ -125,13 +125,19 @@ class ModelRunner:
         """Run one packed step; each item's new K/V land in the pool blocks it holds."""
         order = batching.order_by_slot([it.slot for it in items])  # group tokens by adapter
         ordered = [items[i] for i in order]
-        if self.graphs is not None and not any(it.all_logits for it in ordered) and self.graphs.serves(ordered):
+        if self.graphs is not None and self.graphs.serves(ordered):
             # a copy: a graph's output is overwritten by its next replay
             logits = self.graphs.forward(ordered).to(torch.float32, copy=True)
             rows: list[int | None] = [None] * len(items)
             for row, i in enumerate(order):
-                rows[i] = row
+                rows[i] = row if ordered[row].wants_logits else None
             return StepLogits(logits, rows)
+        return self._packed_forward(ordered, order)
+
+    @torch.inference_mode()
+    def _packed_forward(self, ordered: Sequence[StepItem], order: Sequence[int]) -> StepLogits:
+        """The step through the model (or it compiled): `ordered` are the items sorted by slot,
+        `order` their indices in the step."""
         chunk_lens = [len(it.tokens) for it in ordered]
         input_ids, cu_lens = batching.pack_tokens([it.tokens for it in ordered])  # [T], [n + 1]
         positions = batching.position_ids([it.past for it in ordered], chunk_lens)  # [T]
@@ -149,8 +155,8 @@ class ModelRunner:
                 use_cache=False,
                 logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device),
             )
-        rows: list[int | None] = [None] * len(items)
-        first_rows: list[int | None] = [None] * len(items)
+        rows: list[int | None] = [None] * len(ordered)
+        first_rows: list[int | None] = [None] * len(ordered)
         for i, r, f in zip(order, last, first, strict=True):
             rows[i], first_rows[i] = r, f
         return StepLogits(out.logits[0].float(), rows, first_rows)

@@ -411,6 +411,18 @@ BREAKAGES = (
         ("tests/runtime/test_compiled.py::test_compiled_mixed_batches_match_peft",),
     ),
     Breakage(
+        "static-mixed-step-reads-no-cached-keys", "runtime/cuda_graphs.py",
+        "seqs[:n] = torch.tensor([cu_lens[:-1], chunks, past]).T",
+        "seqs[:n] = torch.tensor([cu_lens[:-1], chunks, [0] * n]).T",
+        ("tests/runtime/test_oracle_variants.py::test_mixed_static_steps_match_peft",),
+    ),
+    Breakage(
+        "static-mixed-step-pads-into-no-sequence", "runtime/cuda_graphs.py",
+        "            seqs[n:n + len(starts), 0], seqs[n:n + len(starts), 1] = starts, lens\n",
+        "",
+        ("tests/runtime/test_cuda_graphs_unit.py",),
+    ),
+    Breakage(
         "console-writes-without-login", "runtime/http/console/console.py",
         "        if not self.authenticated(request):\n            return \"read-only until you log in\"\n",
         "",

@@ -1,7 +1,8 @@
 """The engine on CUDA (`make gpu-check`; skipped without a GPU): NF4 and bf16 serve, and mixed
 batches equal PeftModel on the same device, with the LoRA ops and attention chosen by "auto"
 (and SDPA for comparison), the forward compiled as "auto" does there (and, once, eager), and
-decode steps replayed as CUDA graphs (and, for comparison, run eagerly)."""
+steps replayed as CUDA graphs: decode steps, and with the paged kernel the steps holding prompt
+chunks (and, for comparison, run eagerly)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,10 @@ def test_engine_serves_on_cuda(tiny_registry, tiny_base, engine_factory, quantiz
     assert graphs.failed is None, graphs.failed
     assert len(graphs.steps) == len(graphs.batch_buckets) * len(graphs.context_buckets)
     assert all(s.graph is not None for s in graphs.steps.values()) and graphs.static_steps >= 5
+    # "auto" attention is the paged kernel on CUDA, so steps holding prompts are captured too
+    assert graphs.mixed_failed is None, graphs.mixed_failed
+    assert sorted(graphs.mixed) == graphs.token_buckets and all(s.graph is not None for s in graphs.mixed.values())
+    assert graphs.mixed_steps >= 4  # each request's prompt
 
 
 @pytest.mark.parametrize("attention", ["auto", "sdpa"])
@@ -49,7 +54,9 @@ def test_mixed_batch_greedy_matches_peft_on_cuda(tiny_registry, tiny_base, tiny_
                               device="cuda")
     assert_greedy_matches_peft(engine, oracle, names, [*PROMPTS, "Roses are red,"])
     if cuda_graphs:
-        assert engine.runner.graphs.failed is None and engine.runner.graphs.static_steps >= 5
+        graphs = engine.runner.graphs
+        assert graphs.failed is None and graphs.static_steps >= 5
+        assert graphs.mixed_failed is None and graphs.mixed_steps >= (1 if attention == "auto" else 0)
     else:
         assert engine.runner.graphs is None
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from loradock.runtime.cuda_graphs import DecodeGraphs
+from loradock.runtime import GenerationRequest, SamplingParams
+from loradock.runtime.cuda_graphs import StepGraphs
 
-from tests.runtime.conftest import ATTN_MLP, Spec, load_peft_oracle, make_adapters
+from tests.runtime.conftest import ATTN_MLP, Spec, load_peft_oracle, make_adapters, oracle_greedy
 from tests.runtime.test_oracle import ATOL, PROMPTS, assert_served_nf4, check_against_peft
 
 VARIANTS = (Spec("dora", 8, ATTN_MLP, 11, use_dora=True), Spec("lbias", 8, ATTN_MLP, 12, lora_bias=True))
@@ -63,13 +64,46 @@ def test_static_decode_steps_match_peft(variant_registry, tiny_base, variant_ada
     test_every_op_serves_dora_and_bias_with_a_base_bias below: under Triton's interpreter this
     whole engine run would take a minute.)"""
     engine = engine_factory(variant_registry, tiny_base.name, run_loop=False, quantize=quantize)
-    graphs = DecodeGraphs(engine.runner.model, engine.kv, engine.device, max_batch=8,
+    graphs = StepGraphs(engine.runner.model, engine.kv, engine.device, max_batch=8,
                           max_context=engine.max_model_len, capture=False)
     engine.runner.graphs = graphs
     oracle = load_peft_oracle(tiny_base.path, variant_adapter_dirs, quantize)
     check_against_peft(engine, oracle, NAMES, PROMPTS[:len(NAMES)], ATOL[quantize], new_tokens=4,
                        fp32=quantize == "none")
     assert graphs.static_steps >= 3 and (8, 64) in graphs.steps, "decode steps must take the static path"
+
+
+def test_mixed_static_steps_match_peft(variant_registry, tiny_base, variant_adapter_dirs, engine_factory):
+    """Steps holding prompt chunks through the static forward CUDA graphs capture (run eagerly
+    here, the paged kernel under Triton's interpreter): one prefill of six prompts padded to its
+    token bucket, then, with 16-token steps, chunks beside decode tokens and chunks that sample
+    nothing. Each request equals PEFT with its adapter alone: logits at 1e-5, greedy tokens."""
+    pytest.importorskip("triton")
+    engine = engine_factory(variant_registry, tiny_base.name, run_loop=False, attention="triton",
+                            max_batch_tokens=16, max_running=8)
+    graphs = StepGraphs(engine.runner.model, engine.kv, engine.device, max_batch=8,
+                        max_context=engine.max_model_len, capture=False, paged=True, max_tokens=64)
+    assert graphs.token_buckets == [16, 32, 64]
+    engine.runner.graphs = graphs
+    steps = []  # what each static step held: (tokens, samples) per sequence
+    static_forward = graphs.forward
+    graphs.forward = lambda items: steps.append([(len(it.tokens), it.wants_logits) for it in items]) \
+        or static_forward(items)
+    oracle = load_peft_oracle(tiny_base.path, variant_adapter_dirs, "none")
+    check_against_peft(engine, oracle, NAMES, PROMPTS[:len(NAMES)], ATOL["none"], new_tokens=4, fp32=True,
+                       logits_only=True)
+    assert graphs.mixed_steps == 1 and 32 < sum(n for n, _ in steps[0]) <= 64 and graphs.static_steps >= 3
+
+    prompts = [p * 2 for p in PROMPTS[:len(NAMES)]]  # 12-20 tokens each: chunked at 16 per step
+    handles = [engine.submit(GenerationRequest(adapter=n, prompt=p, sampling=SamplingParams(
+        max_new_tokens=5, ignore_eos=True))) for n, p in zip(NAMES, prompts, strict=True)]
+    while not all(h.done for h in handles):
+        engine.step()
+    for name, prompt, h in zip(NAMES, prompts, handles, strict=True):
+        assert list(h.result().token_ids) == oracle_greedy(oracle, name, engine.tokenizer.encode(prompt), 5), name
+    assert any({1, 2} <= {min(n, 2) for n, _ in step} for step in steps), "no step mixed decode tokens and a chunk"
+    assert any(not samples for step in steps for _, samples in step), "no chunk that samples nothing"
+    assert_variants_active(engine)
 
 
 @pytest.mark.parametrize("op", ["reference", "segmented", "batched", "auto", "triton", "static-gathered",

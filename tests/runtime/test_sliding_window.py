@@ -102,13 +102,13 @@ def test_static_decode_steps_keep_the_window(windowed, windowed_registry, engine
     """The static forward CUDA graphs capture (run eagerly here) rebuilds each window's mask from
     its persistent inputs before every step (sdpa), or hands the kernel the rows' block tables,
     one context size for every step (triton, under Triton's CPU interpreter here)."""
-    from loradock.runtime.cuda_graphs import DecodeGraphs
+    from loradock.runtime.cuda_graphs import StepGraphs
 
     if attention == "triton":
         pytest.importorskip("triton")
     base, dirs = windowed
     engine = engine_factory(windowed_registry, base.name, run_loop=False, attention=attention)
-    graphs = DecodeGraphs(engine.runner.model, engine.kv, engine.device, max_batch=8,
+    graphs = StepGraphs(engine.runner.model, engine.kv, engine.device, max_batch=8,
                           max_context=engine.max_model_len, capture=False, windows=engine.runner.windows,
                           paged=engine.runner.paged)
     assert graphs.context_buckets == ([engine.max_model_len] if attention == "triton" else [64, 128, 256, 512])
