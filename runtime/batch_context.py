@@ -38,7 +38,7 @@ class LoRABatch:
 
     token_slots: torch.Tensor  # [T] long, on the model's device; 0 = no adapter
     runs: tuple[tuple[int, int, int], ...]  # (start, end, slot): `batching.find_runs` of the packed tokens
-    run_table: torch.Tensor  # [G, 3] int32 on the model's device: the runs as (start, length, slot)
+    run_table: torch.Tensor  # [G, 3] on the model's device: the runs as (start, length, slot); int32 (int64 static)
     longest_run: int  # tokens in the longest run
     slots_present: tuple[int, ...]  # distinct non-zero slots in this batch
     groups: SlotGroups  # the same tokens as a padded per-slot block
@@ -47,17 +47,22 @@ class LoRABatch:
     static: bool = False
 
 
-def static_lora_batch(token_slots: torch.Tensor) -> LoRABatch:
-    """The LoRA layers' view of a captured step over `token_slots` [rows]: one run per token,
-    whose slot column is copied from `token_slots` now and before each forward (a persistent
-    input whose values change between replays)."""
+# Tokens per row of a captured step's run table: the LoRA kernels' block of tokens (BLOCK_M).
+STATIC_RUN_PIECE = 16
+
+
+def static_lora_batch(token_slots: torch.Tensor, run_table: torch.Tensor | None = None) -> LoRABatch:
+    """The LoRA layers' view of a captured step over `token_slots` [rows]. Its runs are the rows
+    of `run_table` [R, 3] (start, length, slot; `batching.run_pieces` of the step's runs, at most
+    STATIC_RUN_PIECE tokens each, rows of length 0 unused): a persistent input, rewritten before
+    each replay, so a kernel's grid is R programs per column block whatever the step holds, and
+    the tokens of one adapter share its weight loads. By default one run per token."""
     rows = token_slots.shape[0]
-    run_table = torch.zeros(rows, 3, dtype=torch.int32, device=token_slots.device)  # [rows, 3]
-    run_table[:, 0] = torch.arange(rows, device=token_slots.device)
-    run_table[:, 1] = 1
-    run_table[:, 2] = token_slots
-    return LoRABatch(token_slots=token_slots, runs=(), run_table=run_table, longest_run=1, slots_present=(),
-                     groups=SlotGroups((), 1, None, None, rows, ()), static=True)
+    if run_table is None:
+        run_table = torch.stack([torch.arange(rows, device=token_slots.device), torch.ones_like(token_slots),
+                                 token_slots], dim=1).long()  # [rows, 3]
+    return LoRABatch(token_slots=token_slots, runs=(), run_table=run_table, longest_run=STATIC_RUN_PIECE,
+                     slots_present=(), groups=SlotGroups((), 1, None, None, rows, ()), static=True)
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,16 @@ def find_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
+def run_pieces(runs: Sequence[tuple[int, int, int]], piece: int) -> list[tuple[int, int, int]]:
+    """Runs (start, end, slot) cut into rows (start, length, slot) of at most `piece` tokens: the
+    run table of a captured step, whose LoRA kernels run one program per row and column block.
+
+    >>> run_pieces([(0, 5, 2), (5, 6, 0)], 4)
+    [(0, 4, 2), (4, 1, 2), (5, 1, 0)]
+    """
+    return [(s, min(piece, end - s), slot) for start, end, slot in runs for s in range(start, end, piece)]
+
+
 def logit_rows(cu_lens: Sequence[int], wants_logits: Sequence[bool],
                all_logits: Sequence[bool]) -> tuple[list[int], list[int | None], list[int | None]]:
     """Packed positions whose logits are kept: the last token of each sequence that samples (a

@@ -16,8 +16,9 @@ Everything the forward reads keeps its address: the KV pool and the adapter slot
 metadata goes with one host-to-device copy.
 
 A captured forward must take no path that depends on the values of those inputs, so the batch
-is marked `static`: LoRA layers run their static op (one run per token, every slot) and always
-apply the bias/DoRA rows (`lora_layer.MultiLoRALinear`). Padding rows are the base model (slot 0)
+is marked `static`: LoRA layers run their static op over a run table of fixed size (the step's
+runs cut into pieces of 16 tokens, `batching.run_pieces`; every slot) and always apply the
+bias/DoRA rows (`lora_layer.MultiLoRALinear`). Padding rows are the base model (slot 0)
 on token 0 at position 0, whose K/V go to the pool's null block; they belong to sequence rows no
 step uses, so attention writes every row.
 
@@ -38,7 +39,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 from . import batching
-from .batch_context import AttentionBatch, BatchContext, static_lora_batch, use_context
+from .batch_context import (
+    STATIC_RUN_PIECE,
+    AttentionBatch,
+    BatchContext,
+    static_lora_batch,
+    use_context,
+)
 from .batching import AttentionGroup
 from .compiled import no_new_compiles
 from .kv_cache import KVPool, blocks_for
@@ -89,11 +96,12 @@ class StaticStep:
     """Persistent inputs, batch context and (once captured) the graph of one bucket: `rows` token
     rows, and `seqs` sequence rows for a mixed step (None: a decode step, one row per sequence).
     `meta` holds [4, rows] (each row's token, position, adapter slot and pool slot to write), the
-    row whose logits each sequence keeps [seqs], then what attention reads: with `paged` (the
-    Triton kernel) each sequence's (first row, new tokens, cached tokens) and its block table
-    [seqs, context / block_size]; else, decode steps only, [rows, context] (the pool slots of each
-    row's context, gathered for SDPA, whose masks are made from the positions on the device).
-    It is filled on the host and copied at once."""
+    row whose logits each sequence keeps [seqs], the LoRA run table [runs, 3] (room for the step's
+    runs in pieces: one per piece of the rows and one more per sequence), then what attention
+    reads: with `paged` (the Triton kernel) each sequence's (first row, new tokens, cached tokens)
+    and its block table [seqs, context / block_size]; else, decode steps only, [rows, context] (the
+    pool slots of each row's context, gathered for SDPA, whose masks are made from the positions
+    on the device). It is filled on the host and copied at once."""
 
     FIELDS = 4
 
@@ -104,14 +112,14 @@ class StaticStep:
             raise ValueError("a static step with prompt chunks needs the paged attention kernel")
         self.model, self.rows, self.context, self.device, self.paged = model, rows, context, device, paged
         self.seqs = rows if seqs is None else seqs
+        self.runs = -(-rows // STATIC_RUN_PIECE) + self.seqs  # the most pieces the step's runs can make
         tail = self.seqs * (3 + blocks_for(context, pool.block_size)) if paged else rows * context
-        size = rows * self.FIELDS + self.seqs + tail
+        size = rows * self.FIELDS + self.seqs + 3 * self.runs + tail
         self.meta = torch.zeros(size, dtype=torch.long, device=device)
         self.host = torch.zeros(size, dtype=torch.long, pin_memory=device.type == "cuda")
         self.tokens, self.positions, self.slots, self.write_index = self.meta[:self.FIELDS * rows].view(self.FIELDS, rows)
-        self.keep = self.meta[self.FIELDS * rows:self.FIELDS * rows + self.seqs]
-        lora = static_lora_batch(self.slots)
-        self.run_table = lora.run_table
+        self.keep, run_table = self._step_views(self.meta)
+        lora = static_lora_batch(self.slots, run_table)
         self.masks: dict[int | None, torch.Tensor] = {}
         if paged:  # a decode step's kernel grid is one query block per sequence; a mixed one's, the bucket
             seq_rows, tables = self._paged_views(self.meta)
@@ -130,8 +138,13 @@ class StaticStep:
         self.logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
 
+    def _step_views(self, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keep [seqs], run table [runs, 3]) in `meta` or its host copy."""
+        at = self.FIELDS * self.rows
+        return meta[at:at + self.seqs], meta[at + self.seqs:at + self.seqs + 3 * self.runs].view(self.runs, 3)
+
     def _attention_tail(self, meta: torch.Tensor) -> torch.Tensor:
-        return meta[self.FIELDS * self.rows + self.seqs:]
+        return meta[self.FIELDS * self.rows + self.seqs + 3 * self.runs:]
 
     def _paged_views(self, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(seqs [seqs, 3], tables [seqs, blocks]) in `meta` or its host copy."""
@@ -151,10 +164,14 @@ class StaticStep:
         tables = torch.tensor([[*it.blocks, *[0] * (width - len(it.blocks))] for it in items])  # [n, blocks]
         owner = torch.repeat_interleave(torch.arange(n), torch.tensor(chunks))  # [used] sequence of each row
         fields[0, :used], fields[1, :used] = tokens, positions
-        fields[2, :used] = torch.tensor(batching.token_slots([it.slot for it in items], chunks))
+        slots = [it.slot for it in items]
+        fields[2, :used] = torch.tensor(batching.token_slots(slots, chunks))
         fields[3, :used] = batching.slot_index(tables[owner], positions[:, None], block_size)[:, 0]
-        keep = self.host[self.FIELDS * self.rows:self.FIELDS * self.rows + self.seqs]
+        keep, run_table = self._step_views(self.host)
         keep[:n] = torch.tensor(cu_lens[1:]) - 1
+        runs = [(cu_lens[first], cu_lens[end], slot) for first, end, slot in batching.find_runs(slots)]
+        pieces = batching.run_pieces(runs, STATIC_RUN_PIECE)  # padding rows need none: slot 0 adds nothing
+        run_table[:len(pieces)] = torch.tensor(pieces)
         if self.paged:
             seqs, host_tables = self._paged_views(self.host)
             seqs[:n] = torch.tensor([cu_lens[:-1], chunks, past]).T
@@ -172,7 +189,6 @@ class StaticStep:
         """The static forward over the current inputs (what a capture records) -> logits [seqs, vocab]."""
         if not self.paged:
             self._write_masks()
-        self.run_table[:, 2].copy_(self.slots)
         with use_context(self.ctx), no_new_compiles():
             out = self.model(input_ids=self.tokens[None], position_ids=self.positions[None],
                              use_cache=False, logits_to_keep=self.keep)

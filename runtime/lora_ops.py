@@ -216,9 +216,9 @@ def gathered_static_lora(out: torch.Tensor, x: torch.Tensor, shrink: torch.Tenso
 
 
 def pick_static_op(device: torch.device) -> StaticLoRAOp:
-    """The op of captured decode steps: on CUDA the Triton kernels with one run per token (their
-    grid is fixed by the token count), the rows applied as the expand kernel stores
-    (`triton_lora_into`); else `gathered_static_lora`."""
+    """The op of captured steps: on CUDA the Triton kernels over a run table of fixed size (the
+    step's runs in 16-token pieces, `batch_context.static_lora_batch`), the rows applied as the
+    expand kernel stores (`triton_lora_into`); else `gathered_static_lora`."""
     return triton_lora_into if device.type == "cuda" and triton_available() else gathered_static_lora
 
 

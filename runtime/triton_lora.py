@@ -19,9 +19,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .batch_context import LoRABatch
+from .batch_context import STATIC_RUN_PIECE, LoRABatch
 
-BLOCK_M, BLOCK_N, BLOCK_K = 16, 32, 32
+BLOCK_M, BLOCK_N, BLOCK_K = STATIC_RUN_PIECE, 32, 32  # BLOCK_M: one program per row of a static run table
 
 
 def available() -> bool:

@@ -24,6 +24,12 @@ def filled(step: StaticStep, items) -> tuple[torch.Tensor, ...]:
     return step.tokens, step.positions, step.slots, step.write_index, step.keep, seqs, tables
 
 
+def run_table(step: StaticStep) -> list[list[int]]:
+    """The LoRA kernels' runs (start, length, slot) of the filled step, the unused rows left out."""
+    assert step.ctx.lora.run_table.data_ptr() == step._step_views(step.meta)[1].data_ptr()  # what the layers read
+    return [row for row in step.ctx.lora.run_table.tolist() if row[1]]
+
+
 def test_a_mixed_step_places_each_row_and_pads_into_spare_sequence_rows():
     step = StaticStep(lambda **_: None, pool(), CPU, rows=16, context=16, paged=True, seqs=5)
     items = [StepItem([3], 2, [7], 2, True),  # a decode token after 2 cached
@@ -40,9 +46,21 @@ def test_a_mixed_step_places_each_row_and_pads_into_spare_sequence_rows():
     assert seqs[2:].tolist() == [[6, 1, 0], [7, 1, 0], [8, 8, 0]]
     covered = sorted(r for start, new, _ in seqs.tolist() for r in range(start, start + new))
     assert covered == list(range(16))
+    assert run_table(step) == [[0, 1, 2], [1, 5, 1]]  # the padding rows are slot 0: no run needed
     # The next step's fill leaves nothing of this one behind.
     _, _, _, _, keep, seqs, _ = filled(step, [StepItem([2], 0, [1, 2], 0, True)])
     assert keep[:1].tolist() == [1] and seqs.tolist() == [[0, 2, 0], [2, 1, 0], [3, 1, 0], [4, 1, 0], [5, 11, 0]]
+
+
+def test_the_lora_runs_of_a_static_step_are_cut_into_pieces_of_16_tokens():
+    step = StaticStep(lambda **_: None, pool(), CPU, rows=64, context=64, paged=True, seqs=5)
+    assert step.runs == 4 + 5
+    items = [StepItem([1], 2, [7], 0, True), StepItem([2], 2, [7], 3, True),
+             StepItem([3] * 9, 0, [4] * 20, 3, True), StepItem([4] * 9, 0, [4] * 33, 5, False)]
+    filled(step, items)
+    assert run_table(step) == [[0, 1, 0], [1, 16, 3], [17, 5, 3], [22, 16, 5], [38, 16, 5], [54, 1, 5]]
+    filled(step, items[:1])
+    assert run_table(step) == [[0, 1, 0]]  # nothing left of the step before
 
 
 def test_a_mixed_step_needs_the_paged_kernel():

@@ -3,12 +3,16 @@ adds exactly the per-token delta of its slot."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from loradock.runtime import batching
-from loradock.runtime.batch_context import BatchContext, LoRABatch, use_context
+from loradock.runtime.batch_context import (
+    STATIC_RUN_PIECE,
+    BatchContext,
+    LoRABatch,
+    static_lora_batch,
+    use_context,
+)
 from loradock.runtime.lora_layer import MultiLoRALinear
 from loradock.runtime.lora_ops import LORA_OPS, reference_lora
 from loradock.runtime.model_runner import lora_batch
@@ -20,10 +24,11 @@ def make_batch(seq_slots: list[int], chunk_lens: list[int], device: torch.device
 
 
 def static_batch(batch: LoRABatch) -> LoRABatch:
-    """`batch` as a captured decode step sees it: one run per token, no slot bookkeeping."""
-    t = batch.token_slots
-    table = torch.stack([torch.arange(len(t)), torch.ones_like(t), t], dim=1).to(torch.int32).to(t.device)
-    return dataclasses.replace(batch, run_table=table, longest_run=1, runs=(), slots_present=(), static=True)
+    """`batch` as a captured step sees it: its runs in pieces of 16 tokens in a larger table (two
+    unused rows), no slot bookkeeping."""
+    pieces = batching.run_pieces(batching.find_runs(batch.token_slots.tolist()), STATIC_RUN_PIECE)
+    table = torch.tensor([*pieces, (0, 0, 0), (0, 0, 0)], device=batch.token_slots.device)
+    return static_lora_batch(batch.token_slots, table)
 
 
 def stacked_weights(num_slots: int, ranks: list[int], r_max: int, d_in: int, d_out: int, seed: int):

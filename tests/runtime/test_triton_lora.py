@@ -83,7 +83,7 @@ def test_long_runs_span_several_token_blocks():
 
 
 @pytest.mark.parametrize(("seq_slots", "chunk_lens"), CASES)
-@pytest.mark.parametrize("runs", ["per-slot", "per-token"])
+@pytest.mark.parametrize("runs", ["eager", "static"])
 @pytest.mark.parametrize("base_bias", [False, True])
 def test_fused_rows_match_the_reference_composition(seq_slots, chunk_lens, runs, base_bias):
     """`triton_lora_into` (a captured step's op on CUDA) adds delta, LoRA bias and DoRA rows into
@@ -103,7 +103,7 @@ def test_fused_rows_match_the_reference_composition(seq_slots, chunk_lens, runs,
     want = apply_bias_and_dora(base_out + reference_lora(x, shrink, expand, spec, spec.slots_present),
                                spec.token_slots, bias, dora, b0)
     batch = make_batch(seq_slots, chunk_lens, device)
-    batch = static_batch(batch) if runs == "per-token" else batch
+    batch = static_batch(batch) if runs == "static" else batch
     on = [t.to(device) if t is not None else None for t in (base_out, x, shrink, expand, bias, dora, b0)]
     out = on[0].clone()
     got = triton_lora.triton_lora_into(out, *on[1:4], batch, *on[4:])
@@ -114,7 +114,7 @@ def test_fused_rows_match_the_reference_composition(seq_slots, chunk_lens, runs,
 
 
 @pytest.mark.parametrize(("seq_slots", "chunk_lens"), CASES)
-@pytest.mark.parametrize("runs", ["per-slot", "per-token"])
+@pytest.mark.parametrize("runs", ["eager", "static"])
 def test_the_static_op_reads_each_slot_to_its_own_rank(seq_slots, chunk_lens, runs):
     """With the slots' ranks, `triton_lora_into` reads only each adapter's rank of the padded
     buffers: rows past a slot's rank are filled with noise here, and the answer is still the
@@ -134,7 +134,7 @@ def test_the_static_op_reads_each_slot_to_its_own_rank(seq_slots, chunk_lens, ru
     spec = make_batch(seq_slots, chunk_lens)
     want = base_out + reference_lora(x, shrink, expand, spec, spec.slots_present)
     batch = make_batch(seq_slots, chunk_lens, device)
-    batch = static_batch(batch) if runs == "per-token" else batch
+    batch = static_batch(batch) if runs == "static" else batch
     on = [t.to(device) for t in (base_out, x, noisy_shrink, noisy_expand, zeros, zeros, ranks)]
     got = triton_lora.triton_lora_into(on[0].clone(), *on[1:4], batch, on[4], on[5], None, on[6])
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
