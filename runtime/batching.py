@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import pairwise
+from itertools import chain, pairwise
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 
@@ -41,9 +42,30 @@ def position_ids(past_lens: Sequence[int], chunk_lens: Sequence[int]) -> torch.T
     """Positions of the packed tokens: sequence i continues from its cached length.
 
     past_lens [num_seqs], chunk_lens [num_seqs] -> positions [T]
+
+    >>> position_ids([5, 0], [1, 3]).tolist()
+    [5, 0, 1, 2]
     """
-    parts = [torch.arange(p, p + n, dtype=torch.long) for p, n in zip(past_lens, chunk_lens, strict=True)]
-    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+    chunks = torch.tensor(chunk_lens, dtype=torch.long)
+    starts = torch.cumsum(chunks, 0) - chunks  # each sequence's first packed token
+    return torch.arange(int(chunks.sum())) + torch.repeat_interleave(torch.tensor(past_lens, dtype=torch.long)
+                                                                     - starts, chunks)
+
+
+def block_tables(tables: Sequence[Sequence[int]], width: int | None = None) -> torch.Tensor:
+    """The sequences' block tables as one tensor [num_seqs, width] (zero-padded; by default as
+    wide as the longest), built in C: no Python work per block, which at 64 sequences of 2,048
+    tokens (8,192 blocks) is a millisecond of a GPU step.
+
+    >>> block_tables([[3, 1], [2]]).tolist(), block_tables([[4]], 3).tolist()
+    ([[3, 1], [2, 0]], [[4, 0, 0]])
+    """
+    lens = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+    width = int(lens.max(initial=0)) if width is None else width
+    out = np.zeros((len(tables), width), dtype=np.int64)
+    out[np.arange(width)[None, :] < lens[:, None]] = np.fromiter(chain.from_iterable(tables), dtype=np.int64,
+                                                                  count=int(lens.sum()))
+    return torch.from_numpy(out)
 
 
 def token_slots(seq_slots: Sequence[int], chunk_lens: Sequence[int]) -> list[int]:

@@ -160,8 +160,8 @@ class StaticStep:
         used = len(tokens)
         fields = self.host[:self.FIELDS * self.rows].view(self.FIELDS, self.rows)
         positions = batching.position_ids(past, chunks)
-        width = max(len(it.blocks) for it in items)
-        tables = torch.tensor([[*it.blocks, *[0] * (width - len(it.blocks))] for it in items])  # [n, blocks]
+        tables = batching.block_tables([it.blocks for it in items])  # [n, blocks]
+        width = tables.shape[1]
         owner = torch.repeat_interleave(torch.arange(n), torch.tensor(chunks))  # [used] sequence of each row
         fields[0, :used], fields[1, :used] = tokens, positions
         slots = [it.slot for it in items]

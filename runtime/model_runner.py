@@ -64,9 +64,7 @@ def attention_batch(pool: KVPool, items: Sequence[StepItem], cu_lens: Sequence[i
     the paged kernel reads (`paged`) or one group per SDPA call, with a mask per sliding window
     in `windows`."""
     bs = pool.block_size
-    width = max(len(it.blocks) for it in items)
-    tables = torch.tensor([[*it.blocks, *[0] * (width - len(it.blocks))] for it in items],
-                          dtype=torch.long, device=device)  # [n, blocks]
+    tables = batching.block_tables([it.blocks for it in items]).to(device)  # [n, blocks]
     chunks = [len(it.tokens) for it in items]
     positions = batching.position_ids([it.past for it in items], chunks).to(device)  # [T]
     owner = torch.repeat_interleave(torch.arange(len(items), device=device),

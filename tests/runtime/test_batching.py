@@ -98,3 +98,15 @@ def test_slot_groups(slots, want):
 def test_doctests(module):
     """The examples in the batching maths' docstrings are tests too."""
     assert doctest.testmod(module).failed == 0
+
+
+def test_block_tables_and_positions_equal_the_plain_python_build():
+    g = torch.Generator().manual_seed(3)
+    tables = [torch.randint(1, 999, (int(n),), generator=g).tolist() for n in torch.randint(1, 40, (23,), generator=g)]
+    width = max(map(len, tables))
+    want = torch.tensor([[*t, *[0] * (width - len(t))] for t in tables])
+    assert torch.equal(batching.block_tables(tables), want)
+    assert torch.equal(batching.block_tables(tables, width + 5)[:, :width], want)
+    past, chunks = [len(t) for t in tables], [1 + i % 5 for i in range(len(tables))]
+    assert batching.position_ids(past, chunks).tolist() == [p + i for p, n in zip(past, chunks, strict=True)
+                                                           for i in range(n)]
