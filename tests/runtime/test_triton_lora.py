@@ -22,10 +22,21 @@ from tests.runtime.test_lora_ops import (  # noqa: E402
     static_batch,
 )
 
+# MIN_SPLIT_K for the tests' 40 inputs: 512 (the default) splits nothing, 16 makes two chunks of
+# one 32-wide tile each (an empty chunk: test_a_split_shrink_is_partial_sums_over_chunks_of_k).
+SPLIT_K = {"whole-k": 512, "split-k": 16}
+
+
+@pytest.fixture(params=list(SPLIT_K))
+def split_k(request, monkeypatch):
+    monkeypatch.setattr(triton_lora, "MIN_SPLIT_K", SPLIT_K[request.param])
+    return request.param
+
 
 @pytest.mark.parametrize(("seq_slots", "chunk_lens"), CASES)
-@pytest.mark.parametrize("rank", [16, 5])  # 5: a rank slice of the buffers, as layers pass them
-def test_triton_op_matches_reference(seq_slots, chunk_lens, rank):
+# rank 5: a rank slice of the buffers, as layers pass them
+@pytest.mark.parametrize(("rank", "split_k"), [(16, "whole-k"), (5, "whole-k"), (16, "split-k")], indirect=["split_k"])
+def test_triton_op_matches_reference(seq_slots, chunk_lens, rank, split_k):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shrink, expand = case_weights(seq_slots, 40, 24)
     shrink, expand = shrink[:, :rank].to(device), expand[:, :rank].to(device)  # strided views
@@ -55,9 +66,24 @@ def test_cuda_auto_op_matches_reference(seq_slots, chunk_lens):
                                rtol=1e-4, atol=1e-4)
 
 
+def test_a_split_shrink_is_partial_sums_over_chunks_of_k():
+    """Split-K: each program sums one chunk of K into its own slice; the slices add up to the
+    whole shrink, and a chunk past K (here the third of 3 over 4 tiles) holds zeros."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shrink, _ = stacked_weights(3, [8, 8], 8, 100, 12, seed=4)
+    batch = make_batch([1, 2, 0], [1, 1, 1], device)
+    x = torch.randn(3, 100, generator=torch.Generator().manual_seed(5)).to(device)
+    whole = triton_lora.segmented_matmul(x, shrink.to(device), True, batch.run_table, batch.longest_run)
+    parts = triton_lora.segmented_matmul(x, shrink.to(device), True, batch.run_table, batch.longest_run, splits=3)
+    assert parts.shape == (3, 3, 8) and parts.dtype == torch.float32
+    torch.testing.assert_close(parts.sum(0), whole, rtol=1e-5, atol=1e-5)
+    assert parts[0, :2].abs().min() > 0 and parts[1, :2].abs().min() > 0 and torch.all(parts[2] == 0)
+    assert torch.all(parts[:, 2] == 0), "slot 0 writes zeros in every chunk"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tensor-core path: needs a CUDA device")
 @pytest.mark.parametrize(("seq_slots", "chunk_lens"), CASES)
-def test_triton_op_in_bf16_is_within_bf16_rounding_of_the_spec(seq_slots, chunk_lens):
+def test_triton_op_in_bf16_is_within_bf16_rounding_of_the_spec(seq_slots, chunk_lens, split_k):
     """bf16 buffers (the CUDA default) go to the tensor cores as bf16; the result stays within
     bf16 rounding of the fp32 reference on the same values."""
     shrink, expand = case_weights(seq_slots, 40, 24)
@@ -83,9 +109,10 @@ def test_long_runs_span_several_token_blocks():
 
 
 @pytest.mark.parametrize(("seq_slots", "chunk_lens"), CASES)
-@pytest.mark.parametrize("runs", ["eager", "static"])
+@pytest.mark.parametrize(("runs", "split_k"), [("eager", "whole-k"), ("static", "whole-k"), ("static", "split-k")],
+                         indirect=["split_k"])
 @pytest.mark.parametrize("base_bias", [False, True])
-def test_fused_rows_match_the_reference_composition(seq_slots, chunk_lens, runs, base_bias):
+def test_fused_rows_match_the_reference_composition(seq_slots, chunk_lens, runs, base_bias, split_k):
     """`triton_lora_into` (a captured step's op on CUDA) adds delta, LoRA bias and DoRA rows into
     the base output as the expand kernel stores: equal to the reference op, then
     `apply_bias_and_dora`. Slot 1 has both rows, 2 neither, 3 a bias, 4 a DoRA scale; rows of
@@ -141,8 +168,9 @@ def test_the_static_op_reads_each_slot_to_its_own_rank(seq_slots, chunk_lens, ru
 
 
 @pytest.mark.parametrize(("seq_slots", "chunk_lens"), CASES)
-@pytest.mark.parametrize("members", [2, 3])
-def test_one_launch_shrinks_the_layers_that_share_an_input(seq_slots, chunk_lens, members):
+@pytest.mark.parametrize(("members", "split_k"), [(2, "whole-k"), (3, "whole-k"), (3, "split-k")],
+                         indirect=["split_k"])
+def test_one_launch_shrinks_the_layers_that_share_an_input(seq_slots, chunk_lens, members, split_k):
     """`grouped_shrink` (q/k/v or gate/up in one launch) gives each member what its own shrink
     gives, each slot read to that member's rank (noise past it)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -159,12 +187,14 @@ def test_one_launch_shrinks_the_layers_that_share_an_input(seq_slots, chunk_lens
             clean[s, r:] = 0  # what the slot holds; the noise past it must not be read
         shrink[0] = clean[0] = 0
         wants.append(triton_lora.segmented_matmul(x.to(device), clean.to(device), True, batch.run_table,
-                                                  batch.longest_run).cpu())
+                                                  batch.longest_run).cpu())  # unsplit
         shrinks.append(shrink.to(device))
         ranks.append(rank.to(device))
     got = triton_lora.grouped_shrink(x.to(device), shrinks, batch, ranks)
     for j in range(members):
-        torch.testing.assert_close(got[j].cpu(), wants[j], rtol=1e-4, atol=1e-4)
+        partials = got[j] if got[j].dim() == 3 else got[j][None]
+        assert len(partials) == {"whole-k": 1, "split-k": 2}[split_k]
+        torch.testing.assert_close(partials.sum(0).cpu(), wants[j], rtol=1e-4, atol=1e-4)
 
 
 def test_siblings_share_one_shrink_launch_in_a_static_step(monkeypatch):
