@@ -6,9 +6,12 @@ The step loop (one thread) repeats:
      within the token budget); admitting pins the adapter into a device slot and
      checks the paged KV pool has room; each planned chunk takes its KV blocks (the
      newest sequence is preempted and later recomputed when the pool runs dry);
-  3. run ONE model forward over the packed batch, whatever the adapters;
-  4. sample, detokenize and stream one token per sequence that reached its end;
-     finished / cancelled / failed sequences free their KV blocks and slot pin now.
+  3. launch ONE model forward over the packed batch, whatever the adapters, then detokenize
+     and stream the previous step's tokens while the device computes (stop strings end a
+     sequence there, one step late: its token of this step is dropped);
+  4. sample one token per sequence that reached its end, read back once; end-of-sequence,
+     stop tokens and length end a sequence at once: finished / cancelled / failed sequences
+     free their KV blocks and slot pin in the step.
 Errors inside a step fail only the affected requests; the loop keeps serving.
 """
 
@@ -104,6 +107,7 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._seqs: dict[str, Sequence] = {}
+        self._unsent: dict[int, Sequence] = {}  # id -> a sequence with sampled tokens not yet streamed
         self.steps = 0
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -239,7 +243,7 @@ class Engine:
             return
         deadline = None if timeout is None else time.monotonic() + timeout
         if drain and self._thread is not None:
-            while self.scheduler.running or self.scheduler.num_waiting:
+            while self.scheduler.running or self.scheduler.num_waiting or self._unsent:
                 if deadline is not None and time.monotonic() > deadline:
                     break
                 time.sleep(0.01)
@@ -248,6 +252,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        self._send_all()  # the loop's last tokens (it has stopped: this thread owns the state now)
         error = EngineShutdownError("the engine shut down before this request finished")
         for seq in list(self._seqs.values()):
             if seq.status is SeqStatus.WAITING:
@@ -498,7 +503,7 @@ class Engine:
         self._run_inbox()
         plan = self.scheduler.schedule(self._admit, self.blocks.grow, self._preempt)
         if not plan:
-            return False
+            return self._send_all()  # the last step's tokens
         self.steps += 1
         items = []
         for seq, n in plan:
@@ -512,7 +517,14 @@ class Engine:
             log.exception("forward pass failed; failing the %d requests of this step", len(plan))
             for seq, _ in plan:
                 self._fail(seq, EngineError(f"internal error in the forward pass: {e}"))
+            self._send_all()
             return True
+        for (seq, _), item in zip(plan, items, strict=True):
+            self.blocks.computed(seq, len(item.tokens))
+        # The device runs this step now (a graph replay, or kernels queued): stream the last
+        # step's tokens meanwhile. A stop string found here ends its sequence; this step's
+        # token for it is dropped below.
+        self._send_all()
         add_prompt_logprobs(step, [seq for seq, _ in plan], items)
         constrained = [(row, seq.matcher) for (seq, _), row in zip(plan, step.rows, strict=True)
                        if row is not None and seq.matcher is not None]
@@ -520,9 +532,8 @@ class Engine:
             mask_rows(step.logits, [row for row, _ in constrained], [m for _, m in constrained])
         picking: list[tuple[Sequence, int]] = []  # (sequence, logits row)
         processed: list[tuple[Sequence, int, torch.Tensor]] = []  # rows not plain greedy, processors applied
-        for (seq, _), item, row in zip(plan, items, step.rows, strict=True):
-            self.blocks.computed(seq, len(item.tokens))
-            if row is None:
+        for (seq, _), row in zip(plan, step.rows, strict=True):
+            if row is None or seq.status is SeqStatus.FINISHED:
                 continue
             try:
                 if not seq.sampler.batched_greedy:
@@ -589,6 +600,9 @@ class Engine:
                  seq.request_id, seq.num_tokens)
 
     def _on_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
+        """A sampled token's effects the next step depends on: the grammar's state, the
+        sequence's tokens, and whether it ends here (end of sequence, a stop token, its length),
+        which frees its KV blocks and slot now. Its text and event follow in `_send`."""
         if seq.matcher is not None and not seq.matcher.accept_token(token):
             raise EngineError(f"token {token} breaks the structured output's grammar")
         seq.output_ids.append(token)
@@ -596,14 +610,44 @@ class Engine:
             seq.logprobs.append(logprob)
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
-        text = seq.text.add(token)
         finish = seq.finish_reason(token, self.eos_ids)
+        seq.unsent.append((token, logprob, finish))
+        self._unsent[id(seq)] = seq
         if finish is not None:
-            text += seq.text.finish()
-        seq.handle._emit(TokenEvent(seq.request_id, token, text, len(seq.output_ids) - 1, logprob))
-        self._stats.add(seq.adapter.ref if seq.adapter else BASE_KEY, generated_tokens=1)
-        if finish is not None:
-            self._complete(seq, finish)
+            self._release(seq)
+
+    def _send_all(self) -> bool:
+        """Stream every sequence's unsent tokens (`_send`); True when there were any."""
+        pending = list(self._unsent.values())
+        for seq in pending:
+            try:
+                self._send(seq)
+            except Exception as e:
+                log.exception("request %s failed while streaming", seq.request_id)
+                self._fail(seq, EngineError(f"internal error: {e}"))
+        return bool(pending)
+
+    def _send(self, seq: Sequence) -> None:
+        """Detokenize and stream `seq`'s unsent tokens in order. A stop string in the text ends
+        it at that token (later ones are dropped); its result goes out after its last event."""
+        self._unsent.pop(id(seq), None)
+        entries, seq.unsent = seq.unsent, []
+        for token, logprob, finish in entries:
+            if seq.handle.done:
+                return
+            text = seq.text.add(token)
+            if seq.text.stopped and finish in (None, FinishReason.LENGTH):
+                finish = FinishReason.STOP
+            if finish is not None:
+                text += seq.text.finish()
+            seq.handle._emit(TokenEvent(seq.request_id, token, text, seq.sent, logprob))
+            seq.sent += 1
+            self._stats.add(seq.adapter.ref if seq.adapter else BASE_KEY, generated_tokens=1)
+            if finish is not None:
+                del seq.output_ids[seq.sent:], seq.logprobs[seq.sent:]
+                self._release(seq)
+                self._finish(seq, finish)
+                return
 
     # ---- finishing -------------------------------------------------------------------------
 
@@ -618,9 +662,15 @@ class Engine:
         self._seqs.pop(seq.request_id, None)
 
     def _complete(self, seq: Sequence, reason: FinishReason) -> None:
-        if seq.status is SeqStatus.FINISHED:
+        """End `seq` for `reason` (a cancellation), after streaming what it sampled before."""
+        self._send(seq)
+        if seq.handle.done:
             return
         self._release(seq)
+        self._finish(seq, reason)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Hand `seq`'s result to its caller (its resources are given back already)."""
         now = time.monotonic()
         ms = lambda t: (t - seq.submitted_at) * 1000 if t is not None else 0.0  # noqa: E731
         if reason is not FinishReason.CANCELLED and seq.first_token_at is not None:
@@ -643,7 +693,8 @@ class Engine:
         ))
 
     def _fail(self, seq: Sequence, error: BaseException) -> None:
-        if seq.status is SeqStatus.FINISHED:
+        self._send(seq)  # what it sampled before the failure, then the error
+        if seq.handle.done:
             return
         self._release(seq)
         self._stats.add(seq.adapter.ref if seq.adapter else BASE_KEY, errors=1)

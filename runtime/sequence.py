@@ -43,6 +43,11 @@ class Sequence:
     submitted_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None
     first_token_at: float | None = None
+    # Sampled tokens not yet streamed (their text, event and, where one ends the sequence, its
+    # result follow in Engine._send, once the next step's forward is launched): (token, its log
+    # probability, why the sequence ends there or None)
+    unsent: list[tuple[int, TokenLogprob | None, FinishReason | None]] = field(default_factory=list)
+    sent: int = 0  # output tokens streamed
 
     @property
     def request_id(self) -> str:

@@ -203,6 +203,31 @@ def test_stop_strings_cut_the_text_across_tokens(tiny_registry, tiny_base, engin
     assert len(result.token_ids) < len(full.token_ids)
 
 
+def test_a_steps_tokens_stream_while_the_next_step_runs(tiny_registry, tiny_base, engine_factory):
+    """Text and events of step k's tokens go out after step k + 1's forward is launched (on a
+    GPU, while it computes); a stop string found then ends its sequence at its token, and the
+    token step k + 1 sampled for it is dropped. The last tokens go out with no forward left."""
+    engine = engine_factory(tiny_registry, tiny_base.name, run_loop=False)
+    full = engine.generate(req("law", n=8))
+    stop = engine.tokenizer.decode(full.token_ids[:4])[-2:]  # ends inside the 4th token
+    log = []
+    forward = engine.runner.forward
+    engine.runner.forward = lambda items: log.append("forward") or forward(items)
+    plain, stopped = engine.submit(req("law", n=8)), engine.submit(req("law", n=8, stop=(stop,)))
+    for handle in (plain, stopped):
+        emit = handle._emit
+        handle._emit = lambda event, h=handle, emit=emit: log.append((h, event.index)) or emit(event)
+    drive(engine, [plain, stopped])
+    assert plain.result().token_ids == full.token_ids
+    for i in range(8):  # the prefill samples token 0; the forward sampling token i + 1 comes before event i
+        assert log.index((plain, i)) > [n for n, entry in enumerate(log) if entry == "forward"][min(i + 1, 7)]
+    assert log.count("forward") == 8, "no forward after the last sampled token"
+    result = stopped.result()
+    assert result.finish_reason is FinishReason.STOP and stop not in result.text
+    events = [entry for entry in log if isinstance(entry, tuple) and entry[0] is stopped]
+    assert len(result.token_ids) == 4 == len(events), "tokens up to the stop, one event each; the next one dropped"
+
+
 MULTIBYTE = "Grüße aus 東京 🎉🦙 — naïve café, Привет!"
 
 
