@@ -6,7 +6,7 @@ import doctest
 
 import pytest
 import torch
-from loradock.runtime import batching, cuda_graphs, kv_cache, triton_attention
+from loradock.runtime import batching, cuda_graphs, kv_cache, triton_attention, triton_lora
 
 
 @pytest.mark.parametrize(("slots", "want"), [
@@ -94,7 +94,7 @@ def test_slot_groups(slots, want):
     assert g.num_blocked == len(slots) - sum(end - start for start, end, _ in g.long_runs)
 
 
-@pytest.mark.parametrize("module", [batching, kv_cache, cuda_graphs, triton_attention])
+@pytest.mark.parametrize("module", [batching, kv_cache, cuda_graphs, triton_attention, triton_lora])
 def test_doctests(module):
     """The examples in the batching maths' docstrings are tests too."""
     assert doctest.testmod(module).failed == 0
