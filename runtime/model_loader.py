@@ -16,7 +16,9 @@ from loradock.registry.quantization import QuantizationRecipe, pin_bitsandbytes_
 
 from .attention import ATTENTION_NAME, register_attention
 from .config import EngineConfig
+from .fp8 import quantize_linears
 from .kv_cache import KVPool
+from .lora_layer import lora_targets
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,11 @@ def load_base_model(source: ResolvedBase, recipe: QuantizationRecipe, device: to
     model = AutoModelForCausalLM.from_pretrained(source.path, trust_remote_code=False, **kwargs)
     if bnb is None:
         model.to(device)
-    elif device.type == "cpu" and pin_bitsandbytes_cpu_kernel(model, recipe):
+    if recipe.method == "fp8-dynamic":
+        emulated = quantize_linears(model, lora_targets(model), device, dtype)
+        log.info("fp8: every linear layer's weights in float8, its activations per token" +
+                 ("" if emulated is None else f"; emulated in float32 (torch._scaled_mm cannot: {emulated})"))
+    elif device.type == "cpu" and bnb is not None and pin_bitsandbytes_cpu_kernel(model, recipe):
         log.info("4-bit matmuls in bfloat16: bitsandbytes' AVX512-BF16 kernel where this CPU has it")
     model.eval()
     model.requires_grad_(False)
