@@ -9,7 +9,7 @@ from loradock.runtime import EngineConfig
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"quantize": "fp8"}, "quantize='fp8'"),
+    ({"quantize": "fp16"}, "quantize='fp16'"),
     ({"device": "tpu"}, "device='tpu'"),
     ({"lora_ops": "magic"}, "lora_ops='magic'"),
     ({"max_slots": 0}, "max_slots=0"),
