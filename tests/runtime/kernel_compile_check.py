@@ -85,9 +85,11 @@ def attention_launches(dtype: torch.dtype) -> None:
     tables = torch.zeros(2, 4, dtype=torch.int32)
     for new in ([1, 1], [100, 1]):  # decode rows, a prompt chunk
         seqs = triton_attention.paged_seqs([0, new[0]], [3, 5], new, tables, 16)
+        static = triton_attention.PagedSeqs(seqs.tables.long(), seqs.seqs.long(), seqs.max_new, 16)  # a graph's
         q = torch.zeros(sum(new), 32, 128, dtype=dtype)
         for window, softcap in ((None, None), (4096, 50.0)):
-            triton_attention.paged_attention(q, pool, pool, seqs, window=window, softcap=softcap)
+            for batch in (seqs, static):
+                triton_attention.paged_attention(q, pool, pool, batch, window=window, softcap=softcap)
 
 
 def main() -> int:
@@ -99,7 +101,8 @@ def main() -> int:
     failed = 0
     for kernel, signature, constexprs in recorded_launches(dtypes):
         for target in targets:
-            name = f"{kernel.fn.__name__} sm_{target.arch} " + " ".join(
+            pointers = sorted({t for t in signature.values() if t.startswith("*")})
+            name = f"{kernel.fn.__name__} sm_{target.arch} [{' '.join(pointers)}] " + " ".join(
                 f"{k}={v}" for k, v in constexprs.items())
             started = time.perf_counter()
             try:
