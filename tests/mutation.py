@@ -384,7 +384,7 @@ BREAKAGES = (
     ),
     Breakage(
         "static-op-reads-past-the-rank", "runtime/triton_lora.py",
-        "RANK_DIM=0 if ranks is None else 1 if transposed else 2)", "RANK_DIM=0)",
+        "RANK_DIM=0 if ranks is None else 1 if transposed else 2,", "RANK_DIM=0,",
         ("tests/runtime/test_triton_lora.py",),
     ),
     Breakage(
