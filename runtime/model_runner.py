@@ -89,7 +89,7 @@ class ModelRunner:
                  graphs: StepGraphs | None = None, windows: Sequence[int] = (), attention: str = "sdpa",
                  compiled: bool = False) -> None:
         self.model = model
-        # The forward of steps outside the decode graphs: the model, or it compiled (compiled.py)
+        # The forward of steps outside the CUDA graphs: the model, or it compiled (compiled.py)
         self.model_forward = compile_model(model) if compiled else model
         self.compiled = compiled
         self.lora_layers = tuple(layer for _, layer in iter_wrapped(model))  # by boundary_index
@@ -98,7 +98,7 @@ class ModelRunner:
         self._stance = contextlib.nullcontext  # no_new_compiles once `compile` has run
         self.pool = pool
         self.device = device
-        self.graphs = graphs  # decode-only steps go there when set (CUDA graphs)
+        self.graphs = graphs  # the steps it serves go there when set (CUDA graphs)
         self.windows = tuple(windows)  # the model's sliding windows (model_loader.sliding_windows)
         self.paged = attention == "triton"  # attention.pick_attention's choice
 
