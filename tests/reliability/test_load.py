@@ -174,7 +174,9 @@ def test_overload_answers_resource_exhausted(guarded_server, figures):
     watcher.join()
     counts = Counter(outcomes)
     assert set(counts) <= {"OK", "RESOURCE_EXHAUSTED"}, counts
-    assert counts["RESOURCE_EXHAUSTED"] >= 1 and counts["OK"] >= 3
+    # The two queue places always take a request; the running place takes a third only when the
+    # loop admits the first before the burst's third arrives (a race, lost once in a loaded run).
+    assert counts["RESOURCE_EXHAUSTED"] >= 1 and counts["OK"] >= 2
     assert max(waiting_seen) <= 2
     assert max(refused_after) < 5.0  # refused at once, not after waiting
     with Client(guarded_server.address, token=TOKEN, tls=guarded_server.tls_cert, timeout=60) as c:
