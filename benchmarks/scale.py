@@ -270,8 +270,9 @@ def run(spec: ScaleSpec, work: Path, out_dir: Path, name: str, tokenizer_dir: Pa
         figures.hf_peft_tokens_per_s = hf_peft_tokens_per_s(base_dir, registry.resolve(refs[0]).path, firsts,
                                                             device, dtype)
         figures.ratio_vs_hf_peft = figures.tokens_per_s / figures.hf_peft_tokens_per_s
-    figures.notes.append(f"HF+PEFT: one batch of {len(firsts)} requests on one adapter (its best case); "
-                         "the engine: the whole workload over every adapter")
+    figures.notes.append(f"HF+PEFT: one batch of {len(firsts)} requests on one adapter (its best case), "
+                         f"base in {str(dtype).removeprefix('torch.')}; the engine: the whole workload over "
+                         f"every adapter, base {figures.quantization}")
     write(figures, out_dir, name)
     return figures
 

@@ -259,12 +259,12 @@ class StepGraphs:
     def serves(self, items: Sequence) -> bool:
         """A step that fits a bucket of its kind, keeps only sampling logits (no prompt log
         probabilities) and whose kind was not given up."""
-        if not items or any(it.all_logits for it in items) \
+        if not 0 < len(items) <= self.max_batch or any(it.all_logits for it in items) \
                 or max(it.past + len(it.tokens) for it in items) > self.context_buckets[-1]:
             return False
         if _decode_only(items):
-            return self.failed is None and len(items) <= self.batch_buckets[-1]
-        return (self.mixed_failed is None and bool(self.token_buckets) and len(items) <= self.max_batch
+            return self.failed is None
+        return (self.mixed_failed is None and bool(self.token_buckets)
                 and sum(len(it.tokens) for it in items) <= self.token_buckets[-1])
 
     def _decode_step(self, rows: int, context: int) -> StaticStep:
