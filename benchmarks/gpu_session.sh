@@ -13,11 +13,12 @@
 #      100 adapters, 256 requests, 64 at a time); benchmarks/results/gpu-scale.* come back in $OUT.
 #      Its engine compiles the forward (compile "auto" is on with CUDA: never measured on a GPU);
 #      if the run does not fit, `bash benchmarks/gpu_session.sh scale-eager` runs it with --compile off
-#   3. (time left) "bash benchmarks/gpu_session.sh scale-fp8", timeout_s 590: the same with the base in
-#      fp8 (weights and activations, torch._scaled_mm), written as gpu-scale-fp8.*
+#   3. (time left, or a later session) "bash benchmarks/gpu_session.sh scale-fp8" or "scale-int4",
+#      timeout_s 590: the same with the base in fp8 (weights and activations, torch._scaled_mm) or
+#      int4 (weights, torch._weight_int4pack_mm), written as gpu-scale-fp8.* / gpu-scale-int4.*
 # Commit what comes back (copy $OUT's files to benchmarks/results/) and the figures to the issue.
 set -euo pipefail
-what=${1:?usage: gpu_session.sh tests|scale|scale-eager|scale-fp8}
+what=${1:?usage: gpu_session.sh tests|scale|scale-eager|scale-fp8|scale-int4}
 out=${OUT:-/tmp/loradock-out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 LORADOCK_TOKENIZER_DIR="$PWD/.tok"
@@ -35,12 +36,12 @@ case "$what" in
     make gpu-bench-scale GPU_RESULTS="$out" SCALE_ARGS="--tokenizer $PWD/.tok --compile off" 2>&1 \
       | tee "$out/gpu-scale.log"
     ;;
-  scale-fp8)
-    make gpu-bench-scale GPU_RESULTS="$out" SCALE_ARGS="--tokenizer $PWD/.tok --quantize fp8 --name gpu-scale-fp8" 2>&1 \
-      | tee "$out/gpu-scale-fp8.log"
+  scale-fp8|scale-int4)
+    make gpu-bench-scale GPU_RESULTS="$out" SCALE_ARGS="--tokenizer $PWD/.tok --quantize ${what#scale-} --name gpu-$what" \
+      2>&1 | tee "$out/gpu-$what.log"
     ;;
   *)
-    echo "usage: gpu_session.sh tests|scale|scale-eager|scale-fp8" >&2
+    echo "usage: gpu_session.sh tests|scale|scale-eager|scale-fp8|scale-int4" >&2
     exit 2
     ;;
 esac

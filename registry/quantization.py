@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-METHODS = ("bitsandbytes-4bit", "bitsandbytes-8bit", "fp8-dynamic", "none")
-QUANTIZE_NAMES = ("nf4", "fp4", "int8", "fp8", "none")  # what a user writes (`--quantize`)
+METHODS = ("bitsandbytes-4bit", "bitsandbytes-8bit", "fp8-dynamic", "int4-weight-only", "none")
+QUANTIZE_NAMES = ("nf4", "fp4", "int8", "fp8", "int4", "none")  # what a user writes (`--quantize`)
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DEFAULT_DOUBLE_QUANT = False
 DEFAULT_STORAGE_DTYPE = "uint8"  # bitsandbytes packs two 4-bit values per byte
@@ -31,7 +31,9 @@ class QuantizationRecipe:
     """How a base is quantized: `QuantizationRecipe.named("nf4", "float32")` and friends."""
 
     method: str  # one of METHODS
-    quant_type: str  # "nf4" | "fp4" (4-bit), "int8", "float8_e4m3fn" (fp8: weights per row, activations per token), or "none"
+    # "nf4" | "fp4" (4-bit), "int8", "float8_e4m3fn" (fp8: weights per row, activations per token),
+    # "int4" (asymmetric groups of input features, tinygemm's layout), or "none"
+    quant_type: str
     double_quant: bool  # 4-bit only: quantize the per-block scales too
     compute_dtype: str  # dtype of the matmuls (and of the whole model when not quantized)
     storage_dtype: str  # dtype the quantized weights are packed in ("uint8"), else compute_dtype
@@ -50,13 +52,16 @@ class QuantizationRecipe:
     @classmethod
     def named(cls, quantize: str, compute_dtype: str,
               double_quant: bool = DEFAULT_DOUBLE_QUANT) -> QuantizationRecipe:
-        """The recipe behind a user-facing name: "nf4", "fp4", "int8", "fp8" (serving only) or "none"."""
+        """The recipe behind a user-facing name: "nf4", "fp4", "int8", "fp8" or "int4" (serving
+        only) or "none"."""
         if quantize in ("nf4", "fp4"):
             return cls("bitsandbytes-4bit", quantize, double_quant, compute_dtype, DEFAULT_STORAGE_DTYPE)
         if quantize == "int8":
             return cls("bitsandbytes-8bit", "int8", False, compute_dtype, "int8")
         if quantize == "fp8":
             return cls("fp8-dynamic", "float8_e4m3fn", False, compute_dtype, "float8_e4m3fn")
+        if quantize == "int4":
+            return cls("int4-weight-only", "int4", False, compute_dtype, "int4")
         if quantize == "none":
             return cls("none", "none", False, compute_dtype, compute_dtype)
         raise ValueError(f"unknown quantization {quantize!r}: expected one of {', '.join(QUANTIZE_NAMES)}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from loradock.registry.docstrings import field_docs as dataclass_field_docs
 from loradock.registry.quantization import DEFAULT_DOUBLE_QUANT
 
-QUANTIZATIONS = ("nf4", "int8", "fp8", "none")
+QUANTIZATIONS = ("nf4", "int8", "fp8", "int4", "none")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # The one list of LoRA op names (the field's docstring describes each). It lives here, torch-free,
@@ -29,8 +29,10 @@ class EngineConfig:
     quantize: str = "nf4"
     """Weight quantization of the base: "nf4" (bitsandbytes 4-bit), "int8" (LLM.int8), "fp8" (weights
     and activations in float8, a scale per weight row and per token, torch._scaled_mm: a format for
-    GPUs with FP8 tensor cores, Hopper and Ada; elsewhere the same numbers, slower than float32)
-    or "none"."""
+    GPUs with FP8 tensor cores, Hopper and Ada; elsewhere the same numbers, slower than float32),
+    "int4" (weights in 4 bits with a scale and zero per group of 128 inputs, activations as they
+    are: tinygemm's kernel on CUDA and on x86 CPUs, computing in bfloat16; with another
+    compute_dtype the same numbers, dequantized at each call) or "none"."""
 
     double_quant: bool = DEFAULT_DOUBLE_QUANT
     """With nf4: also quantize the 4-bit blocks' scales (QLoRA's double quantization). Serve an

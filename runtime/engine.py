@@ -48,7 +48,6 @@ from .errors import (
     EngineShutdownError,
     InvalidRequestError,
 )
-from .fp8 import FP8Linear
 from .handle import RequestHandle
 from .kv_cache import blocks_for
 from .logprobs import add_prompt_logprobs, generated_logprobs
@@ -67,6 +66,7 @@ from .model_loader import (
 from .model_runner import ModelRunner, StepItem, lora_batch
 from .promotion import AliasRoutes
 from .prompts import PromptEncoder
+from .quantized_linear import QuantizedLinear
 from .sampling import Sampler, sample_rows
 from .scheduler import Admission, Scheduler
 from .sequence import SeqStatus, Sequence
@@ -128,9 +128,9 @@ class Engine:
         model = load_base_model(self.base, self.recipe, self.device, self.dtype)
         self.layers: dict[str, MultiLoRALinear] = wrap_linears(
             model, cfg.max_slots + 1, cfg.max_rank, self.dtype, self.device, cfg.lora_ops)
-        # fp8 on a device where torch._scaled_mm cannot serve it: why its arithmetic is emulated
-        self.fp8_emulated = next((m.base_layer.emulated for m in self.layers.values()
-                                  if isinstance(m.base_layer, FP8Linear)), None)
+        # fp8 or int4 where the device's kernel cannot serve it: why its arithmetic is emulated
+        self.format_emulated = next((m.base_layer.emulated for m in self.layers.values()
+                                     if isinstance(m.base_layer, QuantizedLinear)), None)
         self.tokenizer = load_tokenizer(self.base)
         mc = model.config
         self.max_model_len = min(cfg.max_model_len, getattr(mc, "max_position_embeddings", cfg.max_model_len))
@@ -417,7 +417,8 @@ class Engine:
         cfg = self.config
         return EngineInfo(
             base_name=self.base.name, base_fingerprint=self.base.fingerprint,
-            quantization=cfg.quantize if self.fp8_emulated is None else f"fp8 (emulated: {self.fp8_emulated})",
+            quantization=(cfg.quantize if self.format_emulated is None
+                          else f"{cfg.quantize} (emulated: {self.format_emulated})"),
             device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
             compute_dtype=self.recipe.compute_dtype, max_slots=cfg.max_slots,
             max_rank=cfg.max_rank, host_cache_bytes=cfg.host_cache_bytes,

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .quantized_linear import QuantizedLinear, replace_linears
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 MIN_SCALE = 1e-12  # an all-zero row keeps a finite scale
@@ -55,27 +57,22 @@ def scaled_mm_fp8_linear(x: torch.Tensor, qweight: torch.Tensor, weight_scale: t
     return y if bias is None else y + bias
 
 
-class FP8Linear(nn.Module):
+class FP8Linear(QuantizedLinear):
     """A linear layer served in FP8: `qweight` [out, in] float8 e4m3, `weight_scale` [out, 1]
-    float32, `bias` as the layer had it. Not an nn.Linear: nothing that casts a model's floating
-    point parameters (`.to(dtype)`) may touch its float8 weight."""
+    float32; `emulated` says why the matmul is `emulated_fp8_linear` (None: `torch._scaled_mm`)."""
 
     def __init__(self, linear: nn.Linear, matmul=scaled_mm_fp8_linear, emulated: str | None = None) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        super().__init__(linear, emulated)
         qweight, scale = quantize_rows(linear.weight.detach())
         self.register_buffer("qweight", qweight)
         self.register_buffer("weight_scale", scale)
-        self.bias = linear.bias
         self.matmul = matmul
-        self.emulated = emulated  # why the matmul is `emulated_fp8_linear`, or None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         return self.matmul(flat, self.qweight, self.weight_scale, self.bias).view(*x.shape[:-1], self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The weight the layer computes with, float32 [out, in] (for DoRA's norms)."""
         return self.qweight.float() * self.weight_scale
 
     def extra_repr(self) -> str:
@@ -108,7 +105,5 @@ def quantize_linears(model: nn.Module, targets: list[tuple[str, nn.Module]], dev
     spec: returns why it is emulated, or None."""
     emulated = check_fp8_matmul(device, dtype)
     matmul = scaled_mm_fp8_linear if emulated is None else emulated_fp8_linear
-    for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, FP8Linear(linear, matmul, emulated))
+    replace_linears(model, targets, lambda linear: FP8Linear(linear, matmul, emulated))
     return emulated

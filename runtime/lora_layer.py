@@ -27,7 +27,6 @@ from loradock.registry.peft_format import HEAD_AND_EMBEDDINGS
 from torch import nn
 
 from .batch_context import LoRABatch, current_context
-from .fp8 import FP8Linear
 from .lora_ops import (
     LoRAOp,
     apply_bias_and_dora,
@@ -37,6 +36,7 @@ from .lora_ops import (
     torch_twin,
     uses_triton,
 )
+from .quantized_linear import QuantizedLinear
 from .triton_lora import grouped_shrink, triton_expand_into, triton_lora_into
 
 # Sibling layers that read the same input in the families served (an attention's, an MLP's).
@@ -46,14 +46,14 @@ log = logging.getLogger(__name__)
 
 
 def linear_shape(layer: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of nn.Linear, bnb Linear4bit or Linear8bitLt, or FP8Linear."""
+    """(in_features, out_features) of nn.Linear, bnb Linear4bit or Linear8bitLt, or a QuantizedLinear."""
     return int(layer.in_features), int(layer.out_features)
 
 
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:
-    """The weight [out, in] a plain, 4-bit or 8-bit bitsandbytes linear or an FP8Linear computes
+    """The weight [out, in] a plain, 4-bit or 8-bit bitsandbytes linear or a QuantizedLinear computes
     with, float32 (what PEFT's DoRA norms are taken of: peft.utils.integrations.dequantize_module_weight)."""
-    if isinstance(layer, FP8Linear):
+    if isinstance(layer, QuantizedLinear):
         return layer.dequantized_weight()
     weight = layer.weight
     kind = type(weight).__name__
@@ -247,11 +247,11 @@ class InputGroup:
 
 def lora_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The layers that take LoRA: every linear layer but the output head (bitsandbytes' 4-bit and
-    8-bit layers are linear layers too, and loradock's FP8Linear); MoE experts' fused weights are
+    8-bit layers are linear layers too, and loradock's fp8 and int4 layers); MoE experts' fused weights are
     no linear layers."""
     head = model.get_output_embeddings()
     return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, (nn.Linear, FP8Linear)) and module is not head
+            if isinstance(module, (nn.Linear, QuantizedLinear)) and module is not head
             and name.rsplit(".", 1)[-1] not in HEAD_AND_EMBEDDINGS]
 
 

@@ -14,9 +14,9 @@ from loradock.registry.bases import ResolvedBase
 from loradock.registry.devices import device_name
 from loradock.registry.quantization import QuantizationRecipe, pin_bitsandbytes_cpu_kernel
 
+from . import fp8, int4
 from .attention import ATTENTION_NAME, register_attention
 from .config import EngineConfig
-from .fp8 import quantize_linears
 from .kv_cache import KVPool
 from .lora_layer import lora_targets
 
@@ -66,9 +66,13 @@ def load_base_model(source: ResolvedBase, recipe: QuantizationRecipe, device: to
     if bnb is None:
         model.to(device)
     if recipe.method == "fp8-dynamic":
-        emulated = quantize_linears(model, lora_targets(model), device, dtype)
+        emulated = fp8.quantize_linears(model, lora_targets(model), device, dtype)
         log.info("fp8: every linear layer's weights in float8, its activations per token" +
                  ("" if emulated is None else f"; emulated in float32 (torch._scaled_mm cannot: {emulated})"))
+    elif recipe.method == "int4-weight-only":
+        emulated = int4.quantize_linears(model, lora_targets(model), device, getattr(torch, recipe.compute_dtype))
+        log.info(f"int4: linear layers' weights in 4-bit groups, computing in {recipe.compute_dtype}" +
+                 ("" if emulated is None else f"; dequantized at each call (the kernel cannot: {emulated})"))
     elif device.type == "cpu" and bnb is not None and pin_bitsandbytes_cpu_kernel(model, recipe):
         log.info("4-bit matmuls in bfloat16: bitsandbytes' AVX512-BF16 kernel where this CPU has it")
     model.eval()

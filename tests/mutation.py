@@ -447,6 +447,19 @@ BREAKAGES = (
         ("tests/runtime/test_fp8.py::test_an_fp8_engine_matches_peft_over_the_same_w8a8_base",),
     ),
     Breakage(
+        "int4-levels-not-centred", "runtime/int4.py",
+        "    w = (q.float().view(rows, groups, k // groups) - MID) * scales[..., None] + zeros[..., None]\n",
+        "    w = q.float().view(rows, groups, k // groups) * scales[..., None] + zeros[..., None]\n",
+        ("tests/runtime/test_int4.py::test_the_spec_rounds_each_group_to_16_levels_of_its_range",
+         "tests/runtime/test_int4.py::test_an_int4_engine_matches_peft_over_the_same_4bit_base"),
+    ),
+    Breakage(
+        "int4-dora-norms-of-the-bf16-read", "runtime/int4.py",
+        "        return dequantize_groups(levels.round().clamp(0, LEVELS).view(rows, -1), scales, zeros)\n",
+        "        return read\n",
+        ("tests/runtime/test_int4.py::test_the_cpu_kernel_is_the_spec_in_bfloat16",),
+    ),
+    Breakage(
         "console-writes-without-login", "runtime/http/console/console.py",
         "        if not self.authenticated(request):\n            return \"read-only until you log in\"\n",
         "",

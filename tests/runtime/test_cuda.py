@@ -86,15 +86,17 @@ def test_dora_and_lora_bias_greedy_match_peft_on_cuda(variant_registry, tiny_bas
     assert engine.runner.graphs.failed is None and engine.runner.graphs.static_steps >= 5
 
 
-def test_fp8_serves_on_tensor_cores(tiny_registry, tiny_base, engine_factory):
-    """quantize="fp8" in bf16 on a GPU with FP8 tensor cores (Hopper, Ada) runs torch._scaled_mm,
-    not the emulation (it agreed with the spec at start), through the compiled forward and both
-    kinds of graph, every request served."""
-    if torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("no FP8 tensor cores")
-    engine = engine_factory(tiny_registry, tiny_base.name, run_loop=False, device="cuda", quantize="fp8",
+@pytest.mark.parametrize(("quantize", "capability", "kernel"), [
+    ("fp8", (8, 9), "FP8 tensor cores"), ("int4", (8, 0), "tinygemm's int4 kernel")])
+def test_gpu_formats_serve_on_their_kernels(tiny_registry, tiny_base, engine_factory, quantize, capability, kernel):
+    """quantize="fp8" (torch._scaled_mm; Hopper, Ada) and "int4" (torch._weight_int4pack_mm;
+    Ampere on) in bf16 run the device's kernel, not the emulation (it agreed with the spec at
+    start), through the compiled forward and both kinds of graph, every request served."""
+    if torch.cuda.get_device_capability() < capability:
+        pytest.skip(f"no {kernel} on this GPU")
+    engine = engine_factory(tiny_registry, tiny_base.name, run_loop=False, device="cuda", quantize=quantize,
                             dtype="bfloat16")
-    assert engine.info().quantization == "fp8", engine.info().quantization
+    assert engine.info().quantization == quantize, engine.info().quantization
     results = [engine.generate(GenerationRequest(adapter=a, prompt=p, sampling=SamplingParams(
         max_new_tokens=6, ignore_eos=True))) for a, p in zip(["law", None, "med", "code"], PROMPTS, strict=True)]
     assert all(len(r.token_ids) == 6 for r in results)
