@@ -12,7 +12,8 @@
 #   2. command "bash benchmarks/gpu_session.sh scale", timeout_s 590: `make gpu-bench-scale` (8B,
 #      100 adapters, 256 requests, 64 at a time); benchmarks/results/gpu-scale.* come back in $OUT.
 #      Its engine compiles the forward (compile "auto" is on with CUDA: never measured on a GPU);
-#      if the run does not fit, `bash benchmarks/gpu_session.sh scale-eager` runs it with --compile off
+#      if the run does not fit or fails, `bash benchmarks/gpu_session.sh scale-eager` runs it with
+#      --compile off --async-scheduling off (both on by default with CUDA, neither run on a GPU yet)
 #   3. (time left, or a later session) "bash benchmarks/gpu_session.sh scale-fp8" or "scale-int4",
 #      timeout_s 590: the same with the base in fp8 (weights and activations, torch._scaled_mm) or
 #      int4 (weights, torch._weight_int4pack_mm), written as gpu-scale-fp8.* / gpu-scale-int4.*
@@ -33,7 +34,7 @@ case "$what" in
     make gpu-bench-scale GPU_RESULTS="$out" SCALE_ARGS="--tokenizer $PWD/.tok" 2>&1 | tee "$out/gpu-scale.log"
     ;;
   scale-eager)
-    make gpu-bench-scale GPU_RESULTS="$out" SCALE_ARGS="--tokenizer $PWD/.tok --compile off" 2>&1 \
+    make gpu-bench-scale GPU_RESULTS="$out" SCALE_ARGS="--tokenizer $PWD/.tok --compile off --async-scheduling off" 2>&1 \
       | tee "$out/gpu-scale.log"
     ;;
   scale-fp8|scale-int4)

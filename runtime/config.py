@@ -16,6 +16,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 LORA_OPS = ("auto", "reference", "segmented", "batched", "triton", "gathered")
 ATTENTION_BACKENDS = ("auto", "sdpa", "triton")  # runtime/attention.py's pick_attention
 COMPILE_MODES = ("auto", "on", "off")  # runtime/compiled.py's wants_compile
+ASYNC_SCHEDULING_MODES = ("auto", "on", "off")  # Engine: auto = on with CUDA
 TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json", "mistral")  # runtime/tool_calls.py's FORMATS
 
 
@@ -133,6 +134,13 @@ class EngineConfig:
     of its kind then run eagerly. No effect on CPU, nor with quantize="int8" (LLM.int8's outlier
     columns depend on the values: not capturable)."""
 
+    async_scheduling: str = "auto"
+    """Plan and launch each step before reading back the tokens the step before it sampled: the
+    next step's decode tokens are taken from the device, so the host's scheduling and input
+    building run while the device computes. "on", "off" or "auto" (on with CUDA; off on CPU,
+    where nothing runs beside the host). The same tokens either way; a sequence that ends on a
+    token (end of sequence, a stop token or string) has computed one more, dropped."""
+
     promotion_wait_s: float = 60.0
     """When an alias in use moves (a promotion, a canary, a rollback), its requests stay on the
     previous target until the versions it adds are loaded, so none pays a cold load; after this many
@@ -183,6 +191,7 @@ class EngineConfig:
         choice("lora_ops", LORA_OPS)
         choice("attention", ATTENTION_BACKENDS)
         choice("compile", COMPILE_MODES)
+        choice("async_scheduling", ASYNC_SCHEDULING_MODES)
         choice("tool_call_parser", TOOL_CALL_PARSERS)
         for name in ("max_slots", "max_rank", "host_cache_bytes", "max_host_adapters", "max_running",
                      "max_batch_tokens", "max_queue", "max_prompt_tokens", "max_model_len",

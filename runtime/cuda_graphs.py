@@ -282,9 +282,10 @@ class StepGraphs:
                                                  seqs=min(rows, self.max_batch + 1))
         return step
 
-    def forward(self, items: Sequence) -> torch.Tensor:
+    def forward(self, items: Sequence, sampled: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [len(items), vocab] of a step `serves` took (items as ModelRunner orders them):
-        each item's last token (a row of an item that samples nothing is not meant to be read)."""
+        each item's last token (a row of an item that samples nothing is not meant to be read).
+        Tokens still in flight are read from `sampled` on the device (`batching.feed_sampled`)."""
         if _decode_only(items):
             step = self._decode_step(fits(self.batch_buckets, len(items)),
                                      fits(self.context_buckets, max(it.past for it in items) + 1))
@@ -293,6 +294,7 @@ class StepGraphs:
             step = self._mixed_step(fits(self.token_buckets, sum(len(it.tokens) for it in items)))
             self.mixed_steps += 1
         step.fill(items, self.pool.block_size)
+        batching.feed_sampled(step.tokens, items, sampled)
         return step.run()[:len(items)]
 
     @torch.inference_mode()

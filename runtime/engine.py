@@ -67,9 +67,10 @@ from .model_runner import ModelRunner, StepItem, lora_batch
 from .promotion import AliasRoutes
 from .prompts import PromptEncoder
 from .quantized_linear import QuantizedLinear
+from .readback import SampledTokens
 from .sampling import Sampler, sample_rows
 from .scheduler import Admission, Scheduler
-from .sequence import SeqStatus, Sequence
+from .sequence import PENDING, SeqStatus, Sequence
 from .stats import BASE_KEY, EngineStats
 from .structured import Grammars, mask_rows
 from .types import (
@@ -109,6 +110,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._seqs: dict[str, Sequence] = {}
         self._unsent: dict[int, Sequence] = {}  # id -> a sequence with sampled tokens not yet streamed
+        self._in_flight: SampledTokens | None = None  # the last step's tokens, not yet read back (async)
         self.steps = 0
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -163,6 +165,10 @@ class Engine:
                   if cfg.cuda_graphs and self.device.type == "cuda" and cfg.quantize != "int8" else None)
         self.runner = ModelRunner(model, self.kv, self.device, graphs, windows, self.attention,
                                   compiled=wants_compile(cfg.compile, self.device))
+        self.async_scheduling = cfg.async_scheduling == "on" or (cfg.async_scheduling == "auto"
+                                                                 and self.device.type == "cuda")
+        log.info("scheduling: %s", "asynchronous (each step launched before the last one's tokens are read back)"
+                 if self.async_scheduling else "synchronous")
         self.cache = AdapterCache(
             CacheCapacity(cfg.max_slots, cfg.host_cache_bytes, cfg.max_host_adapters),
             load=self.adapters.read, layers=self.layers, stats=self._stats,
@@ -256,7 +262,11 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
-        self._send_all()  # the loop's last tokens (it has stopped: this thread owns the state now)
+        # the loop's last tokens (it has stopped: this thread owns the state now)
+        last, self._in_flight = self._in_flight, None
+        if last is not None:
+            self._land(last)
+        self._send_all()
         error = EngineShutdownError("the engine shut down before this request finished")
         for seq in list(self._seqs.values()):
             if seq.status is SeqStatus.WAITING:
@@ -505,35 +515,46 @@ class Engine:
                 future.set_exception(e)
 
     def step(self) -> bool:
-        """Run one engine step; False when there was nothing to do."""
+        """Run one engine step; False when there was nothing to do. With asynchronous
+        scheduling the step is planned and launched before the last step's tokens are read
+        back: its sequences' decode tokens are read on the device (`StepItem.fed_from`)."""
         self._run_inbox()
         plan = self.scheduler.schedule(self._admit, self.blocks.grow, self._preempt)
+        last, self._in_flight = self._in_flight, None  # the last step's tokens, still on the device
         if not plan:
-            return self._send_all()  # the last step's tokens
+            if last is not None:
+                self._land(last)
+            return self._send_all() or last is not None
         self.steps += 1
         items = []
         for seq, n in plan:
             tokens = seq.pending_tokens(n)
             items.append(StepItem(seq.blocks, seq.computed, tokens, seq.slot,
                                   seq.computed + len(tokens) == seq.num_tokens,
-                                  seq.needs_prompt_logits(len(tokens))))
+                                  seq.needs_prompt_logits(len(tokens)),
+                                  last.rows[id(seq)] if tokens[-1] == PENDING else None))
         try:
-            step = self.runner.forward(items)
+            step = self.runner.forward(items, None if last is None else last.tokens)
         except Exception as e:
             log.exception("forward pass failed; failing the %d requests of this step", len(plan))
             for seq, _ in plan:
                 self._fail(seq, EngineError(f"internal error in the forward pass: {e}"))
+            if last is not None:
+                self._land(last)
             self._send_all()
             return True
+        if last is not None:  # sampled before this step's forward: read back at once
+            self._land(last)
         for (seq, _), item in zip(plan, items, strict=True):
-            self.blocks.computed(seq, len(item.tokens))
+            if seq.status is SeqStatus.RUNNING:  # not ended by a token just read back
+                self.blocks.computed(seq, len(item.tokens))
         # The device runs this step now (a graph replay, or kernels queued): stream the last
         # step's tokens meanwhile. A stop string found here ends its sequence; this step's
         # token for it is dropped below.
         self._send_all()
         add_prompt_logprobs(step, [seq for seq, _ in plan], items)
         constrained = [(row, seq.matcher) for (seq, _), row in zip(plan, step.rows, strict=True)
-                       if row is not None and seq.matcher is not None]
+                       if row is not None and seq.matcher is not None and seq.status is not SeqStatus.FINISHED]
         if constrained:  # structured outputs: forbidden tokens' logits to -inf, in their rows only
             mask_rows(step.logits, [row for row, _ in constrained], [m for _, m in constrained])
         picking: list[tuple[Sequence, int]] = []  # (sequence, logits row)
@@ -549,18 +570,34 @@ class Engine:
             except Exception as e:
                 self._sampling_failed(seq, e)
         tokens = self._pick(step.logits, processed)
-        sampled = [(seq, row, tokens[row]) for seq, row in picking if seq.status is not SeqStatus.FINISHED]
-        logprobs = generated_logprobs(step.logits, sampled)
-        for seq, _, token in sampled:
+        sampled = SampledTokens(tokens, [(seq, row) for seq, row in picking if seq.status is not SeqStatus.FINISHED],
+                                step.logits)
+        for seq, _ in sampled.picked:
+            seq.in_flight += 1
+        if self.async_scheduling:
+            self._in_flight = sampled  # read back once the next step is launched
+        else:
+            self._land(sampled)
+        return True
+
+    def _land(self, sampled: SampledTokens) -> None:
+        """Read a step's sampled tokens back (the step's one wait for the device) and apply each
+        to its sequence, unless it ended meanwhile (cancelled, failed, or ended by the token
+        before: that token was computed for nothing and is dropped)."""
+        tokens = sampled.tolist()
+        for seq, _ in sampled.picked:
+            seq.in_flight -= 1
+        landed = [(seq, row, tokens[row]) for seq, row in sampled.picked if seq.status is not SeqStatus.FINISHED]
+        logprobs = generated_logprobs(sampled.logits, landed)
+        for seq, _, token in landed:
             try:
                 self._on_token(seq, token, logprobs.get(seq.request_id))
             except Exception as e:
                 log.exception("request %s failed after sampling", seq.request_id)
                 self._fail(seq, EngineError(f"internal error: {e}"))
-        return True
 
-    def _pick(self, logits: torch.Tensor, processed: list[tuple[Sequence, int, torch.Tensor]]) -> list[int]:
-        """Every row's next token, read back once: the argmax, or for the rows in `processed`
+    def _pick(self, logits: torch.Tensor, processed: list[tuple[Sequence, int, torch.Tensor]]) -> torch.Tensor:
+        """Every row's next token, on the device: the argmax, or for the rows in `processed`
         `sample_rows` over all of them in one batch. Should that batch fail, each row is drawn
         alone, so only a request whose own draw fails is failed."""
         tokens = logits.argmax(dim=-1)
@@ -573,7 +610,7 @@ class Engine:
                 drawn = torch.stack([self._draw_alone(seq, p, logits.argmax(dim=-1)[row])
                                      for seq, row, p in processed])
             tokens = tokens.index_copy(0, rows, drawn)
-        return tokens.tolist()  # the step's one wait for the device
+        return tokens
 
     def _draw_alone(self, seq: Sequence, row_logits: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
         try:
@@ -663,6 +700,8 @@ class Engine:
             return
         if seq.status is SeqStatus.RUNNING:
             self.admitter.release(seq)
+        elif seq.status is SeqStatus.WAITING:  # preempted, and its token in flight ended it
+            self.scheduler.remove_waiting(seq)
         self.scheduler.finish(seq)
         seq.status = SeqStatus.FINISHED
         self._seqs.pop(seq.request_id, None)

@@ -28,6 +28,8 @@ class StepItem:
     slot: int  # adapter slot, 0 = base model
     wants_logits: bool  # the chunk ends the known tokens, so the next token is sampled
     all_logits: bool = False  # every token's logits (the prompt's log probabilities are wanted)
+    # its one token (PENDING) is still on the device: row `fed_from` of the last step's sampled tokens
+    fed_from: int | None = None
 
 
 @dataclass(frozen=True)
@@ -119,21 +121,23 @@ class ModelRunner:
             self.graphs.use_forward(self.model, self.lora_layers)
 
     @torch.inference_mode()
-    def forward(self, items: Sequence[StepItem]) -> StepLogits:
-        """Run one packed step; each item's new K/V land in the pool blocks it holds."""
+    def forward(self, items: Sequence[StepItem], sampled: torch.Tensor | None = None) -> StepLogits:
+        """Run one packed step; each item's new K/V land in the pool blocks it holds. `sampled`:
+        the last step's sampled tokens on the device, which items with `fed_from` read."""
         order = batching.order_by_slot([it.slot for it in items])  # group tokens by adapter
         ordered = [items[i] for i in order]
         if self.graphs is not None and self.graphs.serves(ordered):
             # a copy: a graph's output is overwritten by its next replay
-            logits = self.graphs.forward(ordered).to(torch.float32, copy=True)
+            logits = self.graphs.forward(ordered, sampled).to(torch.float32, copy=True)
             rows: list[int | None] = [None] * len(items)
             for row, i in enumerate(order):
                 rows[i] = row if ordered[row].wants_logits else None
             return StepLogits(logits, rows)
-        return self._packed_forward(ordered, order)
+        return self._packed_forward(ordered, order, sampled)
 
     @torch.inference_mode()
-    def _packed_forward(self, ordered: Sequence[StepItem], order: Sequence[int]) -> StepLogits:
+    def _packed_forward(self, ordered: Sequence[StepItem], order: Sequence[int],
+                        sampled: torch.Tensor | None = None) -> StepLogits:
         """The step through the model (or it compiled): `ordered` are the items sorted by slot,
         `order` their indices in the step."""
         chunk_lens = [len(it.tokens) for it in ordered]
@@ -146,9 +150,11 @@ class ModelRunner:
                            attention=attention_batch(self.pool, ordered, cu_lens, self.device, self.windows,
                                                      self.paged),
                            lora_layers=self.lora_layers)
+        input_ids = input_ids.to(self.device)
+        batching.feed_sampled(input_ids, ordered, sampled)
         with use_context(ctx), self._stance():
             out = self.model_forward(
-                input_ids=input_ids[None].to(self.device),
+                input_ids=input_ids[None],
                 position_ids=positions[None].to(self.device),
                 use_cache=False,
                 logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device),

@@ -116,7 +116,8 @@ class Scheduler:
             return True
 
         for seq in list(self.running):  # decode first: one token each (budget >= max_running)
-            if seq in self.running and not seq.in_prefill:
+            # (a sequence whose token in flight is its last by length ends when it is read back)
+            if seq in self.running and not seq.in_prefill and seq.num_tokens < seq.max_len:
                 if fits(seq, 1):
                     plan[seq] = 1
                 else:  # the newest sequence and the pool is dry: it waits for a recompute

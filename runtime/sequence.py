@@ -13,6 +13,8 @@ from .kv_cache import block_hashes
 from .sampling import Sampler
 from .types import FinishReason, GenerationRequest, ResolvedAdapter, TokenLogprob
 
+PENDING = -1  # a token sampled on the device and not yet read back (Sequence.in_flight)
+
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
@@ -48,6 +50,10 @@ class Sequence:
     # probability, why the sequence ends there or None)
     unsent: list[tuple[int, TokenLogprob | None, FinishReason | None]] = field(default_factory=list)
     sent: int = 0  # output tokens streamed
+    # 1 while a token sampled for it is still on the device (asynchronous scheduling: the next
+    # step runs before it is read back); it counts in num_tokens, and its place in
+    # pending_tokens is PENDING, which the runner fills on the device
+    in_flight: int = 0
 
     @property
     def request_id(self) -> str:
@@ -55,7 +61,8 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        """Its tokens, the one in flight included."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.in_flight
 
     @property
     def kv_context(self) -> str:
@@ -64,7 +71,8 @@ class Sequence:
 
     def full_block_hashes(self, block_size: int) -> list[bytes]:
         """Prefix-cache hashes of every full block of its tokens (computed once, extended as it grows)."""
-        if len(self.block_hashes) < self.num_tokens // block_size:
+        known = len(self.prompt_ids) + len(self.output_ids)  # a token in flight has no hash yet
+        if len(self.block_hashes) < known // block_size:
             block_hashes(self.kv_context, self.prompt_ids + self.output_ids, block_size, self.block_hashes)
         return self.block_hashes
 
@@ -100,9 +108,10 @@ class Sequence:
 
     def pending_tokens(self, limit: int) -> list[int]:
         """The next tokens to run through the model: a prompt chunk (after a preemption, the
-        generated tokens follow the prompt), or the last sampled token."""
+        generated tokens follow the prompt), or the last sampled token (PENDING while in flight)."""
         start, end = self.computed, min(self.computed + limit, self.num_tokens)
         prompt = len(self.prompt_ids)
         if end <= prompt:
             return self.prompt_ids[start:end]
-        return self.prompt_ids[start:] + self.output_ids[max(start - prompt, 0):end - prompt]
+        tokens = self.prompt_ids[start:] + self.output_ids[max(start - prompt, 0):end - prompt]
+        return tokens + [PENDING] * (end - start - len(tokens))

@@ -460,6 +460,25 @@ BREAKAGES = (
         ("tests/runtime/test_int4.py::test_the_cpu_kernel_is_the_spec_in_bfloat16",),
     ),
     Breakage(
+        "async-token-fed-from-the-wrong-row", "runtime/batching.py",
+        "            sources.append(item.fed_from)\n",
+        "            sources.append(0)\n",
+        ("tests/runtime/test_async_scheduling.py::test_asynchronous_steps_serve_what_synchronous_steps_serve",),
+    ),
+    Breakage(
+        "async-plans-a-token-past-the-length", "runtime/scheduler.py",
+        "            if seq in self.running and not seq.in_prefill and seq.num_tokens < seq.max_len:\n",
+        "            if seq in self.running and not seq.in_prefill:\n",
+        ("tests/runtime/test_async_scheduling.py::test_a_step_is_launched_before_the_last_steps_tokens_are_read",),
+    ),
+    Breakage(
+        "async-ended-while-preempted-stays-queued", "runtime/engine.py",
+        "        elif seq.status is SeqStatus.WAITING:  # preempted, and its token in flight ended it\n"
+        "            self.scheduler.remove_waiting(seq)\n",
+        "",
+        ("tests/runtime/test_async_scheduling.py::test_a_sequence_preempted_with_its_last_token_in_flight_ends",),
+    ),
+    Breakage(
         "console-writes-without-login", "runtime/http/console/console.py",
         "        if not self.authenticated(request):\n            return \"read-only until you log in\"\n",
         "",

@@ -28,6 +28,7 @@ CHOICES = {
     "lora_ops": engine_config.LORA_OPS,
     "attention": engine_config.ATTENTION_BACKENDS,
     "compile": engine_config.COMPILE_MODES,
+    "async_scheduling": engine_config.ASYNC_SCHEDULING_MODES,
     "tool_call_parser": engine_config.TOOL_CALL_PARSERS,
 }
 _TYPES = {"int": int, "float": float, "str": str}

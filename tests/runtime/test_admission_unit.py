@@ -54,6 +54,7 @@ class FakeSeq:
     """The part of `Sequence` admission and the block manager use."""
 
     num_tokens = Sequence.num_tokens
+    in_flight = 0
     full_block_hashes = Sequence.full_block_hashes
     kv_context = Sequence.kv_context
     reads_prefix_cache = True

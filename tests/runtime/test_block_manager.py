@@ -13,6 +13,7 @@ class FakeSeq:
     """The part of `Sequence` the block manager reads and writes."""
 
     num_tokens = Sequence.num_tokens
+    in_flight = 0
     kv_context = Sequence.kv_context
     full_block_hashes = Sequence.full_block_hashes
     reads_prefix_cache = True

@@ -1,7 +1,7 @@
 """The engine on CUDA (`make gpu-check`; skipped without a GPU): NF4 and bf16 serve, and mixed
 batches equal PeftModel on the same device, with the LoRA ops and attention chosen by "auto"
-(and SDPA for comparison), the forward compiled as "auto" does there (and, once, eager), and
-steps replayed as CUDA graphs: decode steps, and with the paged kernel the steps holding prompt
+(and SDPA for comparison), the forward compiled and steps scheduled asynchronously as "auto"
+does there (and, once, eager and synchronous), and steps replayed as CUDA graphs: decode steps, and with the paged kernel the steps holding prompt
 chunks (and, for comparison, run eagerly)."""
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ def test_engine_serves_on_cuda(tiny_registry, tiny_base, engine_factory, quantiz
                                                               strict=True)]
     assert all(len(r.token_ids) == 6 for r in results)
     assert engine.info().compile == "on"  # "auto" compiles on CUDA (a failure would say why here)
+    assert engine.async_scheduling  # "auto" launches each step before the last one's tokens are read
     graphs = engine.runner.graphs
     assert graphs.failed is None, graphs.failed
     assert len(graphs.steps) == len(graphs.batch_buckets) * len(graphs.context_buckets)
@@ -62,11 +63,12 @@ def test_mixed_batch_greedy_matches_peft_on_cuda(tiny_registry, tiny_base, tiny_
 
 
 def test_the_eager_path_matches_peft_on_cuda(tiny_registry, tiny_base, tiny_adapter_dirs, engine_factory):
-    """compile='off' (the other tests compile, as 'auto' does on CUDA): eager prompt steps, the
-    eager model captured."""
+    """compile='off' and async_scheduling='off' (the other tests compile and schedule
+    asynchronously, as 'auto' does on CUDA): eager prompt steps, the eager model captured, each
+    step's tokens read back before the next is planned."""
     engine = engine_factory(tiny_registry, tiny_base.name, run_loop=False, device="cuda", quantize="none",
-                            dtype="float32", compile="off")
-    assert not engine.runner.compiled
+                            dtype="float32", compile="off", async_scheduling="off")
+    assert not engine.runner.compiled and not engine.async_scheduling
     names = [s.name for s in SPECS[:4]] + [None]
     oracle = load_peft_oracle(tiny_base.path, {n: tiny_adapter_dirs[n] for n in names if n}, "none", device="cuda")
     assert_greedy_matches_peft(engine, oracle, names, [*PROMPTS, "Roses are red,"])

@@ -212,7 +212,7 @@ def test_a_steps_tokens_stream_while_the_next_step_runs(tiny_registry, tiny_base
     stop = engine.tokenizer.decode(full.token_ids[:4])[-2:]  # ends inside the 4th token
     log = []
     forward = engine.runner.forward
-    engine.runner.forward = lambda items: log.append("forward") or forward(items)
+    engine.runner.forward = lambda items, *fed: log.append("forward") or forward(items, *fed)
     plain, stopped = engine.submit(req("law", n=8)), engine.submit(req("law", n=8, stop=(stop,)))
     for handle in (plain, stopped):
         emit = handle._emit

@@ -87,8 +87,8 @@ def test_mixed_static_steps_match_peft(variant_registry, tiny_base, variant_adap
     engine.runner.graphs = graphs
     steps = []  # what each static step held: (tokens, samples) per sequence
     static_forward = graphs.forward
-    graphs.forward = lambda items: steps.append([(len(it.tokens), it.wants_logits) for it in items]) \
-        or static_forward(items)
+    graphs.forward = lambda items, *fed: steps.append([(len(it.tokens), it.wants_logits) for it in items]) \
+        or static_forward(items, *fed)
     oracle = load_peft_oracle(tiny_base.path, variant_adapter_dirs, "none")
     check_against_peft(engine, oracle, NAMES, PROMPTS[:len(NAMES)], ATOL["none"], new_tokens=4, fp32=True,
                        logits_only=True)

@@ -17,7 +17,7 @@ class FakeSeq:
 
     def __init__(self, name: str, adapter: str | None, prompt_len: int) -> None:
         self.name, self.adapter = name, adapter
-        self.prompt_ids, self.output_ids = [1] * prompt_len, []
+        self.prompt_ids, self.output_ids, self.in_flight, self.max_len = [1] * prompt_len, [], 0, 10**6
         self.computed, self.blocks, self.status = 0, [], SeqStatus.WAITING
 
     def __repr__(self) -> str:
