@@ -93,8 +93,8 @@ BREAKAGES = (
     Breakage(
         # a preempted sequence recomputes its prompt but forgets the tokens it had generated
         "recompute-forgets-output", "runtime/sequence.py",
-        "        return self.prompt_ids[start:] + self.output_ids[max(start - prompt, 0):end - prompt]\n",
-        "        return self.prompt_ids[start:end]\n",
+        "        tokens = self.prompt_ids[start:] + self.output_ids[max(start - prompt, 0):end - prompt]\n",
+        "        tokens = self.prompt_ids[start:end]\n",
         ("tests/runtime/test_preemption.py",),
     ),
     Breakage(
