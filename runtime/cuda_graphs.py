@@ -101,7 +101,9 @@ class StaticStep:
     reads: with `paged` (the Triton kernel) each sequence's (first row, new tokens, cached tokens)
     and its block table [seqs, context / block_size]; else, decode steps only, [rows, context] (the
     pool slots of each row's context, gathered for SDPA, whose masks are made from the positions
-    on the device). It is filled on the host and copied at once."""
+    on the device); last, the rows of tokens still in flight and their rows in the last step's
+    sampled tokens [2, seqs] (asynchronous scheduling). It is filled on the host, in one of two
+    buffers by turns, and copied at once without waiting."""
 
     FIELDS = 4
 
@@ -114,9 +116,11 @@ class StaticStep:
         self.seqs = rows if seqs is None else seqs
         self.runs = -(-rows // STATIC_RUN_PIECE) + self.seqs  # the most pieces the step's runs can make
         tail = self.seqs * (3 + blocks_for(context, pool.block_size)) if paged else rows * context
-        size = rows * self.FIELDS + self.seqs + 3 * self.runs + tail
+        size = rows * self.FIELDS + self.seqs + 3 * self.runs + tail + 2 * self.seqs
         self.meta = torch.zeros(size, dtype=torch.long, device=device)
-        self.host = torch.zeros(size, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.hosts = [torch.zeros(size, dtype=torch.long, pin_memory=device.type == "cuda") for _ in range(2)]
+        self.fills = 0
+        self.fed = 0  # tokens in flight the current inputs wait for
         self.tokens, self.positions, self.slots, self.write_index = self.meta[:self.FIELDS * rows].view(self.FIELDS, rows)
         self.keep, run_table = self._step_views(self.meta)
         lora = static_lora_batch(self.slots, run_table)
@@ -144,7 +148,11 @@ class StaticStep:
         return meta[at:at + self.seqs], meta[at + self.seqs:at + self.seqs + 3 * self.runs].view(self.runs, 3)
 
     def _attention_tail(self, meta: torch.Tensor) -> torch.Tensor:
-        return meta[self.FIELDS * self.rows + self.seqs + 3 * self.runs:]
+        return meta[self.FIELDS * self.rows + self.seqs + 3 * self.runs:-2 * self.seqs]
+
+    def _fed_views(self, meta: torch.Tensor) -> torch.Tensor:
+        """[2, seqs]: rows of tokens in flight, and their rows in the last step's sampled tokens."""
+        return meta[-2 * self.seqs:].view(2, self.seqs)
 
     def _paged_views(self, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(seqs [seqs, 3], tables [seqs, blocks]) in `meta` or its host copy."""
@@ -154,11 +162,13 @@ class StaticStep:
     def fill(self, items: Sequence, block_size: int) -> None:
         """Write the step's items (blocks, past, tokens, slot) into the persistent inputs; rows
         past their tokens are padding (base model, token 0 at position 0, on the null block)."""
-        self.host.zero_()
+        host = self.hosts[self.fills % 2]
+        self.fills += 1
+        host.zero_()
         n, chunks, past = len(items), [len(it.tokens) for it in items], [it.past for it in items]
         tokens, cu_lens = batching.pack_tokens([it.tokens for it in items])
         used = len(tokens)
-        fields = self.host[:self.FIELDS * self.rows].view(self.FIELDS, self.rows)
+        fields = host[:self.FIELDS * self.rows].view(self.FIELDS, self.rows)
         positions = batching.position_ids(past, chunks)
         tables = batching.block_tables([it.blocks for it in items])  # [n, blocks]
         width = tables.shape[1]
@@ -167,23 +177,39 @@ class StaticStep:
         slots = [it.slot for it in items]
         fields[2, :used] = torch.tensor(batching.token_slots(slots, chunks))
         fields[3, :used] = batching.slot_index(tables[owner], positions[:, None], block_size)[:, 0]
-        keep, run_table = self._step_views(self.host)
+        keep, run_table = self._step_views(host)
         keep[:n] = torch.tensor(cu_lens[1:]) - 1
         runs = [(cu_lens[first], cu_lens[end], slot) for first, end, slot in batching.find_runs(slots)]
         pieces = batching.run_pieces(runs, STATIC_RUN_PIECE)  # padding rows need none: slot 0 adds nothing
         run_table[:len(pieces)] = torch.tensor(pieces)
         if self.paged:
-            seqs, host_tables = self._paged_views(self.host)
+            seqs, host_tables = self._paged_views(host)
             seqs[:n] = torch.tensor([cu_lens[:-1], chunks, past]).T
             starts, lens = padding_seqs(used, self.rows - used, self.seqs - n)
             seqs[n:n + len(starts), 0], seqs[n:n + len(starts), 1] = starts, lens
             host_tables[:n, :width] = tables
         else:
-            kv_index = self._attention_tail(self.host).view(self.rows, self.context)
+            kv_index = self._attention_tail(host).view(self.rows, self.context)
             keys = torch.arange(min(self.context, width * block_size))
             pool_slots = tables[:, keys // block_size] * block_size + keys % block_size  # [n, keys]
             kv_index[:n, :len(keys)] = torch.where(keys[None, :] <= positions[:n, None], pool_slots, 0)
-        self.meta.copy_(self.host)  # blocking: the host buffer is rewritten by the next fill
+        fed_rows, sources = batching.fed_rows(items)
+        self.fed = len(fed_rows)
+        if fed_rows:
+            self._fed_views(host)[:, :self.fed] = torch.tensor([fed_rows, sources])
+        # Not waiting: this buffer is written again two fills on, and by then the step that read
+        # it has been read back (its copy precedes its sampling on the stream)
+        self.meta.copy_(host, non_blocking=True)
+
+    def feed(self, sampled: torch.Tensor | None) -> None:
+        """Write the tokens in flight into the token rows, on the device, from the last step's
+        `sampled` tokens (before a replay: not part of the graph)."""
+        if not self.fed:
+            return
+        if sampled is None:
+            raise ValueError(f"{self.fed} sequences wait for tokens in flight, and no sampled tokens were given")
+        rows, sources = self._fed_views(self.meta)[:, :self.fed]
+        self.tokens.index_copy_(0, rows, sampled.index_select(0, sources))
 
     def forward(self) -> torch.Tensor:
         """The static forward over the current inputs (what a capture records) -> logits [seqs, vocab]."""
@@ -294,7 +320,7 @@ class StepGraphs:
             step = self._mixed_step(fits(self.token_buckets, sum(len(it.tokens) for it in items)))
             self.mixed_steps += 1
         step.fill(items, self.pool.block_size)
-        batching.feed_sampled(step.tokens, items, sampled)
+        step.feed(sampled)
         return step.run()[:len(items)]
 
     @torch.inference_mode()
