@@ -16,6 +16,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .transfer import to_device
+
 
 def order_by_slot(slots: Sequence[int]) -> list[int]:
     """Indices that sort sequences by adapter slot, stable (FCFS order kept within a slot)."""
@@ -63,9 +65,8 @@ def feed_sampled(input_ids: torch.Tensor, items: Sequence, sampled: torch.Tensor
         return
     if sampled is None:
         raise ValueError(f"{len(rows)} sequences wait for tokens in flight, and no sampled tokens were given")
-    index = torch.tensor(rows, device=input_ids.device)
-    input_ids.index_copy_(0, index, sampled.index_select(0, torch.tensor(sources, device=sampled.device))
-                          .to(input_ids.dtype))
+    input_ids.index_copy_(0, to_device(rows, input_ids.device),
+                          sampled.index_select(0, to_device(sources, sampled.device)).to(input_ids.dtype))
 
 
 def position_ids(past_lens: Sequence[int], chunk_lens: Sequence[int]) -> torch.Tensor:

@@ -67,12 +67,12 @@ from .model_runner import ModelRunner, StepItem, lora_batch
 from .promotion import AliasRoutes
 from .prompts import PromptEncoder
 from .quantized_linear import QuantizedLinear
-from .readback import SampledTokens
 from .sampling import Sampler, sample_rows
 from .scheduler import Admission, Scheduler
 from .sequence import PENDING, SeqStatus, Sequence
 from .stats import BASE_KEY, EngineStats
 from .structured import Grammars, mask_rows
+from .transfer import SampledTokens, to_device
 from .types import (
     EngineInfo,
     FinishReason,
@@ -602,7 +602,7 @@ class Engine:
         alone, so only a request whose own draw fails is failed."""
         tokens = logits.argmax(dim=-1)
         if processed:
-            rows = torch.tensor([row for _, row, _ in processed], device=logits.device)
+            rows = to_device([row for _, row, _ in processed], logits.device)
             try:
                 drawn = sample_rows(torch.stack([p for _, _, p in processed]), [q.sampler for q, _, _ in processed])
             except Exception:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from .errors import InvalidRequestError
+from .transfer import to_device
 from .types import STRUCTURED_KINDS, SamplingParams
 
 # Below this temperature, logits / T overflows float32; the limit T -> 0 is greedy anyway.
@@ -122,10 +123,10 @@ def sample_rows(logits: torch.Tensor, samplers: Sequence[Sampler]) -> torch.Tens
     if not drawn:
         return tokens
     device = logits.device
-    rows = torch.tensor(drawn, device=device)
+    rows = to_device(drawn, device)
     params = [samplers[i].params for i in drawn]
     vocab = logits.shape[-1]
-    scaled = logits.index_select(0, rows).float() / torch.tensor([p.temperature for p in params], device=device)[:, None]
+    scaled = logits.index_select(0, rows).float() / to_device([p.temperature for p in params], device)[:, None]
     noise = torch.empty(len(drawn), vocab, device=device).exponential_(generator=shared_generator(device))
     for j, i in enumerate(drawn):  # seeded rows: their own generator's noise
         if samplers[i].generator is not None:
@@ -136,7 +137,7 @@ def sample_rows(logits: torch.Tensor, samplers: Sequence[Sampler]) -> torch.Tens
         probs = torch.softmax(scaled, dim=-1)
     else:  # in vocabulary order again, so a row's noise meets the same tokens whichever path it takes
         ordered, order = scaled.sort(dim=-1, descending=True)
-        kept = nucleus(ordered, torch.tensor(ks, device=device), torch.tensor([p.top_p for p in params], device=device))
+        kept = nucleus(ordered, to_device(ks, device), to_device([p.top_p for p in params], device))
         probs = torch.zeros_like(kept).scatter_(1, order, torch.softmax(kept, dim=-1))
     return tokens.index_copy(0, rows, (probs / noise).argmax(dim=-1))
 
@@ -188,19 +189,19 @@ class LogitsProcessors:
         p, logits = self.params, logits.float().clone()
         device = logits.device
         if p.repetition_penalty != 1 and (prompt_ids or output_ids):
-            seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), device=device)
+            seen = to_device(sorted(set(prompt_ids) | set(output_ids)), device)
             values = logits[seen]
             logits[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
         if (p.frequency_penalty or p.presence_penalty) and output_ids:
-            counts = torch.bincount(torch.tensor(output_ids, device=device), minlength=logits.shape[0]).float()
+            counts = torch.bincount(to_device(output_ids, device), minlength=logits.shape[0]).float()
             logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
         if p.logit_bias:
             if self.bias is None:
                 ids, values = zip(*p.logit_bias, strict=True)
-                self.bias = (torch.tensor(ids, device=device), torch.tensor(values, device=device))
+                self.bias = (to_device(ids, device), to_device(values, device))
             logits.index_add_(0, *self.bias)
         if len(output_ids) < p.min_tokens and self.end_ids:
-            logits[torch.tensor(self.end_ids, device=device)] = float("-inf")
+            logits[to_device(self.end_ids, device)] = float("-inf")
         return logits
 
 

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from .errors import InvalidRequestError
+from .transfer import to_device
 from .types import StructuredOutput
 
 
@@ -73,4 +74,4 @@ def mask_rows(logits: torch.Tensor, rows: Sequence[int], matchers: Sequence) -> 
     rows = list(rows)
     bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[-1])  # row i masks logits row i
     xgr.BatchGrammarMatcher().batch_fill_next_token_bitmask(list(matchers), bitmask, indices=rows)
-    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+    xgr.apply_token_bitmask_inplace(logits, to_device(bitmask, logits.device), indices=rows)
