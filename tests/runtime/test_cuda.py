@@ -88,6 +88,27 @@ def test_dora_and_lora_bias_greedy_match_peft_on_cuda(variant_registry, tiny_bas
     assert engine.runner.graphs.failed is None and engine.runner.graphs.static_steps >= 5
 
 
+def test_transfers_do_not_wait_for_the_device_queue():
+    """What asynchronous scheduling rests on: with a long kernel queued, a host list reaches the
+    device (`to_device`) and a step's sampled tokens reach the host (`SampledTokens.tolist`,
+    sampled before that kernel) without waiting for it."""
+    from loradock.runtime.transfer import SampledTokens, to_device
+
+    device = torch.device("cuda")
+    for _ in range(2):  # pinned blocks in the caching host allocator, as in a running engine
+        SampledTokens(to_device([0, 1, 2], device), [], torch.zeros(1, device=device)).tolist()
+    torch.cuda.synchronize()
+    tokens = torch.arange(6, device=device) * 7
+    sampled = SampledTokens(tokens, [], tokens.float())
+    torch.cuda._sleep(2_000_000_000)  # about a second of busy device, queued after the sampling
+    behind = torch.cuda.Event()
+    behind.record()
+    rows = to_device([3, 1, 4], device)
+    assert sampled.tolist() == [0, 7, 14, 21, 28, 35]
+    assert not behind.query(), "the host waited for the queued kernel"
+    assert rows.tolist() == [3, 1, 4]  # this one waits, and the copy came through
+
+
 @pytest.mark.parametrize(("quantize", "capability", "kernel"), [
     ("fp8", (8, 9), "FP8 tensor cores"), ("int4", (8, 0), "tinygemm's int4 kernel")])
 def test_gpu_formats_serve_on_their_kernels(tiny_registry, tiny_base, engine_factory, quantize, capability, kernel):
