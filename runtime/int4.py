@@ -122,10 +122,10 @@ class Int4Linear(QuantizedLinear):
 
     def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype, emulated: str | None = None) -> None:
         super().__init__(linear, emulated)
-        self.group = group_size(linear.in_features)
-        if self.group is None or not fits(linear):
+        if not fits(linear):
             raise ValueError(f"int4 takes linear layers with input features divisible by 32 and output "
                              f"features by 8, not {linear.in_features} -> {linear.out_features}")
+        self.group = group_size(linear.in_features)
         self.compute_dtype = compute_dtype
         q, scales, zeros = quantize_groups(linear.weight, self.group, compute_dtype)
         if emulated is None:
