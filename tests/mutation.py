@@ -283,16 +283,16 @@ BREAKAGES = (
     Breakage(
         "frequency-penalty-counts-the-prompt", "runtime/sampling.py",
         "        if (p.frequency_penalty or p.presence_penalty) and output_ids:\n"
-        "            counts = torch.bincount(torch.tensor(output_ids, device=device), minlength=logits.shape[0]).float()\n",
+        "            counts = torch.bincount(to_device(output_ids, device), minlength=logits.shape[0]).float()\n",
         "        if p.frequency_penalty or p.presence_penalty:\n"
-        "            counts = torch.bincount(torch.tensor(list(prompt_ids) + list(output_ids), device=device),\n"
+        "            counts = torch.bincount(to_device(list(prompt_ids) + list(output_ids), device),\n"
         "                                    minlength=logits.shape[0]).float()\n",
         ("tests/runtime/test_sampling_controls.py",),
     ),
     Breakage(
         "structured-mask-on-the-first-rows", "runtime/structured.py",
-        "    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)\n",
-        "    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=list(range(len(rows))))\n",
+        "    xgr.apply_token_bitmask_inplace(logits, to_device(bitmask, logits.device), indices=rows)\n",
+        "    xgr.apply_token_bitmask_inplace(logits, to_device(bitmask, logits.device), indices=list(range(len(rows))))\n",
         ("tests/runtime/test_structured.py",),
     ),
     Breakage(
