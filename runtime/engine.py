@@ -585,9 +585,11 @@ class Engine:
         to its sequence, unless it ended meanwhile (cancelled, failed, or ended by the token
         before: that token was computed for nothing and is dropped)."""
         tokens = sampled.tolist()
-        for seq, _ in sampled.picked:
+        landed = []
+        for seq, row in sampled.picked:
             seq.in_flight -= 1
-        landed = [(seq, row, tokens[row]) for seq, row in sampled.picked if seq.status is not SeqStatus.FINISHED]
+            if seq.status is not SeqStatus.FINISHED:
+                landed.append((seq, row, tokens[row]))
         logprobs = generated_logprobs(sampled.logits, landed)
         for seq, _, token in landed:
             try:

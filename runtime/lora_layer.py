@@ -262,11 +262,8 @@ def wrap_linears(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.d
     op = pick_op(ops, device)
     wrapped: dict[str, MultiLoRALinear] = {}
     for name, module in lora_targets(model):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        wrapper = MultiLoRALinear(module, num_slots, max_rank, dtype, device, op)
-        setattr(parent, child, wrapper)
-        wrapped[name] = wrapper
+        wrapped[name] = MultiLoRALinear(module, num_slots, max_rank, dtype, device, op)
+        model.set_submodule(name, wrapped[name])
     for index, (_, wrapper) in enumerate(iter_wrapped(model)):
         wrapper.boundary_index = index  # model_runner's BatchContext.lora_layers holds them in this order
     group_shared_inputs(wrapped)

@@ -29,15 +29,10 @@ class QuantizedLinear(nn.Module):
 
 
 def replace_linears(model: nn.Module, targets: list[tuple[str, nn.Module]],
-                    make: Callable[[nn.Linear], nn.Module | None]) -> int:
+                    make: Callable[[nn.Linear], nn.Module | None]) -> None:
     """Replace each (name, nn.Linear) of `targets` in `model` by `make(linear)`, where it returns
-    a layer (None keeps the linear as it is); returns how many were replaced."""
-    replaced = 0
+    a layer (None keeps the linear as it is)."""
     for name, linear in targets:
         layer = make(linear)
-        if layer is None:
-            continue
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
-        replaced += 1
-    return replaced
+        if layer is not None:
+            model.set_submodule(name, layer)
